@@ -1,0 +1,139 @@
+"""Per-weight delta state (an index buffer and fp32 values) and how a budget is split across weights.
+
+The number of trainable entries k of every target weight is fixed when the delta is attached,
+before any optimizer exists; methods only move the slots (`set_indices`), never resize them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from sparse_lightning.sparse.functional import sparse_delta_linear
+
+
+def validate_budget(density: float | None, num_params: int | None, lora_rank: int | None) -> None:
+    """Exactly one budget, each in its valid range (checked before any model is loaded)."""
+    given = [name for name, value in (("density", density), ("num_params", num_params), ("lora_rank", lora_rank))
+             if value is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of density, num_params, lora_rank (got {given or 'none'})")
+    if density is not None and not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    if num_params is not None and num_params < 1:
+        raise ValueError(f"num_params must be a positive integer, got {num_params}")
+    if lora_rank is not None and lora_rank < 1:
+        raise ValueError(f"lora_rank must be a positive integer, got {lora_rank}")
+
+
+def allocate_budget(
+    shapes: Sequence[tuple[int, int]],
+    *,
+    density: float | None = None,
+    num_params: int | None = None,
+    lora_rank: int | None = None,
+) -> list[int]:
+    """Trainable entries per weight from exactly one of: a per-tensor density (SIFT's
+    `int(density * numel) + 1`), a global count split in proportion to tensor size, or a LoRA rank
+    (r * (out + in) per weight, LoRA's own count)."""
+    validate_budget(density, num_params, lora_rank)
+    numels = [out * inp for out, inp in shapes]
+    if density is not None:
+        return [min(n, int(density * n) + 1) for n in numels]
+    if lora_rank is not None:
+        return [min(out * inp, lora_rank * (out + inp)) for out, inp in shapes]
+    assert num_params is not None
+    total = sum(numels)
+    if not len(shapes) <= num_params <= total:
+        raise ValueError(
+            f"num_params must be between {len(shapes)} (one entry per target weight) and {total} "
+            f"(every entry of the {len(shapes)} target weights), got {num_params}"
+        )
+    exact = [num_params * n / total for n in numels]
+    counts = [max(1, int(e)) for e in exact]
+    by_remainder = sorted(range(len(exact)), key=lambda i: exact[i] - int(exact[i]), reverse=True)
+    for i in by_remainder[: num_params - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """int32 indices while they fit (half the memory of int64)."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+class SparseDeltaLinear(nn.Module):
+    """A frozen `nn.Linear` plus k trainable entries: `W + scatter(delta_indices, delta_values)`.
+
+    `delta_indices` are flat row-major positions in W (a buffer, saved in every checkpoint);
+    `delta_values` are fp32 whatever W's dtype is; `delta_selected` records that a method has chosen
+    the indices, so a resumed or reloaded run does not choose them again.
+    """
+
+    def __init__(self, base: nn.Linear, k: int, indices: Tensor | None = None) -> None:
+        super().__init__()
+        numel = base.weight.numel()
+        if not 1 <= k <= numel:
+            raise ValueError(f"k must be in [1, {numel}] for a {tuple(base.weight.shape)} weight, got {k}")
+        self.base = base
+        self.base.requires_grad_(False)
+        device = base.weight.device
+        if indices is None:
+            indices = torch.arange(k, device=device)
+        self.register_buffer("delta_indices", indices.to(device=device, dtype=index_dtype(numel)))
+        self.delta_values = nn.Parameter(torch.zeros(k, dtype=torch.float32, device=device))
+        self.register_buffer("delta_selected", torch.zeros((), dtype=torch.bool, device=device))
+        self.score_sink: Tensor | None = None
+        self._merged_originals: Tensor | None = None
+
+    @property
+    def k(self) -> int:
+        return self.delta_values.shape[0]
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        return self.base.weight.shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._merged_originals is not None:
+            return self.base(x)
+        return sparse_delta_linear(x, self.base.weight, self.base.bias, self.delta_indices, self.delta_values,
+                                   self.score_sink)
+
+    @torch.no_grad()
+    def set_indices(self, indices: Tensor) -> None:
+        """Point the slots at new (unique, sorted) positions and zero their values."""
+        if indices.shape != self.delta_indices.shape:
+            raise ValueError(f"expected {self.k} indices, got {tuple(indices.shape)}")
+        self.delta_indices.copy_(indices)
+        self.delta_values.zero_()
+        self.delta_selected.fill_(True)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the delta into the base weight in place; `unmerge` restores the base bit for bit."""
+        if self._merged_originals is not None:
+            return
+        flat = self.base.weight.view(-1)
+        self._merged_originals = flat[self.delta_indices].clone()
+        flat.index_add_(0, self.delta_indices, self.delta_values.to(flat.dtype))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self._merged_originals is None:
+            return
+        self.base.weight.view(-1)[self.delta_indices] = self._merged_originals
+        self._merged_originals = None
+
+    @torch.no_grad()
+    def fold(self) -> nn.Linear:
+        """Merge for good and hand back the plain Linear: inference then costs what the base model costs."""
+        self.merge()
+        self._merged_originals = None
+        return self.base
+
+    def extra_repr(self) -> str:
+        out, inp = self.weight_shape
+        return f"in_features={inp}, out_features={out}, k={self.k} ({self.k / (out * inp):.4%})"

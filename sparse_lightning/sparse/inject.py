@@ -1,0 +1,113 @@
+"""Find target weights by module-name patterns, wrap them with deltas, and fold deltas back in."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from sparse_lightning.sparse.delta import SparseDeltaLinear
+
+# Default targets per architecture family (`config.model_type`): SIFT's choice in ANCHORS.md section 1.
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "bert": ("query", "key", "value", "attention.output.dense"),
+    "roberta": ("query", "key", "value", "attention.output.dense"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """PEFT-style matching: the full name, a dotted suffix of it, or a regular expression on the full name."""
+    return name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None
+
+
+def default_targets(model: nn.Module) -> tuple[str, ...]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGETS:
+        raise ValueError(
+            f"no default target modules for model_type {model_type!r} (known: {sorted(DEFAULT_TARGETS)}); "
+            "pass target_modules explicitly, e.g. ['q_proj', 'v_proj']"
+        )
+    return DEFAULT_TARGETS[model_type]
+
+
+def _linear_suffixes(model: nn.Module) -> list[str]:
+    """Distinct layer-independent names of Linear modules, for error messages."""
+    suffixes = {re.sub(r"(^|\.)\d+\.", r"\1", name) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return sorted(suffixes)
+
+
+def find_linear_targets(model: nn.Module, patterns: Sequence[str], exclude: Sequence[str] = ()) -> dict[str, nn.Linear]:
+    """All `nn.Linear` modules whose name matches a pattern; an unmatched pattern is an error."""
+    found: dict[str, nn.Linear] = {}
+    unmatched = set(patterns)
+    for name, module in model.named_modules():
+        if isinstance(module, SparseDeltaLinear):
+            module = module.base
+        elif not isinstance(module, nn.Linear) or name.endswith(".base"):
+            continue
+        hits = [p for p in patterns if name_matches(name, p)]
+        if hits and not any(name_matches(name, e) for e in exclude):
+            found[name] = module
+            unmatched.difference_update(hits)
+    if unmatched:
+        raise ValueError(
+            f"target pattern(s) {sorted(unmatched)} matched no nn.Linear module; "
+            f"the Linear modules in this model are: {', '.join(_linear_suffixes(model))}"
+        )
+    return found
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def attach_sparse_deltas(model: nn.Module, ks: dict[str, int]) -> dict[str, SparseDeltaLinear]:
+    """Wrap each named Linear with a `SparseDeltaLinear` of k slots; already wrapped ones are kept."""
+    layers = {}
+    for name, k in ks.items():
+        module = model.get_submodule(name)
+        if not isinstance(module, SparseDeltaLinear):
+            module = SparseDeltaLinear(module, k)
+            _set_submodule(model, name, module)
+        layers[name] = module
+    return layers
+
+
+def sparse_delta_layers(model: nn.Module) -> dict[str, SparseDeltaLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, SparseDeltaLinear)}
+
+
+def freeze_except(model: nn.Module, trainable_patterns: Iterable[str] = ()) -> None:
+    """Freeze every parameter but the deltas and the parameters of modules matching a pattern."""
+    patterns = list(trainable_patterns)
+    dense = {name for name, _ in model.named_modules() if any(name_matches(name, p) for p in patterns)}
+    unmatched = [p for p in patterns if not any(name_matches(name, p) for name in dense)]
+    if unmatched:
+        names = sorted({re.sub(r"(^|\.)\d+\.", r"\1", n) for n, _ in model.named_modules() if n})
+        raise ValueError(f"dense module pattern(s) {unmatched} matched no module; modules are: {', '.join(names)}")
+    for name, param in model.named_parameters():
+        owner = name.rpartition(".")[0]
+        in_dense = any(owner == d or owner.startswith(d + ".") for d in dense)
+        param.requires_grad_(name.endswith("delta_values") or in_dense)
+
+
+@torch.no_grad()
+def merge_and_unwrap(model: nn.Module) -> nn.Module:
+    """Fold every delta into its base weight and put the plain Linear back: a plain HF model again."""
+    for name, layer in sparse_delta_layers(model).items():
+        _set_submodule(model, name, layer.fold())
+    return model
+
+
+def attach_deltas_from_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Recreate the delta layers a checkpoint holds (k from its value shapes), so it loads into a fresh model."""
+    suffix = ".delta_values"
+    ks = {key[len(prefix):-len(suffix)]: value.shape[0] for key, value in state_dict.items()
+          if key.startswith(prefix) and key.endswith(suffix)}
+    attach_sparse_deltas(model, ks)
