@@ -38,36 +38,46 @@ class GradientTopKCallback(ElementSparseCallback):
         self.calibration_batches = calibration_batches
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        layers = sparse_delta_layers(pl_module)
-        if all(bool(layer.delta_selected) for layer in layers.values()):
-            return  # resumed, or reloaded from a checkpoint: the selection is part of the weights
+        # Layers already selected (a resumed run, a reloaded checkpoint) keep their indices and trained values;
+        # `delta_selected` is the same on every rank, so all ranks take the same branch.
+        layers = {name: layer for name, layer in sparse_delta_layers(pl_module).items()
+                  if not bool(layer.delta_selected)}
+        if not layers:
+            return
         scores = {name: torch.zeros(layer.weight_shape, dtype=torch.float32, device=pl_module.device)
                   for name, layer in layers.items()}
         for name, layer in layers.items():
             layer.score_sink = scores[name]
-        seen = self._accumulate_gradients(trainer, pl_module)
+        try:
+            seen = self._accumulate_gradients(trainer, pl_module)
+        finally:
+            for layer in layers.values():
+                layer.score_sink = None
         for name, layer in layers.items():
-            layer.score_sink = None
             select_top_k(layer, all_reduce_sum_(scores[name]).abs_())
         del scores
         rank_zero_info(f"SIFT: selected {sum(l.k for l in layers.values()):,} entries in {len(layers)} weights "
                        f"from |gradient| over {seen} calibration batch(es)")
 
     def _accumulate_gradients(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
-        """Forward/backward on the first batches with dropout off; the parameter gradients are dropped."""
-        was_training = pl_module.training
+        """Forward/backward on the first batches with dropout off; the parameter gradients are dropped and every
+        module gets back the train/eval mode it had."""
+        modes = {module: module.training for module in pl_module.modules()}
         pl_module.eval()
         seen = 0
-        for batch in trainer.train_dataloader:
-            if seen == self.calibration_batches:
-                break
-            batch = trainer.strategy.batch_to_device(batch)
-            with trainer.precision_plugin.forward_context():
-                loss = pl_module.compute_loss(batch)
-            loss.backward()
-            seen += 1
-        pl_module.zero_grad(set_to_none=True)
-        pl_module.train(was_training)
+        try:
+            for batch in trainer.train_dataloader:
+                if seen == self.calibration_batches:
+                    break
+                batch = trainer.strategy.batch_to_device(batch)
+                with trainer.precision_plugin.forward_context():
+                    loss = pl_module.compute_loss(batch)
+                loss.backward()
+                seen += 1
+        finally:
+            pl_module.zero_grad(set_to_none=True)
+            for module, training in modes.items():
+                module.training = training
         return seen
 
     def describe(self) -> dict:
