@@ -78,6 +78,7 @@ class SparseFineTuningModule(LightningModule):
         if self.model is not None:
             return
         model = self.build_model()
+        model.train()  # from_pretrained returns eval mode, and Lightning keeps each module's mode
         callbacks = self.sparse_callbacks()
         if self.hparams.lora is not None:
             if callbacks:
