@@ -1,0 +1,105 @@
+"""A short SIFT run on tiny BERT that saves, per rank, the full selection and trained values (plus a full checkpoint).
+
+Run standalone (`python sift_run.py --strategy ddp|fsdp2 ...`): Lightning relaunches this script once per
+rank. `tests/test_distributed.py` also imports `run` for the single-process reference run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+
+from datamodules.glue import GLUEDataModule  # noqa: E402
+from sparse_lightning.callbacks import GradientTopKCallback  # noqa: E402
+from sparse_lightning.modules import SequenceClassificationModule  # noqa: E402
+from sparse_lightning.sparse import sparse_delta_layers  # noqa: E402
+
+DATA = REPO / "tests" / "data" / "sst2_tiny"
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The global tensor on every rank (FSDP2 parameters are DTensors; full_tensor is a collective)."""
+    tensor = tensor.detach()
+    if hasattr(tensor, "full_tensor"):
+        tensor = tensor.full_tensor()
+    return tensor.cpu().clone()
+
+
+class SaveResults(pl.Callback):
+    """At the end of training, every rank writes its selection, trained values and classifier."""
+
+    def __init__(self, output: Path) -> None:
+        self.output = output
+        self.order: list[int] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The dataset positions this rank reads, in order (whatever sampler Lightning put in).
+        if trainer.current_epoch == 0:
+            self.order = [int(i) for i in trainer.train_dataloader.sampler]
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        layers = sparse_delta_layers(pl_module.model)
+        result = {
+            "world_size": trainer.world_size,
+            "indices": {name: layer.delta_indices.detach().cpu().clone() for name, layer in layers.items()},
+            "values": {name: full(layer.delta_values) for name, layer in layers.items()},
+            "classifier": {name: full(p) for name, p in pl_module.model.classifier.named_parameters()},
+            "values_type": type(next(iter(layers.values())).delta_values).__name__,
+            "order": self.order,
+        }
+        self.output.mkdir(parents=True, exist_ok=True)
+        torch.save(result, self.output / f"rank{trainer.global_rank}.pt")
+
+
+def make_strategy(name: str, devices: int):
+    if name == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1,
+                                     save_distributed_checkpoint=False)
+    return name
+
+
+def run(model_dir: str, output: Path, strategy: str = "auto", devices: int = 1, batch_size: int = 8,
+        max_steps: int = 4, train_file: Path = DATA / "train.tsv") -> None:
+    pl.seed_everything(0, verbose=False)
+    datamodule = GLUEDataModule(task="sst2", tokenizer_name_or_path=model_dir, train_file=str(train_file),
+                                validation_files=[str(DATA / "dev.tsv")], batch_size=batch_size, shuffle=False,
+                                max_length=32)
+    module = SequenceClassificationModule(model_dir, optimizer=functools.partial(torch.optim.AdamW, lr=1e-2),
+                                          lr_schedule="constant")
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=devices, strategy=make_strategy(strategy, devices), max_steps=max_steps,
+        callbacks=[GradientTopKCallback(density=0.05, calibration_batches=2), SaveResults(output),
+                   ModelCheckpoint(dirpath=output, filename="last")],
+        limit_val_batches=0, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(output / "root"),
+    )
+    trainer.fit(module, datamodule)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model_dir", required=True)
+    parser.add_argument("--output", required=True, type=Path)
+    parser.add_argument("--strategy", default="ddp")
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--max_steps", type=int, default=4)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    run(args.model_dir, args.output, args.strategy, args.devices, args.batch_size, args.max_steps)
+
+
+if __name__ == "__main__":
+    main()
