@@ -1,7 +1,8 @@
-"""A short SIFT run on tiny BERT that saves, per rank, the full selection and trained values (plus a full checkpoint).
+"""A short SIFT run on tiny BERT that saves, per rank, the full selection, trained values and the examples it read.
 
-Run standalone (`python sift_run.py --strategy ddp|fsdp2 ...`): Lightning relaunches this script once per
-rank. `tests/test_distributed.py` also imports `run` for the single-process reference run.
+Two epochs of `limit_train_batches` steps each, a full checkpoint after every epoch (`epoch=0.ckpt`, `epoch=1.ckpt`),
+optionally resumed from one (`--resume`). Run standalone (`python sift_run.py --strategy ddp|fsdp2 ...`): Lightning
+relaunches this script once per rank. `tests/test_distributed.py` also imports `run` for the single-process reference.
 """
 
 from __future__ import annotations
@@ -36,26 +37,26 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class SaveResults(pl.Callback):
-    """At the end of training, every rank writes its selection, trained values and classifier."""
+    """At the end of training, every rank writes its selection, trained values, classifier and data order."""
 
     def __init__(self, output: Path) -> None:
         self.output = output
-        self.order: list[int] = []
+        self.orders: dict[int, list[int]] = {}
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # The dataset positions this rank reads, in order (whatever sampler Lightning put in).
-        if trainer.current_epoch == 0:
-            self.order = [int(i) for i in trainer.train_dataloader.sampler]
+        # The dataset positions this rank reads this epoch, in order (whatever sampler Lightning put in).
+        self.orders[trainer.current_epoch] = [int(i) for i in trainer.train_dataloader.sampler]
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         layers = sparse_delta_layers(pl_module.model)
         result = {
             "world_size": trainer.world_size,
+            "global_step": trainer.global_step,
             "indices": {name: layer.delta_indices.detach().cpu().clone() for name, layer in layers.items()},
             "values": {name: full(layer.delta_values) for name, layer in layers.items()},
             "classifier": {name: full(p) for name, p in pl_module.model.classifier.named_parameters()},
             "values_type": type(next(iter(layers.values())).delta_values).__name__,
-            "order": self.order,
+            "orders": self.orders,
         }
         self.output.mkdir(parents=True, exist_ok=True)
         torch.save(result, self.output / f"rank{trainer.global_rank}.pt")
@@ -71,7 +72,8 @@ def make_strategy(name: str, devices: int):
 
 
 def run(model_dir: str, output: Path, strategy: str = "auto", devices: int = 1, batch_size: int = 8,
-        max_steps: int = 4, train_file: Path = DATA / "train.tsv") -> None:
+        max_epochs: int = 2, limit_train_batches: int | None = 2, train_file: Path = DATA / "train.tsv",
+        resume: Path | None = None) -> None:
     pl.seed_everything(0, verbose=False)
     datamodule = GLUEDataModule(task="sst2", tokenizer_name_or_path=model_dir, train_file=str(train_file),
                                 validation_files=[str(DATA / "dev.tsv")], batch_size=batch_size, shuffle=False,
@@ -79,13 +81,13 @@ def run(model_dir: str, output: Path, strategy: str = "auto", devices: int = 1, 
     module = SequenceClassificationModule(model_dir, optimizer=functools.partial(torch.optim.AdamW, lr=1e-2),
                                           lr_schedule="constant")
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy=make_strategy(strategy, devices), max_steps=max_steps,
+        accelerator="cpu", devices=devices, strategy=make_strategy(strategy, devices), max_epochs=max_epochs,
+        limit_train_batches=limit_train_batches, limit_val_batches=0,
         callbacks=[GradientTopKCallback(density=0.05, calibration_batches=2), SaveResults(output),
-                   ModelCheckpoint(dirpath=output, filename="last")],
-        limit_val_batches=0, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(output / "root"),
+                   ModelCheckpoint(dirpath=output, filename="{epoch}", every_n_epochs=1, save_top_k=-1)],
+        logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(output / "root"),
     )
-    trainer.fit(module, datamodule)
+    trainer.fit(module, datamodule, ckpt_path=resume)
 
 
 def main() -> None:
@@ -95,10 +97,10 @@ def main() -> None:
     parser.add_argument("--strategy", default="ddp")
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--max_steps", type=int, default=4)
+    parser.add_argument("--resume", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    run(args.model_dir, args.output, args.strategy, args.devices, args.batch_size, args.max_steps)
+    run(args.model_dir, args.output, args.strategy, args.devices, args.batch_size, resume=args.resume)
 
 
 if __name__ == "__main__":
