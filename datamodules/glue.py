@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from sparse_lightning.models import resolve_model_path
@@ -404,8 +404,15 @@ class GLUEDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise RuntimeError("call setup('fit') before train_dataloader()")
+        trainer = self.trainer
+        sampler = None
+        if trainer is not None and trainer.world_size > 1:
+            # Lightning would inject DistributedSampler(shuffle=True), ignoring `shuffle`/`seed`; it keeps ours.
+            sampler = DistributedSampler(self.train_dataset, shuffle=self.hparams.shuffle, seed=self.hparams.seed,
+                                         **trainer.strategy.distributed_sampler_kwargs)
         generator = torch.Generator().manual_seed(self.hparams.seed)
-        return self._loader(self.train_dataset, self.hparams.batch_size, self.hparams.shuffle, generator)
+        return self._loader(self.train_dataset, self.hparams.batch_size, sampler is None and self.hparams.shuffle,
+                            generator, sampler)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         """One loader, or one per validation set in `val_set_names` order (MNLI)."""
@@ -451,13 +458,14 @@ class GLUEDataModule(pl.LightningDataModule):
         ]
 
     def _loader(self, dataset: list[dict[str, Any]], batch_size: int, shuffle: bool = False,
-                generator: torch.Generator | None = None) -> DataLoader:
+                generator: torch.Generator | None = None, sampler: DistributedSampler | None = None) -> DataLoader:
         label_dtype = torch.float if self.task.num_labels == 1 else torch.long
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
             generator=generator,
+            sampler=sampler,
             collate_fn=_PadCollator(self._load_tokenizer(), label_dtype),
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,

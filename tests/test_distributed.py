@@ -160,9 +160,6 @@ def test_checkpoint_exports_the_full_delta(distributed, tmp_path: Path) -> None:
         assert torch.equal(tensors[f"classifier.{name}"], param), name
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "modules/base.py on_load_checkpoint reads checkpoint['state_dict'], which ModelParallelStrategy has already "
-    "loaded in place and removed: KeyError on resume"))
 def test_fsdp2_resume_reproduces_the_uninterrupted_run(runs, model_dir: Path, tmp_path: Path) -> None:
     """Invariant 7 on the sharded path (the single-process path is tests/test_resume.py)."""
     strategy, ranks, output = runs("fsdp2")
@@ -177,8 +174,6 @@ def test_fsdp2_resume_reproduces_the_uninterrupted_run(runs, model_dir: Path, tm
             torch.testing.assert_close(result["classifier"][name], param, rtol=0, atol=1e-7)
 
 
-@pytest.mark.xfail(strict=True, reason="datamodules/glue.py: shuffle=False is not honoured on several ranks; Lightning "
-                                       "injects DistributedSampler(shuffle=True) for training loaders")
 def test_shuffle_false_keeps_the_file_order_on_every_rank(distributed) -> None:
     strategy, ranks, _ = distributed
     for rank, result in enumerate(ranks):

@@ -99,8 +99,9 @@ class SparseFineTuningModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # `load_from_checkpoint` builds the module without a trainer (so without callbacks): recreate
-        # the checkpoint's delta layers so its state dict fits.
-        if self.model is not None:
+        # the checkpoint's delta layers so its state dict fits. (ModelParallelStrategy loads the weights
+        # itself and passes on a checkpoint without "state_dict".)
+        if self.model is not None and "state_dict" in checkpoint:
             attach_deltas_from_state_dict(self.model, checkpoint["state_dict"], prefix="model.")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
