@@ -1,11 +1,12 @@
 """sparse_lightning: sparse fine-tuning of pre-trained language models as Lightning components."""
 
 from sparse_lightning.callbacks import GradientTopKCallback, SparseMethodCallback
-from sparse_lightning.modules import LoRASettings, SequenceClassificationModule, SparseFineTuningModule
+from sparse_lightning.modules import CausalLMModule, LoRASettings, SequenceClassificationModule, SparseFineTuningModule
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CausalLMModule",
     "GradientTopKCallback",
     "LoRASettings",
     "SequenceClassificationModule",

@@ -1,0 +1,190 @@
+"""Causal-LM fine-tuning (instruction, math, commonsense): response-only loss, generate-and-score evaluation.
+
+Validation and test batches come in two kinds, told apart by their keys: `labels` (held-out loss, as
+in training) and `answers` (left-padded prompts from a generation loader: the model generates, the
+dataset's extraction rule scores, and per-set accuracy plus its mean is logged at epoch end).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from sparse_lightning.eval import is_correct
+from sparse_lightning.models import resolve_model_path
+from sparse_lightning.modules.base import SparseFineTuningModule
+
+STAGES = ("val", "test")
+
+
+class CausalLMModule(SparseFineTuningModule):
+    """Any HF causal LM; logs `{stage}/{dataset}/accuracy` per generation set and `{stage}/accuracy_avg`.
+
+    Generation is greedy (`num_beams=1`) or beam search, never sampled, so evaluations repeat exactly.
+    `save_predictions=N` writes the first N generations of each set to
+    `<log_dir>/predictions_<stage>_step<global_step>.jsonl` (rank 0) for inspection.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "SmolLM2-135M-Instruct",
+        dtype: str | None = None,
+        max_new_tokens: int = 256,
+        num_beams: int = 1,
+        save_predictions: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model_name_or_path=model_name_or_path, **kwargs)
+        if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype must name a torch dtype (float32, bfloat16, float16), got {dtype!r}")
+        if max_new_tokens < 1 or num_beams < 1 or save_predictions < 0:
+            raise ValueError(f"need max_new_tokens >= 1, num_beams >= 1, save_predictions >= 0; got "
+                             f"{max_new_tokens}, {num_beams}, {save_predictions}")
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        # stage -> dataset -> [correct, total], and the kept sample generations
+        self._counts: dict[str, dict[str, list[int]]] = {stage: {} for stage in STAGES}
+        self._samples: dict[str, dict[str, list[dict[str, Any]]]] = {stage: {} for stage in STAGES}
+
+    def build_model(self) -> nn.Module:
+        dtype = getattr(torch, self.hparams.dtype) if self.hparams.dtype else None
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        return AutoModelForCausalLM.from_pretrained(resolve_model_path(self.hparams.model_name_or_path), **kwargs)
+
+    def forward(self, batch: dict[str, Any]) -> Any:
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+
+    def compute_loss(self, batch: dict[str, Any]) -> Tensor:
+        """Mean next-token loss over labelled tokens: the datamodules label prompts -100, so response only."""
+        return self(batch).loss
+
+    # ------------------------------------------------------------------------------------------ generation
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The datamodule's tokenizer when it has one (same ids as the prompts), else the model's own."""
+        datamodule = self._trainer.datamodule if self._trainer else None
+        if getattr(datamodule, "tokenizer", None) is not None:
+            return datamodule.tokenizer
+        if self._tokenizer is None:
+            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.hparams.model_name_or_path))
+            if self._tokenizer.pad_token is None:
+                self._tokenizer.pad_token = self._tokenizer.eos_token
+        return self._tokenizer
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        """Deterministic decoding that stops at the EOS the datamodules append to every training response."""
+        tokenizer = self.tokenizer
+        return {
+            "max_new_tokens": self.hparams.max_new_tokens,
+            "num_beams": self.hparams.num_beams,
+            "do_sample": False,
+            "use_cache": True,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor) -> list[str]:
+        """Continue each left-padded prompt and decode only the new tokens (works on PEFT and delta models).
+
+        Runs in eval mode; every module gets back its own train/eval mode afterwards.
+        """
+        modes = {module: module.training for module in self.model.modules()}
+        self.model.eval()
+        try:
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **self.generation_kwargs())
+        finally:
+            for module, training in modes.items():
+                module.training = training
+        return self.tokenizer.batch_decode(output[:, input_ids.shape[1]:], skip_special_tokens=True)
+
+    # ------------------------------------------------------------------------------------------ evaluation
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluation_step("val", batch, dataloader_idx)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluation_step("test", batch, dataloader_idx)
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._reset("test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_accuracy("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_accuracy("test")
+
+    def _reset(self, stage: str) -> None:
+        self._counts[stage], self._samples[stage] = {}, {}
+
+    def _evaluation_step(self, stage: str, batch: dict[str, Any], dataloader_idx: int) -> None:
+        if "answers" in batch:
+            self._score_generations(stage, batch)
+        elif "labels" in batch:
+            self.log(f"{self._prefix(stage, dataloader_idx)}loss", self.compute_loss(batch), add_dataloader_idx=False,
+                     sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        else:
+            raise ValueError(f"a {stage} batch needs 'labels' (loss) or 'answers' (generation); got keys {list(batch)}")
+
+    def _score_generations(self, stage: str, batch: dict[str, Any]) -> None:
+        dataset = batch["dataset"]
+        generations = self.generate(batch["input_ids"], batch["attention_mask"])
+        correct = [is_correct(dataset, text, gold) for text, gold in zip(generations, batch["answers"])]
+        counts = self._counts[stage].setdefault(dataset, [0, 0])
+        counts[0] += sum(correct)
+        counts[1] += len(correct)
+        samples = self._samples[stage].setdefault(dataset, [])
+        for row in range(min(len(correct), self.hparams.save_predictions - len(samples))):
+            prompt = self.tokenizer.decode(batch["input_ids"][row][batch["attention_mask"][row].bool()],
+                                           skip_special_tokens=True)
+            samples.append({"dataset": dataset, "prompt": prompt, "generation": generations[row],
+                            "gold": batch["answers"][row], "correct": correct[row]})
+
+    def _log_accuracy(self, stage: str) -> None:
+        counts = self._counts[stage]
+        names = list(dict.fromkeys([*self._set_names(stage), *sorted(counts)]))
+        if not names:
+            return
+        # Summed over ranks (same order everywhere: the datamodule's names first); sets with no example are skipped.
+        totals = torch.tensor([counts.get(name, [0, 0]) for name in names], dtype=torch.long, device=self.device)
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        accuracies = {f"{stage}/{name}/accuracy": correct / total
+                      for name, (correct, total) in zip(names, totals.tolist()) if total > 0}
+        if not accuracies:
+            return
+        accuracies[f"{stage}/accuracy_avg"] = sum(accuracies.values()) / len(accuracies)
+        self.log_dict(accuracies, add_dataloader_idx=False, prog_bar=True)
+        if self.hparams.save_predictions and self.trainer.is_global_zero:
+            self._write_predictions(stage)
+
+    def _write_predictions(self, stage: str) -> None:
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"predictions_{stage}_step{self.global_step}.jsonl"
+        with path.open("w", encoding="utf-8") as file:
+            for samples in self._samples[stage].values():
+                file.writelines(json.dumps(sample) + "\n" for sample in samples)
+        rank_zero_info(f"wrote sample generations to {path}")
+
+    def _set_names(self, stage: str) -> list[str]:
+        """The datamodule's loader names for `stage` (`val_set_names` / `test_set_names`), if it has them."""
+        datamodule = self._trainer.datamodule if self._trainer else None
+        names = getattr(datamodule, "val_set_names" if stage == "val" else "test_set_names", None)
+        return list(names) if names else []
+
+    def _prefix(self, stage: str, dataloader_idx: int) -> str:
+        names = self._set_names(stage)
+        if len(names) <= 1 and dataloader_idx == 0:
+            return f"{stage}/"
+        name = names[dataloader_idx] if dataloader_idx < len(names) else str(dataloader_idx)
+        return f"{stage}/{name}/"
