@@ -125,6 +125,23 @@ class SparseFineTuningModule(LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    def loader_names(self, stage: str) -> list[str]:
+        """The datamodule's names for its `stage` loaders (`val_set_names`, `test_set_names`; test falls
+        back to the validation names, as GLUE evaluates on its dev sets)."""
+        datamodule = self._trainer.datamodule if self._trainer else None
+        names = getattr(datamodule, f"{stage}_set_names", None)
+        if names is None and stage == "test":
+            names = getattr(datamodule, "val_set_names", None)
+        return list(names) if names else []
+
+    def metric_prefix(self, stage: str, dataloader_idx: int) -> str:
+        """`val/` with one loader, `val/<set name>/` with several (MNLI matched/mismatched, math test sets)."""
+        names = self.loader_names(stage)
+        if len(names) <= 1 and dataloader_idx == 0:
+            return f"{stage}/"
+        name = names[dataloader_idx] if dataloader_idx < len(names) else str(dataloader_idx)
+        return f"{stage}/{name}/"
+
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:

@@ -131,7 +131,7 @@ class CausalLMModule(SparseFineTuningModule):
         if "answers" in batch:
             self._score_generations(stage, batch)
         elif "labels" in batch:
-            self.log(f"{self._prefix(stage, dataloader_idx)}loss", self.compute_loss(batch), add_dataloader_idx=False,
+            self.log(f"{self.metric_prefix(stage, dataloader_idx)}loss", self.compute_loss(batch), add_dataloader_idx=False,
                      sync_dist=True, batch_size=batch["input_ids"].shape[0])
         else:
             raise ValueError(f"a {stage} batch needs 'labels' (loss) or 'answers' (generation); got keys {list(batch)}")
@@ -152,7 +152,7 @@ class CausalLMModule(SparseFineTuningModule):
 
     def _log_accuracy(self, stage: str) -> None:
         counts = self._counts[stage]
-        names = list(dict.fromkeys([*self._set_names(stage), *sorted(counts)]))
+        names = list(dict.fromkeys([*self.loader_names(stage), *sorted(counts)]))
         if not names:
             return
         # Summed over ranks (same order everywhere: the datamodule's names first); sets with no example are skipped.
@@ -175,16 +175,3 @@ class CausalLMModule(SparseFineTuningModule):
             for samples in self._samples[stage].values():
                 file.writelines(json.dumps(sample) + "\n" for sample in samples)
         rank_zero_info(f"wrote sample generations to {path}")
-
-    def _set_names(self, stage: str) -> list[str]:
-        """The datamodule's loader names for `stage` (`val_set_names` / `test_set_names`), if it has them."""
-        datamodule = self._trainer.datamodule if self._trainer else None
-        names = getattr(datamodule, "val_set_names" if stage == "val" else "test_set_names", None)
-        return list(names) if names else []
-
-    def _prefix(self, stage: str, dataloader_idx: int) -> str:
-        names = self._set_names(stage)
-        if len(names) <= 1 and dataloader_idx == 0:
-            return f"{stage}/"
-        name = names[dataloader_idx] if dataloader_idx < len(names) else str(dataloader_idx)
-        return f"{stage}/{name}/"

@@ -68,26 +68,18 @@ class SequenceClassificationModule(SparseFineTuningModule):
 
     def _evaluation_step(self, stage: str, batch: dict[str, Any], dataloader_idx: int) -> None:
         output = self(batch)
-        prefix = self._prefix(stage, dataloader_idx)
+        prefix = self.metric_prefix(stage, dataloader_idx)
         self.log(f"{prefix}loss", output.loss, add_dataloader_idx=False, sync_dist=True)
         key = (stage, dataloader_idx)
         if key not in self._metrics:
             self._metrics[key] = build_metrics(self.hparams.metric, max(2, self.hparams.num_labels)).to(self.device)
         self._metrics[key].update(self.predictions(output.logits), batch["labels"])
 
-    def _prefix(self, stage: str, dataloader_idx: int) -> str:
-        names = getattr(self.trainer.datamodule, "val_set_names", None) if self._trainer else None
-        count = len(names) if names else 1
-        if count == 1 and dataloader_idx == 0:
-            return f"{stage}/"
-        name = names[dataloader_idx] if names and dataloader_idx < len(names) else str(dataloader_idx)
-        return f"{stage}/{name}/"
-
     def _log_metrics(self, stage: str) -> None:
         for (metric_stage, idx), metrics in self._metrics.items():
             if metric_stage != stage:
                 continue
-            prefix = self._prefix(stage, idx)
+            prefix = self.metric_prefix(stage, idx)
             self.log_dict({f"{prefix}{name}": value for name, value in metrics.compute().items()},
                           add_dataloader_idx=False, prog_bar=True)
             metrics.reset()
