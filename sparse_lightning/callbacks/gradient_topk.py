@@ -2,7 +2,7 @@
 
 Scores are the gradient summed over `calibration_batches` batches (and over ranks), taken once at
 the start of training; the scoring passes update nothing. Unlike the reference code, deltas live in
-their own fp32 parameter (weight decay pulls them toward the pretrained weight, not toward a
+their own fp32 parameter (weight decay pulls them toward the pretrained weight, not toward an
 always-zero vector), gradients come from our autograd Function (no hooks nulling `.grad`, so DDP and
 FSDP work), and nothing is merged late: the effective weight is `W + delta` at every forward.
 """
@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from sparse_lightning.callbacks.base import ElementSparseCallback, all_reduce_sum_, select_top_k
+from sparse_lightning.modes import eval_mode
 from sparse_lightning.sparse import sparse_delta_layers
 
 
@@ -62,22 +63,19 @@ class GradientTopKCallback(ElementSparseCallback):
     def _accumulate_gradients(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
         """Forward/backward on the first batches with dropout off; the parameter gradients are dropped and every
         module gets back the train/eval mode it had."""
-        modes = {module: module.training for module in pl_module.modules()}
-        pl_module.eval()
         seen = 0
-        try:
-            for batch in trainer.train_dataloader:
-                if seen == self.calibration_batches:
-                    break
-                batch = trainer.strategy.batch_to_device(batch)
-                with trainer.precision_plugin.forward_context():
-                    loss = pl_module.compute_loss(batch)
-                loss.backward()
-                seen += 1
-        finally:
-            pl_module.zero_grad(set_to_none=True)
-            for module, training in modes.items():
-                module.training = training
+        with eval_mode(pl_module):
+            try:
+                for batch in trainer.train_dataloader:
+                    if seen == self.calibration_batches:
+                        break
+                    batch = trainer.strategy.batch_to_device(batch)
+                    with trainer.precision_plugin.forward_context():
+                        loss = pl_module.compute_loss(batch)
+                    loss.backward()
+                    seen += 1
+            finally:
+                pl_module.zero_grad(set_to_none=True)
         return seen
 
     def describe(self) -> dict:

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from sparse_lightning.eval import is_correct
 from sparse_lightning.models import resolve_model_path
+from sparse_lightning.modes import eval_mode
 from sparse_lightning.modules.base import SparseFineTuningModule
 
 STAGES = ("val", "test")
@@ -95,13 +96,8 @@ class CausalLMModule(SparseFineTuningModule):
 
         Runs in eval mode; every module gets back its own train/eval mode afterwards.
         """
-        modes = {module: module.training for module in self.model.modules()}
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **self.generation_kwargs())
-        finally:
-            for module, training in modes.items():
-                module.training = training
         return self.tokenizer.batch_decode(output[:, input_ids.shape[1]:], skip_special_tokens=True)
 
     # ------------------------------------------------------------------------------------------ evaluation
