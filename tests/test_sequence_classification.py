@@ -80,3 +80,10 @@ def test_lora_and_sparse_callback_together_is_an_error(tiny_bert_dir):
 def test_bad_warmup_ratio_is_rejected():
     with pytest.raises(ValueError, match=r"warmup_ratio must be in \[0, 1\)"):
         SequenceClassificationModule(optimizer=partial(torch.optim.AdamW, lr=1e-3), warmup_ratio=1.5)
+
+
+def test_model_kwargs_override_the_pretrained_config(tiny_bert_dir):
+    module = SequenceClassificationModule(str(tiny_bert_dir), num_labels=3,
+                                          model_kwargs={"hidden_dropout_prob": 0.25})
+    module.configure_model()
+    assert module.model.config.hidden_dropout_prob == 0.25 and module.model.config.num_labels == 3

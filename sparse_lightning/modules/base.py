@@ -45,6 +45,7 @@ class SparseFineTuningModule(LightningModule):
         lora: LoRASettings | None = None,
         fsdp_param_dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= warmup_ratio < 1.0:
@@ -54,6 +55,11 @@ class SparseFineTuningModule(LightningModule):
         self.hparams["lora"] = asdict(lora) if lora is not None else None
         self.optimizer_factory = optimizer
         self.model: nn.Module | None = None
+
+    @property
+    def from_pretrained_kwargs(self) -> dict[str, Any]:
+        """`model_kwargs` for `from_pretrained`: config overrides such as `hidden_dropout_prob: 0.0`."""
+        return dict(self.hparams.model_kwargs or {})
 
     def build_model(self) -> nn.Module:
         """Load the Hugging Face model (called once, from `configure_model`)."""

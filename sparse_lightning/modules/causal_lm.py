@@ -54,7 +54,9 @@ class CausalLMModule(SparseFineTuningModule):
 
     def build_model(self) -> nn.Module:
         dtype = getattr(torch, self.hparams.dtype) if self.hparams.dtype else None
-        kwargs = {"dtype": dtype} if dtype is not None else {}
+        kwargs = self.from_pretrained_kwargs
+        if dtype is not None:
+            kwargs["dtype"] = dtype
         return AutoModelForCausalLM.from_pretrained(resolve_model_path(self.hparams.model_name_or_path), **kwargs)
 
     def forward(self, batch: dict[str, Any]) -> Any:

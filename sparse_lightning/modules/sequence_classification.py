@@ -53,7 +53,8 @@ class SequenceClassificationModule(SparseFineTuningModule):
     def build_model(self) -> nn.Module:
         self._task_from_datamodule()
         model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model_path(self.hparams.model_name_or_path), num_labels=self.hparams.num_labels)
+            resolve_model_path(self.hparams.model_name_or_path), num_labels=self.hparams.num_labels,
+            **self.from_pretrained_kwargs)
         self.head_modules = tuple(name for name in type(self).head_modules if hasattr(model, name))
         return model
 
