@@ -101,6 +101,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     run(args.model_dir, args.output, args.strategy, args.devices, args.batch_size, resume=args.resume)
+    # Tear gloo down before interpreter exit: left to exit-time destructors it can abort ("terminate called").
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
