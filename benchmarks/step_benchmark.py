@@ -271,7 +271,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         from torch.profiler import ProfilerActivity, profile, schedule
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        profiler = profile(activities=activities, schedule=schedule(wait=0, warmup=args.warmup, active=args.steps, repeat=1))
+        profiler = profile(activities=activities, record_shapes=True,
+                           schedule=schedule(wait=0, warmup=args.warmup, active=args.steps, repeat=1))
         profiler.start()
 
     times, cpu_times, losses = [], [], []
@@ -307,7 +308,19 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         result["profile"] = profiler.key_averages().table(sort_by=sort, row_limit=args.profile_rows,
                                                           max_name_column_width=48)
+        result["profile_mm"] = matmuls_by_shape(profiler, sort, args.steps)
     return result
+
+
+def matmuls_by_shape(profiler: Any, sort: str, steps: int) -> str:
+    """`aten::mm` grouped by operand shapes, per step: tells forward, input-grad, weight-grad and
+    adapter GEMMs apart (a weight gradient is [out, tokens] @ [tokens, in])."""
+    rows = [e for e in profiler.key_averages(group_by_input_shape=True) if e.key == "aten::mm"]
+    rows.sort(key=lambda e: getattr(e, sort), reverse=True)
+    lines = ["| operands | calls/step | ms/step |", "|---|---:|---:|"]
+    lines += [f"| {' @ '.join(str(list(shape)) for shape in e.input_shapes[:2])} | {e.count / steps:g} "
+              f"| {getattr(e, sort) / 1e3 / steps:,.1f} |" for e in rows]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------- driver
@@ -351,7 +364,7 @@ def benchmark(args: argparse.Namespace, model: str, methods: list[str]) -> list[
             result["round_medians_s"].append(statistics.median(timed["step_times_s"]))
             result["losses"] = timed["losses"]
             if "profile" in timed:
-                result["profile"] = timed["profile"]
+                result["profile"], result["profile_mm"] = timed["profile"], timed["profile_mm"]
             log(f"[{model}/{method}] round {round_ + 1}: median step {result['round_medians_s'][-1]:.3f} s")
     for result in results.values():
         result["median_step_s"] = statistics.median(result["step_times_s"])
@@ -415,14 +428,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="weight and compute dtype (default float32 on cpu, bfloat16 on cuda)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch.set_num_threads (default: all cores)")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--density", type=float, default=0.01, help="SIFT density per target weight")
     parser.add_argument("--sift-lora-rank", type=int, default=None,
                         help="give SIFT a LoRA-rank budget instead of --density (LoRA then uses this rank)")
-    parser.add_argument("--profile", action="store_true", help="torch.profiler over the measured steps; top ops printed")
+    parser.add_argument("--profile", action="store_true",
+                        help="torch.profiler over the measured steps: top ops, and matmuls by shape")
     parser.add_argument("--profile-rows", type=int, default=15)
-    parser.add_argument("--output", type=Path, default=None, help="markdown table path (a .json with raw numbers beside it)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="markdown table path (a .json with raw numbers beside it)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -442,12 +458,13 @@ def main(argv: list[str] | None = None) -> None:
     header = (f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, {platform.machine()} "
               f"{os.cpu_count()} cores, command: `python {' '.join(sys.argv)}`")
     tables = "\n\n".join(markdown_table(model, results, args) for model, results in all_results.items())
-    profiles = "\n\n".join(f"profile {r['model']}/{r['method']} (last round):\n{r['profile']}"
+    profiles = "\n\n".join(f"### profile {r['model']}/{r['method']} (last round)\n\n```\n{r['profile']}```\n\n"
+                           f"aten::mm by operand shapes:\n\n{r['profile_mm']}"
                            for results in all_results.values() for r in results if "profile" in r)
     print(f"{header}\n\n{tables}" + (f"\n\n{profiles}" if profiles else ""))
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(f"{header}\n\n{tables}\n" + (f"\n```\n{profiles}\n```\n" if profiles else ""))
+        args.output.write_text(f"{header}\n\n{tables}\n" + (f"\n{profiles}\n" if profiles else ""))
         args.output.with_suffix(".json").write_text(json.dumps(
             {"header": header, "args": {k: str(v) for k, v in vars(args).items()}, "results": all_results}, indent=1))
 
