@@ -22,10 +22,17 @@ def test_zero_delta_reproduces_base_exactly():
     assert torch.equal(layer(x), layer.base(x))
 
 
-def test_values_gradient_equals_dense_gradient_at_indices():
+@pytest.mark.parametrize("path", ["sampled", "observed"])
+@pytest.mark.parametrize("unsorted", [False, True])
+def test_values_gradient_equals_dense_gradient_at_indices(path, unsorted):
     layer = make_layer()
     with torch.no_grad():
         layer.delta_values.normal_()
+        if unsorted:  # SpIEL's slots point anywhere after regrowth; the sampled product must not assume order
+            layer.delta_indices.copy_(layer.delta_indices.flip(0))
+    observed = []
+    if path == "observed":
+        layer.weight_grad_observer = observed.append
     x = torch.randn(3, 4, 5, requires_grad=True)
     target = torch.randn(3, 4, 6)
     ((layer(x) - target) ** 2).sum().backward()
@@ -39,6 +46,9 @@ def test_values_gradient_equals_dense_gradient_at_indices():
     torch.testing.assert_close(layer.delta_values.grad, dense_weight.grad.view(-1)[layer.delta_indices.long()])
     torch.testing.assert_close(x.grad, x_ref.grad)
     assert layer.base.weight.grad is None and layer.base.bias.grad is None
+    if path == "observed":
+        assert len(observed) == 1
+        torch.testing.assert_close(observed[0], dense_weight.grad)
 
 
 def test_backward_saves_no_dense_copy_of_the_weight():

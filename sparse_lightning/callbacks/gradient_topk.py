@@ -48,12 +48,12 @@ class GradientTopKCallback(ElementSparseCallback):
         scores = {name: torch.zeros(layer.weight_shape, dtype=torch.float32, device=pl_module.device)
                   for name, layer in layers.items()}
         for name, layer in layers.items():
-            layer.score_sink = scores[name]
+            layer.weight_grad_observer = scores[name].add_
         try:
             seen = self._accumulate_gradients(trainer, pl_module)
         finally:
             for layer in layers.values():
-                layer.score_sink = None
+                layer.weight_grad_observer = None
         for name, layer in layers.items():
             select_top_k(layer, all_reduce_sum_(scores[name]).abs_())
         del scores

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from sparse_lightning.sparse.functional import sparse_delta_linear
+from sparse_lightning.sparse.functional import WeightGradObserver, sparse_delta_linear
 
 
 def validate_budget(density: float | None, num_params: int | None, lora_rank: int | None) -> None:
@@ -85,7 +85,7 @@ class SparseDeltaLinear(nn.Module):
         self.register_buffer("delta_indices", indices.to(device=device, dtype=index_dtype(numel)))
         self.delta_values = nn.Parameter(torch.zeros(k, dtype=torch.float32, device=device))
         self.register_buffer("delta_selected", torch.zeros((), dtype=torch.bool, device=device))
-        self.score_sink: Tensor | None = None
+        self.weight_grad_observer: WeightGradObserver | None = None
         self._merged_originals: Tensor | None = None
 
     @property
@@ -100,7 +100,7 @@ class SparseDeltaLinear(nn.Module):
         if self._merged_originals is not None:
             return self.base(x)
         return sparse_delta_linear(x, self.base.weight, self.base.bias, self.delta_indices, self.delta_values,
-                                   self.score_sink)
+                                   self.weight_grad_observer)
 
     @torch.no_grad()
     def set_indices(self, indices: Tensor) -> None:

@@ -1,17 +1,23 @@
 """Autograd Functions of the sparse substrate.
 
 `SparseDeltaLinearFunction` computes `x (W + scatter(indices, values))^T + b` without keeping a
-merged copy of W alive between forward and backward: it saves the frozen weight itself (no copy),
-rebuilds the merged weight transiently in backward, and reduces the dense weight gradient to the
-k trained entries before returning, so no dense gradient of W outlives this layer's backward.
+merged copy of W alive between forward and backward: it saves the frozen weight itself (no copy) and
+rebuilds the merged weight transiently in backward. The gradient of the k values is a sampled
+dense-dense product (only the k needed dot products); the dense weight gradient is formed only while
+a method observes it (SIFT calibration, SpIEL candidate windows) and freed before backward returns.
 Gradients are computed here, not through hooks on frozen weights, which never fire under FSDP.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+#: Receives a layer's dense weight gradient ([out, in], compute dtype) during backward; must not keep it.
+WeightGradObserver = Callable[[Tensor], None]
 
 
 def merged_weight(weight: Tensor, indices: Tensor, values: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -19,6 +25,22 @@ def merged_weight(weight: Tensor, indices: Tensor, values: Tensor, dtype: torch.
     merged = weight.to(dtype or weight.dtype, copy=True)
     merged.view(-1).index_add_(0, indices, values.to(merged.dtype))
     return merged
+
+
+def sampled_weight_grad(grad_out: Tensor, x: Tensor, indices: Tensor, shape: torch.Size) -> Tensor:
+    """`(grad_out^T @ x).view(-1)[indices]` without the dense product: k dot products through a CSR mask."""
+    out_features, in_features = shape
+    grad_out, x = grad_out.reshape(-1, out_features), x.reshape(-1, in_features)
+    if grad_out.dtype not in (torch.float32, torch.float64):  # sampled_addmm's kernels are fp32/fp64
+        grad_out, x = grad_out.float(), x.float()
+    flat, order = indices.long().sort()
+    rows = flat // in_features
+    crow = torch.zeros(out_features + 1, dtype=torch.int64, device=flat.device)
+    crow[1:] = torch.bincount(rows, minlength=out_features).cumsum(0)
+    mask = torch.sparse_csr_tensor(crow, flat % in_features, torch.zeros(flat.numel(), dtype=x.dtype, device=x.device),
+                                   (out_features, in_features))
+    sampled = torch.sparse.sampled_addmm(mask, grad_out.t(), x, beta=0.0).values()
+    return torch.empty_like(sampled).scatter_(0, order, sampled)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -32,19 +54,19 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 class SparseDeltaLinearFunction(torch.autograd.Function):
     """Linear layer whose effective weight is a frozen dense weight plus k trainable entries.
 
-    `score_sink`, when given, is a dense fp32 tensor of the weight's shape into which backward adds
-    the dense weight gradient: calibration (SIFT's top-k of |gradient|) reads it, training does not.
+    `observer`, when given, is called in backward with the dense weight gradient: SIFT accumulates
+    |gradient| scores from it, SpIEL picks and measures regrowth candidates; training alone never forms it.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor, values: Tensor,
-                score_sink: Tensor | None) -> Tensor:
+                observer: WeightGradObserver | None) -> Tensor:
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)
             out = F.linear(x, merged_weight(weight, indices, values, dtype), None if bias is None else bias.to(dtype))
         ctx.save_for_backward(x, weight, indices, values)
-        ctx.score_sink = score_sink
+        ctx.observer = observer
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
@@ -56,18 +78,19 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ merged_weight(weight, indices, values, x.dtype)
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
-        if ctx.needs_input_grad[4] or ctx.score_sink is not None:
+        if ctx.observer is not None:
             dense_grad = flat_grad.t() @ x.reshape(-1, x.shape[-1])  # [out, in], freed on return
-            if ctx.score_sink is not None:
-                ctx.score_sink.add_(dense_grad.float())
+            ctx.observer(dense_grad)
             if ctx.needs_input_grad[4]:
                 grad_values = dense_grad.view(-1)[indices].to(values.dtype)
+        elif ctx.needs_input_grad[4]:
+            grad_values = sampled_weight_grad(grad_out, x, indices, weight.shape).to(values.dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = flat_grad.sum(0).to(ctx.bias_dtype)
         return grad_x, None, grad_bias, None, grad_values, None
 
 
 def sparse_delta_linear(x: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor, values: Tensor,
-                        score_sink: Tensor | None = None) -> Tensor:
+                        observer: WeightGradObserver | None = None) -> Tensor:
     """Functional form of `SparseDeltaLinearFunction` (see its docstring)."""
-    return SparseDeltaLinearFunction.apply(x, weight, bias, indices, values, score_sink)
+    return SparseDeltaLinearFunction.apply(x, weight, bias, indices, values, observer)
