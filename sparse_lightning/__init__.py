@@ -1,6 +1,6 @@
 """sparse_lightning: sparse fine-tuning of pre-trained language models as Lightning components."""
 
-from sparse_lightning.callbacks import GradientTopKCallback, SparseMethodCallback
+from sparse_lightning.callbacks import GradientTopKCallback, PruneRegrowCallback, SparseMethodCallback
 from sparse_lightning.modules import CausalLMModule, LoRASettings, SequenceClassificationModule, SparseFineTuningModule
 
 __version__ = "0.1.0"
@@ -9,6 +9,7 @@ __all__ = [
     "CausalLMModule",
     "GradientTopKCallback",
     "LoRASettings",
+    "PruneRegrowCallback",
     "SequenceClassificationModule",
     "SparseFineTuningModule",
     "SparseMethodCallback",

@@ -2,5 +2,6 @@
 
 from sparse_lightning.callbacks.base import ElementSparseCallback, SparseMethodCallback
 from sparse_lightning.callbacks.gradient_topk import GradientTopKCallback
+from sparse_lightning.callbacks.prune_regrow import PruneRegrowCallback
 
-__all__ = ["ElementSparseCallback", "GradientTopKCallback", "SparseMethodCallback"]
+__all__ = ["ElementSparseCallback", "GradientTopKCallback", "PruneRegrowCallback", "SparseMethodCallback"]

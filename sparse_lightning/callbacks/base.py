@@ -85,8 +85,11 @@ class ElementSparseCallback(SparseMethodCallback):
         patterns = self.target_modules or list(default_targets(model))
         targets = find_linear_targets(model, patterns, self.exclude_modules)
         shapes = [tuple(linear.weight.shape) for linear in targets.values()]
-        ks = allocate_budget(shapes, density=self.density, num_params=self.num_params, lora_rank=self.lora_rank)
-        self.initialize(attach_sparse_deltas(model, dict(zip(targets, ks))))
+        self.initialize(attach_sparse_deltas(model, dict(zip(targets, self.allocate(model, shapes)))))
+
+    def allocate(self, model: nn.Module, shapes: list[tuple[int, int]]) -> list[int]:
+        """Slots per target weight; `density` is per tensor here (SIFT), SpIEL reads it model-wide."""
+        return allocate_budget(shapes, density=self.density, num_params=self.num_params, lora_rank=self.lora_rank)
 
     def initialize(self, layers: dict[str, SparseDeltaLinear]) -> None:
         """Initial indices before any selection; subclasses override (SpIEL starts at random)."""

@@ -1,0 +1,287 @@
+"""SpIEL (Ansell et al., 2024): k trainable entries per weight that periodically drop and regrow.
+
+Every S optimizer steps, after an A-step window, the smallest-|delta| slots are dropped and the same
+number of new positions grow in: SpIEL-AG picks the largest accumulated gradients among candidates
+(the top-|gradient| entries of the window's first micro-batch, never a persistent dense gradient);
+SpIEL-MA picks the largest row x column products of SM3's accumulators (no inactive gradient stored).
+New slots start at zero; their optimizer state is re-seeded (AG: Adam moments from the measured
+gradient statistics) or reset. Unlike the reference, statistics are fp32 and all-reduced over ranks
+before anything is chosen, and optimizer state is addressed by slot, so DDP and FSDP2 stay in step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from sparse_lightning.callbacks.base import ElementSparseCallback, _distributed, all_reduce_sum_, broadcast_from_rank_zero_
+from sparse_lightning.callbacks.reselection_schedule import ReselectionSchedule
+from sparse_lightning.sparse import SparseDeltaLinear, allocate_budget, sparse_delta_layers
+from sparse_lightning.sparse.optim import SM3, seed_slots_
+from sparse_lightning.sparse.sharding import full_tensor, write_slots_
+
+Regrowth = Literal["gradient", "momentum"]
+
+
+class PruneRegrowCallback(ElementSparseCallback):
+    """SpIEL: drop the smallest deltas and regrow by accumulated gradient ("gradient", SpIEL-AG) or
+    by SM3 row x column momentum ("momentum", SpIEL-MA, needs `sparse_lightning.sparse.optim.SM3`).
+
+    `density` is a fraction of all the model's parameters (SpIEL's budget), split across the target
+    weights in proportion to their size; `num_params` and `lora_rank` work as for SIFT.
+    `reselection_until` (T) defaults to the run's total optimizer steps.
+    """
+
+    method = "spiel"
+
+    def __init__(
+        self,
+        density: float | None = None,
+        num_params: int | None = None,
+        lora_rank: int | None = None,
+        target_modules: list[str] | None = None,
+        exclude_modules: list[str] | None = None,
+        dense_modules: list[str] | None = None,
+        regrowth: Regrowth = "gradient",
+        reselection_interval: int = 20,
+        accumulation_steps: int = 5,
+        regrow_fraction: float = 0.2,
+        reselection_until: int | None = None,
+        decay: Literal["linear", "cosine"] = "linear",
+        seed: int = 0,
+        plot_path: str | None = None,
+    ) -> None:
+        super().__init__(density, num_params, lora_rank, target_modules, exclude_modules, dense_modules)
+        if regrowth not in ("gradient", "momentum"):
+            raise ValueError(f"regrowth must be 'gradient' (SpIEL-AG) or 'momentum' (SpIEL-MA), got {regrowth!r}")
+        if reselection_until is not None and reselection_until < 1:
+            raise ValueError(f"reselection_until must be a positive number of optimizer steps, got {reselection_until}")
+        self.regrowth = regrowth
+        self.schedule = ReselectionSchedule(reselection_interval, accumulation_steps, regrow_fraction,
+                                            reselection_until or 1_000_000, decay)
+        self.reselection_until = reselection_until
+        self.seed = seed
+        self.plot_path = plot_path
+        self.history: list[dict[str, Any]] = []
+        self._first_sets: dict[str, Tensor] = {}
+        self._stats: dict[str, dict[str, Tensor]] = {}  # AG: candidates, grad sum, square sum, micro-batch count
+        self._picks: dict[str, tuple[Tensor, Tensor]] = {}  # AG: this rank's candidates from the window's first micro-batch
+        self._last_step = -1
+
+    # -- budget and initial indices ------------------------------------------------------------------
+
+    def allocate(self, model: nn.Module, shapes: list[tuple[int, int]]) -> list[int]:
+        if self.density is None:
+            return super().allocate(model, shapes)
+        total = sum(p.numel() for p in model.parameters())
+        budget = max(1, int(self.density * total))
+        capacity = sum(out * inp for out, inp in shapes)
+        if budget > capacity:
+            raise ValueError(f"density {self.density} of the model's {total:,} parameters is {budget:,} entries, more "
+                             f"than the {len(shapes)} target weights hold ({capacity:,}); use density <= "
+                             f"{capacity / total:.4f} or more target_modules")
+        return allocate_budget(shapes, num_params=max(budget, len(shapes)))
+
+    def initialize(self, layers: dict[str, SparseDeltaLinear]) -> None:
+        """Uniformly random initial indices from `seed` (the same on every rank)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        for name in sorted(layers):
+            layer = layers[name]
+            chosen = torch.randperm(layer.weight_shape.numel(), generator=generator)[: layer.k].sort().values
+            layer.set_indices(chosen.to(layer.delta_indices))
+
+    def describe(self) -> dict[str, Any]:
+        s = self.schedule
+        return {**super().describe(), "regrowth": self.regrowth, "reselection_interval": s.interval,
+                "accumulation_steps": s.accumulation_steps, "regrow_fraction": s.regrow_fraction,
+                "reselection_until": s.until, "decay": s.decay, "seed": self.seed}
+
+    # -- the training loop ---------------------------------------------------------------------------
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.reselection_until is None:
+            until = max(1, int(trainer.estimated_stepping_batches))
+            s = self.schedule
+            self.schedule = ReselectionSchedule(s.interval, s.accumulation_steps, s.regrow_fraction, until, s.decay)
+        if self.regrowth == "momentum":
+            optimizer = trainer.optimizers[0]
+            if not isinstance(optimizer, SM3):
+                raise ValueError(f"regrowth='momentum' (SpIEL-MA) scores entries with SM3's accumulators: set the "
+                                 f"optimizer to sparse_lightning.sparse.optim.SM3 (got {type(optimizer).__name__})")
+            for layer in sparse_delta_layers(pl_module).values():
+                optimizer.cover_delta(layer.delta_values, layer.delta_indices, tuple(layer.weight_shape))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._last_step:  # a later micro-batch of the same optimizer step
+            return
+        self._last_step = step
+        layers = sparse_delta_layers(pl_module)
+        if self.schedule.reselects_at(step):
+            self._reselect(trainer, layers, step)
+        if self.regrowth == "gradient":
+            if self.schedule.window_starts_at(step):
+                self._stats, self._picks = {}, {}
+            in_window = self.schedule.in_window(step)
+            for name, layer in layers.items():
+                layer.weight_grad_observer = self._observer(name, layer) if in_window else None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._picks:
+            self._agree_on_candidates(sparse_delta_layers(pl_module))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for layer in sparse_delta_layers(pl_module).values():
+            layer.weight_grad_observer = None
+        if self.plot_path and trainer.is_global_zero and self.history:
+            from sparse_lightning.callbacks.index_history_plot import plot_index_history
+
+            rank_zero_info(f"SpIEL: index-set history written to {plot_index_history(self.history, self.plot_path)}")
+
+    # -- SpIEL-AG statistics -------------------------------------------------------------------------
+
+    def _observer(self, name: str, layer: SparseDeltaLinear):
+        """What a layer's backward does with its dense gradient during a window: on the first micro-batch
+        pick candidates, afterwards accumulate their gradients (fp32 sums, squares and a count)."""
+
+        @torch.no_grad()
+        def observe(grad: Tensor) -> None:
+            stats = self._stats.get(name)
+            if stats is not None:
+                g = grad.view(-1)[stats["candidates"]].float()
+                stats["sum"].add_(g)
+                stats["square_sum"].add_(g * g)
+                stats["count"].add_(1)
+            elif name not in self._picks:
+                self._picks[name] = self._local_candidates(layer, grad)
+
+        return observe
+
+    def _local_candidates(self, layer: SparseDeltaLinear, grad: Tensor) -> tuple[Tensor, Tensor]:
+        """This rank's top-|gradient| entries, excluding active ones except before the first reselection."""
+        scores = grad.detach().float().abs().view(-1)
+        if self.history:  # active entries cannot be regrown; before the first reselection every entry is replaced
+            scores[layer.delta_indices.long()] = -1.0
+        count = self._candidate_count(layer)
+        chosen = torch.topk(scores, count, sorted=False).indices
+        return chosen, grad.reshape(-1)[chosen].float()
+
+    def _candidate_count(self, layer: SparseDeltaLinear) -> int:
+        numel = layer.weight_shape.numel()
+        return min(layer.k, numel - layer.k) if self.history else layer.k
+
+    @torch.no_grad()
+    def _agree_on_candidates(self, layers: dict[str, SparseDeltaLinear], first: bool) -> None:
+        """Merge every rank's picks (gradients summed where present), keep the top ones, identical everywhere."""
+        world = dist.get_world_size() if _distributed() else 1
+        for name in sorted(self._picks):
+            chosen, grads = self._picks[name]
+            if world > 1:
+                gathered = [torch.empty_like(chosen) for _ in range(world)], [torch.empty_like(grads) for _ in range(world)]
+                dist.all_gather(gathered[0], chosen)
+                dist.all_gather(gathered[1], grads)
+                chosen, grads = torch.cat(gathered[0]), torch.cat(gathered[1])
+            unique, inverse = torch.unique(chosen, return_inverse=True)
+            summed = torch.zeros(unique.numel(), dtype=torch.float32, device=grads.device).index_add_(0, inverse, grads) / world
+            keep = torch.topk(summed.abs(), min(self._candidate_count(layers[name]), unique.numel())).indices
+            candidates = broadcast_from_rank_zero_(unique[keep].contiguous())
+            mean = summed[keep]
+            self._stats[name] = {"candidates": candidates, "sum": mean.clone(), "square_sum": mean * mean,
+                                 "count": torch.ones((), dtype=torch.int64, device=mean.device)}
+        self._picks = {}
+
+    # -- drop and grow -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _reselect(self, trainer: pl.Trainer, layers: dict[str, SparseDeltaLinear], step: int) -> None:
+        fraction = self.schedule.fraction_at(step)
+        optimizer = trainer.optimizers[0]
+        accumulate = trainer.accumulate_grad_batches
+        replaced: dict[str, int] = {}
+        overlap: dict[str, float] = {}
+        for name in sorted(layers):
+            layer = layers[name]
+            wanted = layer.k if not self.history else round(fraction * layer.k)
+            moved = self._move_slots(name, layer, wanted, optimizer, accumulate) if wanted > 0 else 0
+            replaced[name] = moved
+            if not self.history:
+                self._first_sets[name] = layer.delta_indices.detach().cpu().clone()
+            first = self._first_sets.get(name)
+            if first is not None:
+                overlap[name] = torch.isin(layer.delta_indices.cpu(), first).float().mean().item()
+        self._stats = {}
+        self.history.append({"step": step, "fraction": fraction, "replaced": replaced,
+                             "k": {name: layers[name].k for name in sorted(layers)}, "overlap_with_first": overlap})
+        total_k = sum(layer.k for layer in layers.values())
+        rank_zero_info(f"SpIEL: step {step}, replaced {sum(replaced.values()):,} of {total_k:,} entries "
+                       f"({self.regrowth} regrowth, fraction {fraction:.3f})")
+
+    def _move_slots(self, name: str, layer: SparseDeltaLinear, wanted: int, optimizer: torch.optim.Optimizer,
+                    accumulate: int) -> int:
+        """Drop the `wanted` smallest-|delta| slots and point them at the best inactive positions."""
+        values = full_tensor(layer.delta_values.detach()).float()
+        indices = layer.delta_indices.long()
+        if wanted >= layer.k:
+            dropped = torch.arange(layer.k, device=indices.device)
+        else:
+            dropped = torch.topk(values.abs(), wanted, largest=False).indices.to(indices.device)
+        keep = torch.ones(layer.k, dtype=torch.bool, device=indices.device)
+        keep[dropped] = False
+        grown, mean, mean_sq = self._grow(name, layer, indices[keep], dropped.numel(), optimizer, accumulate)
+        if grown is None:
+            return 0
+        dropped = dropped[: grown.numel()]  # as many as could be regrown, so counts never change
+        layer.delta_indices[dropped] = broadcast_from_rank_zero_(grown.to(layer.delta_indices.dtype))
+        write_slots_(layer.delta_values.data, dropped, 0.0)
+        seed_slots_(optimizer, layer.delta_values, dropped, mean, mean_sq)
+        return grown.numel()
+
+    def _grow(self, name: str, layer: SparseDeltaLinear, active: Tensor, count: int, optimizer: torch.optim.Optimizer,
+              accumulate: int) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """New positions (largest score first) and, for AG, their mean and mean-square step gradients."""
+        if self.regrowth == "momentum":
+            accumulators = optimizer.accumulators(layer.delta_values)
+            if accumulators is None:
+                return None, None, None
+            row, col = accumulators
+            scores = torch.outer(row, col).view(-1)
+            scores[active] = -1.0
+            return torch.topk(scores, count).indices, None, None
+        stats = self._stats.get(name)
+        if stats is None:
+            return None, None, None
+        for key in ("sum", "square_sum"):
+            all_reduce_sum_(stats[key])
+        world = dist.get_world_size() if _distributed() else 1
+        candidates = stats["candidates"]
+        allowed = ~torch.isin(candidates, active.to(candidates.device))
+        scores = torch.where(allowed, stats["sum"].abs(), torch.full_like(stats["sum"], -1.0))
+        count = min(count, int(allowed.sum()))
+        top = torch.topk(scores, count).indices
+        # Lightning divides each micro-batch loss by the accumulation count: a step's gradient is their sum.
+        micro_batches = stats["count"].float() * world
+        mean = stats["sum"][top] / micro_batches * accumulate
+        mean_sq = stats["square_sum"][top] / micro_batches * accumulate**2
+        return candidates[top], mean, mean_sq
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "first_sets": self._first_sets, "stats": self._stats,
+                "until": self.schedule.until}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = state_dict["history"]
+        self._first_sets = state_dict["first_sets"]
+        self._stats = state_dict["stats"]
+        if self.reselection_until is None:
+            s = self.schedule
+            self.schedule = ReselectionSchedule(s.interval, s.accumulation_steps, s.regrow_fraction,
+                                                state_dict["until"], s.decay)
