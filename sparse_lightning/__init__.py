@@ -1,6 +1,11 @@
 """sparse_lightning: sparse fine-tuning of pre-trained language models as Lightning components."""
 
-from sparse_lightning.callbacks import GradientTopKCallback, PruneRegrowCallback, SparseMethodCallback
+from sparse_lightning.callbacks import (
+    GradientTopKCallback,
+    PruneRegrowCallback,
+    S2FTStructureCallback,
+    SparseMethodCallback,
+)
 from sparse_lightning.modules import CausalLMModule, LoRASettings, SequenceClassificationModule, SparseFineTuningModule
 
 __version__ = "0.1.0"
@@ -10,6 +15,7 @@ __all__ = [
     "GradientTopKCallback",
     "LoRASettings",
     "PruneRegrowCallback",
+    "S2FTStructureCallback",
     "SequenceClassificationModule",
     "SparseFineTuningModule",
     "SparseMethodCallback",

@@ -1,7 +1,8 @@
 """Write trained deltas as files (safetensors + JSON metadata) and/or a merged plain HF model.
 
 The delta file holds, per target weight, flat row-major `indices` and fp32 `values` in the HF
-model's own parameter names, plus every densely trained parameter (e.g. the classifier) in full.
+model's own parameter names (S2FT: the original-layout `columns` or `rows` and a dense fp32 `block`,
+already un-permuted), plus every densely trained parameter (e.g. the classifier) in full.
 `apply_delta` adds such a file onto a freshly loaded base model.
 """
 
@@ -17,6 +18,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sparse_lightning.sparse import merge_and_unwrap, sparse_delta_layers
+from sparse_lightning.sparse.block import block_delta_layers
+from sparse_lightning.structure import restore_original_layout
 
 DELTA_WEIGHTS = "delta.safetensors"
 DELTA_CONFIG = "delta_config.json"
@@ -31,6 +34,11 @@ def delta_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
         tensors[f"{name}.indices"] = layer.delta_indices.detach().cpu().contiguous()
         tensors[f"{name}.values"] = layer.delta_values.detach().float().cpu().contiguous()
         targets[name] = {"shape": list(layer.weight_shape), "k": layer.k, "weight": f"{name}.weight"}
+    for name, layer in block_delta_layers(model).items():
+        kind = "columns" if layer.dim == 1 else "rows"
+        tensors[f"{name}.{kind}"] = layer.index.detach().cpu().contiguous()
+        tensors[f"{name}.block"] = layer.delta_block.detach().float().cpu().contiguous()
+        targets[name] = {"shape": list(layer.weight_shape), "kind": kind, "size": layer.size, "weight": f"{name}.weight"}
     return tensors, targets
 
 
@@ -60,8 +68,13 @@ def apply_delta(model: nn.Module, delta_dir: str | Path) -> nn.Module:
         if weight is None or list(weight.shape) != target["shape"]:
             raise ValueError(f"{delta_dir}: target {target['weight']} of shape {target['shape']} does not exist in "
                              f"this model; was the delta trained on {config.get('base_model')}?")
-        flat = weight.view(-1)
-        flat.index_add_(0, tensors[f"{name}.indices"].to(flat.device), tensors[f"{name}.values"].to(flat))
+        kind = target.get("kind", "entries")
+        if kind == "entries":
+            flat = weight.view(-1)
+            flat.index_add_(0, tensors[f"{name}.indices"].to(flat.device), tensors[f"{name}.values"].to(flat))
+        else:  # an S2FT block on original-layout columns or rows
+            index = tensors[f"{name}.{kind}"].to(weight.device)
+            weight.index_add_(1 if kind == "columns" else 0, index, tensors[f"{name}.block"].to(weight))
     for name in config["dense"]:
         params[name].copy_(tensors[name])
     return model
@@ -85,8 +98,8 @@ def export_checkpoint(ckpt_path: str | Path, output: str | Path, merged: bool = 
     model = module.model
     written: dict[str, Path] = {}
     hf_trainable = [name.removeprefix("model.") for name in info["trainable"]]
-    if sparse_delta_layers(model):
-        dense = [name for name in hf_trainable if not name.endswith("delta_values")]
+    if sparse_delta_layers(model) or block_delta_layers(model):
+        dense = [name for name in hf_trainable if not name.endswith(("delta_values", "delta_block"))]
         metadata = {key: info[key] for key in ("method", "base_model", "callbacks")}
         written["delta"] = export_delta(model, output, metadata, dense)
     elif not merged:
@@ -95,7 +108,7 @@ def export_checkpoint(ckpt_path: str | Path, output: str | Path, merged: bool = 
         if hasattr(model, "merge_and_unload"):  # the PEFT LoRA baseline
             model = model.merge_and_unload()
         merged_dir = Path(output) / "merged"
-        merge_and_unwrap(model).save_pretrained(merged_dir)
+        restore_original_layout(merge_and_unwrap(model)).save_pretrained(merged_dir)
         _save_tokenizer(info["base_model"], merged_dir)
         written["merged"] = merged_dir
     return written

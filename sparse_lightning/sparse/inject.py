@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from sparse_lightning.sparse.block import attach_blocks_from_state_dict, attach_orders_from_state_dict, block_delta_layers
 from sparse_lightning.sparse.delta import SparseDeltaLinear
 
 # Default targets per architecture family (`config.model_type`): SIFT's choice in ANCHORS.md section 1.
@@ -94,20 +95,24 @@ def freeze_except(model: nn.Module, trainable_patterns: Iterable[str] = ()) -> N
     for name, param in model.named_parameters():
         owner = name.rpartition(".")[0]
         in_dense = any(owner == d or owner.startswith(d + ".") for d in dense)
-        param.requires_grad_(name.endswith("delta_values") or in_dense)
+        param.requires_grad_(name.endswith(("delta_values", "delta_block")) or in_dense)
 
 
 @torch.no_grad()
 def merge_and_unwrap(model: nn.Module) -> nn.Module:
-    """Fold every delta into its base weight and put the plain Linear back: a plain HF model again."""
-    for name, layer in sparse_delta_layers(model).items():
+    """Fold every delta into its base weight and put the plain Linear back: a plain HF model again (S2FT's
+    weights stay co-permuted: `sparse_lightning.structure.restore_original_layout` undoes that)."""
+    for name, layer in {**sparse_delta_layers(model), **block_delta_layers(model)}.items():
         _set_submodule(model, name, layer.fold())
     return model
 
 
 def attach_deltas_from_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str = "") -> None:
-    """Recreate the delta layers a checkpoint holds (k from its value shapes), so it loads into a fresh model."""
+    """Recreate the delta layers a checkpoint holds (k from its value shapes; S2FT blocks and co-permutation
+    records from their buffers), so it loads into a fresh model."""
     suffix = ".delta_values"
     ks = {key[len(prefix):-len(suffix)]: value.shape[0] for key, value in state_dict.items()
           if key.startswith(prefix) and key.endswith(suffix)}
     attach_sparse_deltas(model, ks)
+    attach_blocks_from_state_dict(model, state_dict, prefix)
+    attach_orders_from_state_dict(model, state_dict, prefix)

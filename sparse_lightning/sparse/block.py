@@ -1,0 +1,137 @@
+"""S2FT's delta layers: a frozen Linear plus one fp32 dense block on its first s input columns or output rows.
+
+The base weight is stored co-permuted (the selected units first); `delta_columns` / `delta_rows` record where
+the block's columns/rows sit in the *original* layout, so export can write the delta un-permuted. The block's
+shape is fixed when the layer is made, before any optimizer exists.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from sparse_lightning.sparse.block_functional import column_block_linear, row_block_linear
+
+
+class BlockDeltaLinear(nn.Module):
+    """Base of the two block layers; `dim` is the weight dimension the block spans a prefix of."""
+
+    dim: int
+    index_name: str
+
+    def __init__(self, base: nn.Linear, index: Tensor) -> None:
+        super().__init__()
+        size = base.weight.shape[self.dim]
+        if not 1 <= index.numel() <= size:
+            raise ValueError(f"a block needs 1 to {size} positions along dim {self.dim} of a "
+                             f"{tuple(base.weight.shape)} weight, got {index.numel()}")
+        self.base = base
+        self.base.requires_grad_(False)
+        device = base.weight.device
+        self.register_buffer(self.index_name, index.to(device=device, dtype=torch.long))
+        shape = list(base.weight.shape)
+        shape[self.dim] = index.numel()
+        self.delta_block = nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=device))
+        self._merged_originals: Tensor | None = None
+
+    @property
+    def index(self) -> Tensor:
+        """Original-layout positions of the block's columns/rows (the block covers the first `size` ones now)."""
+        return getattr(self, self.index_name)
+
+    @property
+    def size(self) -> int:
+        return self.delta_block.shape[self.dim]
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        return self.base.weight.shape
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the block into the (permuted) base weight; `unmerge` restores it bit for bit."""
+        if self._merged_originals is not None:
+            return
+        prefix = self.base.weight.narrow(self.dim, 0, self.size)
+        self._merged_originals = prefix.clone()
+        prefix.add_(self.delta_block.to(prefix.dtype))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self._merged_originals is None:
+            return
+        self.base.weight.narrow(self.dim, 0, self.size).copy_(self._merged_originals)
+        self._merged_originals = None
+
+    @torch.no_grad()
+    def fold(self) -> nn.Linear:
+        """Merge for good and hand back the plain (still permuted) Linear."""
+        self.merge()
+        self._merged_originals = None
+        return self.base
+
+    def extra_repr(self) -> str:
+        out, inp = self.weight_shape
+        kind = "columns" if self.dim == 1 else "rows"
+        return f"in_features={inp}, out_features={out}, block {kind}={self.size} ({self.delta_block.numel() / (out * inp):.2%})"
+
+
+class ColumnBlockLinear(BlockDeltaLinear):
+    """Trains W[:, :s] (o_proj / down_proj after co-permutation); backward keeps only x[..., :s]."""
+
+    dim = 1
+    index_name = "delta_columns"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._merged_originals is not None:
+            return self.base(x)
+        return column_block_linear(x, self.base.weight, self.base.bias, self.delta_block)
+
+
+class RowBlockLinear(BlockDeltaLinear):
+    """Trains W[:s, :] (v_proj / up_proj / gate_proj after co-permutation)."""
+
+    dim = 0
+    index_name = "delta_rows"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._merged_originals is not None:
+            return self.base(x)
+        return row_block_linear(x, self.base.weight, self.base.bias, self.delta_block)
+
+
+BLOCK_LAYERS: tuple[type[BlockDeltaLinear], ...] = (ColumnBlockLinear, RowBlockLinear)
+
+
+def block_delta_layers(model: nn.Module) -> dict[str, BlockDeltaLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, BlockDeltaLinear)}
+
+
+def attach_blocks_from_state_dict(model: nn.Module, state_dict: dict[str, Tensor], prefix: str = "") -> None:
+    """Recreate a checkpoint's block layers (sizes from its index buffers) around the model's Linears; existing
+    block layers are kept. The permuted base weights and order buffers then load like any other tensor."""
+    for cls in BLOCK_LAYERS:
+        suffix = "." + cls.index_name
+        for key, index in state_dict.items():
+            if not (key.startswith(prefix) and key.endswith(suffix)):
+                continue
+            name = key[len(prefix):-len(suffix)]
+            module = model.get_submodule(name)
+            if not isinstance(module, BlockDeltaLinear):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, cls(module, index))
+
+
+#: Buffers that record a co-permutation on the module owning the coupled weights (attention, MLP): the
+#: original unit (query head, FFN channel) now at each position.
+ORDER_BUFFERS = ("s2ft_head_order", "s2ft_channel_order")
+
+
+def attach_orders_from_state_dict(model: nn.Module, state_dict: dict[str, Tensor], prefix: str = "") -> None:
+    """Register a checkpoint's order buffers on their modules, so the state dict fits a fresh model."""
+    for key, order in state_dict.items():
+        owner_name, _, buffer = key[len(prefix):].rpartition(".")
+        if key.startswith(prefix) and buffer in ORDER_BUFFERS:
+            owner = model.get_submodule(owner_name)
+            if not hasattr(owner, buffer):
+                owner.register_buffer(buffer, order.clone())

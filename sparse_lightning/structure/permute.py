@@ -1,0 +1,81 @@
+"""Co-permutation of a coupled group's weights, its record on the owning module, and its undoing.
+
+An `order` lists, for each new position, the original unit (query head or channel) placed there. Applying
+it to every role of the group leaves outputs unchanged; the order is kept as a buffer on the group's owner
+(`s2ft_head_order` / `s2ft_channel_order`), so checkpoints carry it and export can restore the original layout.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from sparse_lightning.sparse.block import ORDER_BUFFERS
+from sparse_lightning.structure.families import COLUMN_ROLES, KV_ROLES, CoupledGroup, _linear, find_groups
+
+
+def order_buffer(group: CoupledGroup) -> str:
+    return ORDER_BUFFERS[0] if group.kind == "heads" else ORDER_BUFFERS[1]
+
+
+def check_order(group: CoupledGroup, order: Tensor) -> None:
+    """A permutation of the units that keeps every query head with its KV head's group."""
+    if not torch.equal(order.sort().values, torch.arange(group.num_units, device=order.device)):
+        raise ValueError(f"{group.owner}: order must be a permutation of {group.num_units} units")
+    if group.group_size > 1:
+        kv_of_position = order.view(-1, group.group_size) // group.group_size
+        if not (kv_of_position == kv_of_position[:, :1]).all():
+            raise ValueError(f"{group.owner}: this order moves a query head out of its KV group "
+                             f"({group.group_size} query heads share each KV head)")
+
+
+def role_order(group: CoupledGroup, role: str, order: Tensor) -> Tensor:
+    """The order in the role's own units: KV heads follow their query-head groups."""
+    if role in KV_ROLES:
+        return order[:: group.group_size] // group.group_size
+    return order
+
+
+def expand(units: Tensor, unit_size: int) -> Tensor:
+    """Unit indices -> row/column indices (each unit spans `unit_size` consecutive ones)."""
+    return (units[:, None] * unit_size + torch.arange(unit_size, device=units.device)).flatten()
+
+
+@torch.no_grad()
+def _apply(model: nn.Module, group: CoupledGroup, order: Tensor) -> None:
+    for role, path in group.roles.items():
+        linear = _linear(model, path)
+        index = expand(role_order(group, role, order), group.unit_size).to(linear.weight.device)
+        dim = 1 if role in COLUMN_ROLES else 0
+        linear.weight.copy_(linear.weight.index_select(dim, index))
+        if dim == 0 and linear.bias is not None:
+            linear.bias.copy_(linear.bias[index])
+
+
+def permute_group(model: nn.Module, group: CoupledGroup, order: Tensor) -> None:
+    """Co-permute the group's weights in place (same parameter objects) and record `order` on its owner."""
+    owner = model.get_submodule(group.owner)
+    name = order_buffer(group)
+    if hasattr(owner, name):
+        raise RuntimeError(f"{group.owner} is already co-permuted; permute a model once")
+    order = order.to(torch.long)
+    check_order(group, order)
+    _apply(model, group, order)
+    owner.register_buffer(name, order.to(next(owner.parameters()).device))
+
+
+def restore_original_layout(model: nn.Module) -> nn.Module:
+    """Undo every recorded co-permutation and drop the records: the original HF layout again.
+
+    Fold block deltas first (`merge_and_unwrap`): a block is a delta on the *permuted* weight. A model
+    that was never co-permuted is returned as is, whatever its architecture.
+    """
+    if not any(name in module._buffers for module in model.modules() for name in ORDER_BUFFERS):
+        return model
+    for group in find_groups(model):
+        owner = model.get_submodule(group.owner)
+        name = order_buffer(group)
+        if name in owner._buffers:
+            order = owner._buffers.pop(name)
+            _apply(model, group, torch.argsort(order.cpu()))
+    return model

@@ -1,0 +1,103 @@
+"""Per-unit statistics for S2FT's selection strategies (paper Table 4): one score per query head or channel.
+
+- weight: L2 norm of the unit's slice of the trained projections (o columns, v rows, down columns, up/gate rows);
+- activation: L2 norm of the unit's activations entering o / down (the head's attention output, the channel's
+  gated activation) over the calibration tokens, padding excluded;
+- weight_activation: the product of the two;
+- gradient: L2 norm of the unit's slice of the summed loss gradient of the trained projections.
+
+`reduce` sums a statistic over ranks (identity on one process), so every rank scores the same numbers.
+Scoring passes run in eval mode and update nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sparse_lightning.modes import eval_mode
+from sparse_lightning.structure.families import COLUMN_ROLES, KV_ROLES, CoupledGroup, _linear
+
+Reduce = Callable[[Tensor], Tensor]
+LossFn = Callable[[dict[str, Any]], Tensor]
+
+
+def _identity(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+def unit_norms_sq(group: CoupledGroup, tensors: dict[str, Tensor]) -> Tensor:
+    """Sum of squares per unit over the given role tensors (weights or their gradients); a KV head's share
+    counts for each of its query heads."""
+    total = torch.zeros(group.num_units, dtype=torch.float64)
+    for role, tensor in tensors.items():
+        per_slice = tensor.detach().double().pow(2).sum(0 if role in COLUMN_ROLES else 1)
+        per_unit = per_slice.view(group.units_of(role), group.unit_size).sum(1).cpu()
+        total += per_unit.repeat_interleave(group.group_size) if role in KV_ROLES else per_unit
+    return total
+
+
+def weight_scores(model: nn.Module, groups: Sequence[CoupledGroup], roles: Sequence[str]) -> dict[str, Tensor]:
+    return {g.owner: unit_norms_sq(g, {r: _linear(model, g.roles[r]).weight for r in roles if r in g.roles}).sqrt()
+            for g in groups}
+
+
+@contextmanager
+def _recording_inputs(model: nn.Module, groups: Sequence[CoupledGroup], mask: dict[str, Tensor | None]):
+    """Sum of squared inputs per unit of each group's o / down projection (tokens where `mask['current']` is 1)."""
+    sums = {g.owner: torch.zeros(g.num_units, dtype=torch.float64) for g in groups}
+    handles = []
+    for group in groups:
+        def hook(module: nn.Module, args: tuple, group: CoupledGroup = group) -> None:
+            x = args[0].detach()
+            current = mask["current"]
+            if current is not None and current.shape == x.shape[:-1]:
+                x = x[current.bool()]
+            per_unit = x.double().pow(2).reshape(-1, group.num_units, group.unit_size).sum((0, 2))
+            sums[group.owner] += per_unit.cpu()
+
+        column_role = "o" if group.kind == "heads" else "down"
+        handles.append(model.get_submodule(group.roles[column_role]).register_forward_pre_hook(hook))
+    try:
+        yield sums
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def activation_scores(model: nn.Module, groups: Sequence[CoupledGroup], batches: Iterable[dict[str, Any]],
+                      loss_fn: LossFn, reduce: Reduce = _identity) -> dict[str, Tensor]:
+    mask: dict[str, Tensor | None] = {"current": None}
+    with eval_mode(model), _recording_inputs(model, groups, mask) as sums:
+        for batch in batches:
+            mask["current"] = batch.get("attention_mask")
+            loss_fn(batch)
+    return {owner: reduce(total).sqrt() for owner, total in sums.items()}
+
+
+def gradient_scores(model: nn.Module, groups: Sequence[CoupledGroup], roles: Sequence[str],
+                    batches: Iterable[dict[str, Any]], loss_fn: LossFn, reduce: Reduce = _identity) -> dict[str, Tensor]:
+    """Loss gradients of the trained projections only (every other parameter frozen meanwhile); the dense
+    gradients are summed over batches and ranks, then reduced to per-unit norms and dropped."""
+    weights = {(g.owner, r): _linear(model, g.roles[r]).weight for g in groups for r in roles if r in g.roles}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    for weight in weights.values():
+        weight.requires_grad_(True)
+        weight.grad = None
+    try:
+        with eval_mode(model):
+            for batch in batches:
+                loss_fn(batch).backward()
+        grads = {key: reduce(w.grad) for key, w in weights.items() if w.grad is not None}
+        return {g.owner: unit_norms_sq(g, {r: grads[(g.owner, r)] for r in roles if (g.owner, r) in grads}).sqrt()
+                for g in groups}
+    finally:
+        for param, flag in flags.items():
+            param.grad = None
+            param.requires_grad_(flag)
