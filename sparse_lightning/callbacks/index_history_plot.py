@@ -24,8 +24,10 @@ def plot_index_history(history: list[dict[str, Any]], path: str | Path) -> Path:
     per_layer = [sum(record["replaced"][n] for record in history[1:]) for n in layers]
 
     figure, (top, middle, bottom) = plt.subplots(3, 1, figsize=(9, 10), constrained_layout=True)
-    top.plot(steps, replaced, marker="o")
-    top.set(title="Fraction of entries replaced per reselection", xlabel="optimizer step", ylabel="fraction")
+    later = slice(1, None) if len(history) > 1 else slice(None)  # the first replaces everything by design
+    top.plot(steps[later], replaced[later], marker="o")
+    top.set(title="Fraction of entries replaced per reselection (after the first)", xlabel="optimizer step",
+            ylabel="fraction")
     middle.plot(steps, overlap, marker="o", color="tab:green")
     middle.set(title="Overlap with the first data-driven index set", xlabel="optimizer step", ylabel="fraction",
                ylim=(0, 1.05))

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from sparse_lightning.callbacks.base import ElementSparseCallback, _distributed, all_reduce_sum_, broadcast_from_rank_zero_
+from sparse_lightning.callbacks.base import ElementSparseCallback, _distributed, broadcast_from_rank_zero_
 from sparse_lightning.callbacks.reselection_schedule import ReselectionSchedule
 from sparse_lightning.sparse import SparseDeltaLinear, allocate_budget, sparse_delta_layers
 from sparse_lightning.sparse.optim import SM3, seed_slots_
@@ -71,7 +71,7 @@ class PruneRegrowCallback(ElementSparseCallback):
         self.history: list[dict[str, Any]] = []
         self._first_sets: dict[str, Tensor] = {}
         self._stats: dict[str, dict[str, Tensor]] = {}  # AG: candidates, grad sum, square sum, micro-batch count
-        self._picks: dict[str, tuple[Tensor, Tensor]] = {}  # AG: this rank's candidates from the window's first micro-batch
+        self._group: dist.ProcessGroup | None = None  # AG statistics are reduced on their own group, inside backward
         self._last_step = -1
 
     # -- budget and initial indices ------------------------------------------------------------------
@@ -116,6 +116,8 @@ class PruneRegrowCallback(ElementSparseCallback):
                                  f"optimizer to sparse_lightning.sparse.optim.SM3 (got {type(optimizer).__name__})")
             for layer in sparse_delta_layers(pl_module).values():
                 optimizer.cover_delta(layer.delta_values, layer.delta_indices, tuple(layer.weight_shape))
+        elif _distributed() and self._group is None:
+            self._group = dist.new_group()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -127,15 +129,10 @@ class PruneRegrowCallback(ElementSparseCallback):
             self._reselect(trainer, layers, step)
         if self.regrowth == "gradient":
             if self.schedule.window_starts_at(step):
-                self._stats, self._picks = {}, {}
+                self._stats = {}
             in_window = self.schedule.in_window(step)
             for name, layer in layers.items():
                 layer.weight_grad_observer = self._observer(name, layer) if in_window else None
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if self._picks:
-            self._agree_on_candidates(sparse_delta_layers(pl_module))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for layer in sparse_delta_layers(pl_module).values():
@@ -148,54 +145,43 @@ class PruneRegrowCallback(ElementSparseCallback):
     # -- SpIEL-AG statistics -------------------------------------------------------------------------
 
     def _observer(self, name: str, layer: SparseDeltaLinear):
-        """What a layer's backward does with its dense gradient during a window: on the first micro-batch
-        pick candidates, afterwards accumulate their gradients (fp32 sums, squares and a count)."""
+        """What a layer's backward does with its dense gradient during a window. The gradient is first
+        averaged over ranks (as DDP averages), so every rank sees what one process would: on the first
+        micro-batch the candidates are its top-|gradient| entries (excluding active ones after the first
+        reselection); afterwards their gradients accumulate as fp32 sums, squares and a count."""
 
         @torch.no_grad()
         def observe(grad: Tensor) -> None:
             stats = self._stats.get(name)
-            if stats is not None:
-                g = grad.view(-1)[stats["candidates"]].float()
-                stats["sum"].add_(g)
-                stats["square_sum"].add_(g * g)
-                stats["count"].add_(1)
-            elif name not in self._picks:
-                self._picks[name] = self._local_candidates(layer, grad)
+            if stats is None:
+                mean = self._rank_mean(grad.to(torch.float32, copy=True))
+                scores = mean.abs().view(-1)
+                if self.history:
+                    scores[layer.delta_indices.long()] = -1.0
+                candidates = torch.topk(scores, self._candidate_count(layer), sorted=False).indices
+                stats = self._stats[name] = {
+                    "candidates": candidates,  # the same on every rank: chosen from the same reduced numbers
+                    "sum": torch.zeros(candidates.numel(), dtype=torch.float32, device=grad.device),
+                    "square_sum": torch.zeros(candidates.numel(), dtype=torch.float32, device=grad.device),
+                    "count": torch.zeros((), dtype=torch.int64, device=grad.device)}
+                g = mean.view(-1)[stats["candidates"]]
+            else:
+                g = self._rank_mean(grad.view(-1)[stats["candidates"]].float())
+            stats["sum"].add_(g)
+            stats["square_sum"].add_(g * g)
+            stats["count"].add_(1)
 
         return observe
 
-    def _local_candidates(self, layer: SparseDeltaLinear, grad: Tensor) -> tuple[Tensor, Tensor]:
-        """This rank's top-|gradient| entries, excluding active ones except before the first reselection."""
-        scores = grad.detach().float().abs().view(-1)
-        if self.history:  # active entries cannot be regrown; before the first reselection every entry is replaced
-            scores[layer.delta_indices.long()] = -1.0
-        count = self._candidate_count(layer)
-        chosen = torch.topk(scores, count, sorted=False).indices
-        return chosen, grad.reshape(-1)[chosen].float()
+    def _rank_mean(self, tensor: Tensor) -> Tensor:
+        if self._group is not None:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self._group)
+            tensor /= dist.get_world_size(self._group)
+        return tensor
 
     def _candidate_count(self, layer: SparseDeltaLinear) -> int:
         numel = layer.weight_shape.numel()
         return min(layer.k, numel - layer.k) if self.history else layer.k
-
-    @torch.no_grad()
-    def _agree_on_candidates(self, layers: dict[str, SparseDeltaLinear], first: bool) -> None:
-        """Merge every rank's picks (gradients summed where present), keep the top ones, identical everywhere."""
-        world = dist.get_world_size() if _distributed() else 1
-        for name in sorted(self._picks):
-            chosen, grads = self._picks[name]
-            if world > 1:
-                gathered = [torch.empty_like(chosen) for _ in range(world)], [torch.empty_like(grads) for _ in range(world)]
-                dist.all_gather(gathered[0], chosen)
-                dist.all_gather(gathered[1], grads)
-                chosen, grads = torch.cat(gathered[0]), torch.cat(gathered[1])
-            unique, inverse = torch.unique(chosen, return_inverse=True)
-            summed = torch.zeros(unique.numel(), dtype=torch.float32, device=grads.device).index_add_(0, inverse, grads) / world
-            keep = torch.topk(summed.abs(), min(self._candidate_count(layers[name]), unique.numel())).indices
-            candidates = broadcast_from_rank_zero_(unique[keep].contiguous())
-            mean = summed[keep]
-            self._stats[name] = {"candidates": candidates, "sum": mean.clone(), "square_sum": mean * mean,
-                                 "count": torch.ones((), dtype=torch.int64, device=mean.device)}
-        self._picks = {}
 
     # -- drop and grow -------------------------------------------------------------------------------
 
@@ -257,16 +243,13 @@ class PruneRegrowCallback(ElementSparseCallback):
         stats = self._stats.get(name)
         if stats is None:
             return None, None, None
-        for key in ("sum", "square_sum"):
-            all_reduce_sum_(stats[key])
-        world = dist.get_world_size() if _distributed() else 1
         candidates = stats["candidates"]
         allowed = ~torch.isin(candidates, active.to(candidates.device))
         scores = torch.where(allowed, stats["sum"].abs(), torch.full_like(stats["sum"], -1.0))
         count = min(count, int(allowed.sum()))
         top = torch.topk(scores, count).indices
         # Lightning divides each micro-batch loss by the accumulation count: a step's gradient is their sum.
-        micro_batches = stats["count"].float() * world
+        micro_batches = stats["count"].float()
         mean = stats["sum"][top] / micro_batches * accumulate
         mean_sq = stats["square_sum"][top] / micro_batches * accumulate**2
         return candidates[top], mean, mean_sq

@@ -38,7 +38,7 @@ def sampled_weight_grad(grad_out: Tensor, x: Tensor, indices: Tensor, shape: tor
     crow = torch.zeros(out_features + 1, dtype=torch.int64, device=flat.device)
     crow[1:] = torch.bincount(rows, minlength=out_features).cumsum(0)
     mask = torch.sparse_csr_tensor(crow, flat % in_features, torch.zeros(flat.numel(), dtype=x.dtype, device=x.device),
-                                   (out_features, in_features))
+                                   (out_features, in_features), check_invariants=False)
     sampled = torch.sparse.sampled_addmm(mask, grad_out.t(), x, beta=0.0).values()
     return torch.empty_like(sampled).scatter_(0, order, sampled)
 
