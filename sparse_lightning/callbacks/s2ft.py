@@ -45,13 +45,13 @@ SELECTION_FORMAT = "sparse_lightning.s2ft_selection/1"
 DEFAULT_HEAD_RATIO, DEFAULT_CHANNEL_RATIO = 0.052, 0.02
 
 
-def _check_budget(name: str, ratio: float | None, count: int | None) -> None:
+def _check_budget(unit: str, ratio: float | None, count: int | None) -> None:
     if ratio is not None and count is not None:
-        raise ValueError(f"give {name}_ratio or num_{name}, not both")
+        raise ValueError(f"give {unit}_ratio or num_{unit}s, not both")
     if ratio is not None and not 0.0 < ratio <= 1.0:
-        raise ValueError(f"{name}_ratio must be in (0, 1], got {ratio}")
+        raise ValueError(f"{unit}_ratio must be in (0, 1], got {ratio}")
     if count is not None and count < 1:
-        raise ValueError(f"num_{name} must be a positive integer, got {count}")
+        raise ValueError(f"num_{unit}s must be a positive integer, got {count}")
 
 
 class S2FTStructureCallback(SparseMethodCallback):
@@ -89,8 +89,8 @@ class S2FTStructureCallback(SparseMethodCallback):
         if unknown or not self.train:
             raise ValueError(f"train must name projections among {list(HEAD_ROLES + CHANNEL_ROLES)} (q and k are not "
                              f"offered: the paper's ablation ranks them last), got {self.train}")
-        _check_budget("heads", head_ratio, num_heads)
-        _check_budget("channels", channel_ratio, num_channels)
+        _check_budget("head", head_ratio, num_heads)
+        _check_budget("channel", channel_ratio, num_channels)
         for kind, roles, given in (("head", HEAD_ROLES, (head_ratio, num_heads)),
                                    ("channel", CHANNEL_ROLES, (channel_ratio, num_channels))):
             if any(v is not None for v in given) and not set(roles) & set(self.train):
@@ -158,7 +158,7 @@ class S2FTStructureCallback(SparseMethodCallback):
         if count is not None:
             if count > group.num_units:
                 raise ValueError(f"num_{'heads' if heads else 'channels'}={count} but {group.owner} has "
-                                 f"{group.num_units} {noun}: choose at most {group.num_units}")
+                                 f"{group.num_units} {noun} per layer: choose at most {group.num_units}")
             if heads and self.gqa == "groups" and count % group.group_size:
                 raise ValueError(gqa_count_error(group, count))
             return count
