@@ -1,8 +1,10 @@
-"""A short SIFT run on tiny BERT that saves, per rank, the full selection, trained values and the examples it read.
+"""A short SIFT or SpIEL run on tiny BERT that saves, per rank, the full selection, trained values and the examples
+it read.
 
 Two epochs of `limit_train_batches` steps each, a full checkpoint after every epoch (`epoch=0.ckpt`, `epoch=1.ckpt`),
 optionally resumed from one (`--resume`). Run standalone (`python sift_run.py --strategy ddp|fsdp2 ...`): Lightning
 relaunches this script once per rank. `tests/test_distributed.py` also imports `run` for the single-process reference.
+`--method spiel_ag|spiel_ma` swaps SIFT for SpIEL (reselections at steps 1 and 3 of the 4).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 from datamodules.glue import GLUEDataModule  # noqa: E402
-from sparse_lightning.callbacks import GradientTopKCallback  # noqa: E402
+from sparse_lightning.callbacks import GradientTopKCallback, PruneRegrowCallback  # noqa: E402
 from sparse_lightning.modules import SequenceClassificationModule  # noqa: E402
 from sparse_lightning.sparse import sparse_delta_layers  # noqa: E402
+from sparse_lightning.sparse.optim import SM3  # noqa: E402
 
 DATA = REPO / "tests" / "data" / "sst2_tiny"
 
@@ -57,6 +60,8 @@ class SaveResults(pl.Callback):
             "classifier": {name: full(p) for name, p in pl_module.model.classifier.named_parameters()},
             "values_type": type(next(iter(layers.values())).delta_values).__name__,
             "orders": self.orders,
+            "reselections": [(r["step"], sum(r["replaced"].values())) for cb in trainer.callbacks
+                             if isinstance(cb, PruneRegrowCallback) for r in cb.history],
         }
         self.output.mkdir(parents=True, exist_ok=True)
         torch.save(result, self.output / f"rank{trainer.global_rank}.pt")
@@ -73,17 +78,22 @@ def make_strategy(name: str, devices: int):
 
 def run(model_dir: str, output: Path, strategy: str = "auto", devices: int = 1, batch_size: int = 8,
         max_epochs: int = 2, limit_train_batches: int | None = 2, train_file: Path = DATA / "train.tsv",
-        resume: Path | None = None) -> None:
+        resume: Path | None = None, method: str = "sift") -> None:
     pl.seed_everything(0, verbose=False)
     datamodule = GLUEDataModule(task="sst2", tokenizer_name_or_path=model_dir, train_file=str(train_file),
                                 validation_files=[str(DATA / "dev.tsv")], batch_size=batch_size, shuffle=False,
                                 max_length=32)
-    module = SequenceClassificationModule(model_dir, optimizer=functools.partial(torch.optim.AdamW, lr=1e-2),
-                                          lr_schedule="constant")
+    optimizer = functools.partial(SM3 if method == "spiel_ma" else torch.optim.AdamW, lr=1e-2)
+    module = SequenceClassificationModule(model_dir, optimizer=optimizer, lr_schedule="constant")
+    if method == "sift":
+        sparse = GradientTopKCallback(density=0.05, calibration_batches=2)
+    else:
+        sparse = PruneRegrowCallback(density=0.002, regrowth="gradient" if method == "spiel_ag" else "momentum",
+                                     reselection_interval=2, accumulation_steps=1, regrow_fraction=0.8)
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, strategy=make_strategy(strategy, devices), max_epochs=max_epochs,
         limit_train_batches=limit_train_batches, limit_val_batches=0,
-        callbacks=[GradientTopKCallback(density=0.05, calibration_batches=2), SaveResults(output),
+        callbacks=[sparse, SaveResults(output),
                    ModelCheckpoint(dirpath=output, filename="{epoch}", every_n_epochs=1, save_top_k=-1)],
         logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(output / "root"),
     )
@@ -98,9 +108,10 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--resume", type=Path, default=None)
+    parser.add_argument("--method", default="sift", choices=["sift", "spiel_ag", "spiel_ma"])
     args = parser.parse_args()
     torch.set_num_threads(1)
-    run(args.model_dir, args.output, args.strategy, args.devices, args.batch_size, resume=args.resume)
+    run(args.model_dir, args.output, args.strategy, args.devices, args.batch_size, resume=args.resume, method=args.method)
     # Tear gloo down before interpreter exit: left to exit-time destructors it can abort ("terminate called").
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
