@@ -210,11 +210,30 @@ def setup_sift(model: nn.Module, spec: ModelSpec, heads: tuple[str, ...], budget
     return model
 
 
+def setup_s2ft(model: nn.Module, spec: ModelSpec, heads: tuple[str, ...], budget: Budget) -> nn.Module:
+    """`S2FTStructureCallback(train=[down]).attach` (the paper's choice for grouped-query models) with as many
+    FFN channels per layer as makes its block count closest to the matched LoRA's count on the targets; random
+    selection (a step costs the same whichever channels are chosen); then `freeze_except(heads)`."""
+    from sparse_lightning.callbacks import S2FTStructureCallback
+    from sparse_lightning.sparse import freeze_except
+    from sparse_lightning.structure import find_groups
+
+    lora = matched_lora_rank(model, spec, budget) * sum(out + inp for out, inp in target_shapes(model, spec.targets))
+    channel_groups = [g for g in find_groups(model) if g.kind == "channels"]
+    per_channel = model.get_submodule(channel_groups[0].roles["down"]).out_features
+    count = max(1, round(lora / (per_channel * len(channel_groups))))
+    budget.notes["s2ft_channels"] = count
+    S2FTStructureCallback(train=["down"], num_channels=count).attach(model)
+    freeze_except(model, heads)
+    return model
+
+
 #: name -> function(model, spec, head_modules, budget) returning the model ready to train.
 METHODS: dict[str, Callable[[nn.Module, ModelSpec, tuple[str, ...], Budget], nn.Module]] = {
     "full": setup_full,
     "lora": setup_lora,
     "sift": setup_sift,
+    "s2ft": setup_s2ft,
 }
 
 
@@ -403,6 +422,7 @@ def markdown_table(model: str, results: list[dict[str, Any]], args: argparse.Nam
     lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for r in results:
         name = r["method"] + (f" (r={r['lora_rank']})" if "lora_rank" in r else "")
+        name += f" ({r['s2ft_channels']} channels/layer)" if "s2ft_channels" in r else ""
         cells = [name, f"{r['trainable_params']:,}"]
         for key, _, fmt in columns:
             scale = MIB if key.endswith("bytes") else 1
