@@ -21,7 +21,7 @@ model-sized score buffer out of the memory measurement.
 
     python benchmarks/step_benchmark.py --model minilm --output benchmarks/results/cpu_minilm.md
 
-A new method (S2FT, SpIEL) is one more entry in `METHODS`: a function that makes a loaded model
+A new method is one more entry in `METHODS`: a function that makes a loaded model
 ready to train and returns it.
 """
 
@@ -153,11 +153,14 @@ MODELS: dict[str, ModelSpec] = {
 
 @dataclass
 class Budget:
-    """SIFT's budget (a density or a LoRA-rank-equivalent count) and the LoRA rank matched to it."""
+    """SIFT's budget (a density or a LoRA-rank-equivalent count) and the LoRA rank matched to it; a method may
+    also pick its optimizer and a hook run inside every timed step before the forward (SpIEL's schedule)."""
 
     density: float | None
     sift_lora_rank: int | None
     notes: dict[str, Any] = field(default_factory=dict)
+    optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW
+    before_step: Callable[[int, torch.optim.Optimizer], None] | None = None
 
 
 def target_shapes(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[int, int]]:
@@ -210,6 +213,36 @@ def setup_sift(model: nn.Module, spec: ModelSpec, heads: tuple[str, ...], budget
     return model
 
 
+def setup_spiel(model: nn.Module, spec: ModelSpec, heads: tuple[str, ...], budget: Budget, regrowth: str) -> nn.Module:
+    """`PruneRegrowCallback` with SIFT's count and the published cycle (S=20, A=5), driven step by step as the
+    Trainer drives it: a run of `warmup + steps` >= 25 steps holds the statistics windows and a reselection."""
+    from types import SimpleNamespace
+
+    from sparse_lightning.callbacks import PruneRegrowCallback
+    from sparse_lightning.sparse import allocate_budget, freeze_except
+    from sparse_lightning.sparse.optim import SM3
+
+    shapes = target_shapes(model, spec.targets)
+    count = sum(allocate_budget(shapes, lora_rank=budget.sift_lora_rank) if budget.sift_lora_rank
+                else allocate_budget(shapes, density=budget.density))
+    callback = PruneRegrowCallback(num_params=count, target_modules=list(spec.targets), regrowth=regrowth,
+                                   reselection_until=10**6)
+    callback.attach(model)
+    freeze_except(model, heads)
+    if regrowth == "momentum":
+        budget.optimizer = SM3
+
+    def before_step(step: int, optimizer: torch.optim.Optimizer) -> None:
+        trainer = SimpleNamespace(global_step=step, optimizers=[optimizer], accumulate_grad_batches=1,
+                                  estimated_stepping_batches=10**6)
+        if step == 0:
+            callback.on_train_start(trainer, model)
+        callback.on_train_batch_start(trainer, model, None, step)
+
+    budget.before_step = before_step
+    return model
+
+
 def setup_s2ft(model: nn.Module, spec: ModelSpec, heads: tuple[str, ...], budget: Budget) -> nn.Module:
     """`S2FTStructureCallback(train=[down]).attach` (the paper's choice for grouped-query models) with as many
     FFN channels per layer as makes its block count closest to the matched LoRA's count on the targets; random
@@ -233,6 +266,8 @@ METHODS: dict[str, Callable[[nn.Module, ModelSpec, tuple[str, ...], Budget], nn.
     "full": setup_full,
     "lora": setup_lora,
     "sift": setup_sift,
+    "spiel_ag": lambda *args: setup_spiel(*args, regrowth="gradient"),
+    "spiel_ma": lambda *args: setup_spiel(*args, regrowth="momentum"),
     "s2ft": setup_s2ft,
 }
 
@@ -270,7 +305,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     loss_fn = loss_for(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr)
+    optimizer = budget.optimizer(params, lr=args.lr)
 
     with torch.no_grad():  # weights may be memory-mapped from the checkpoint: page them in now, not in step 1
         for tensor in itertools.chain(model.parameters(), model.buffers()):
@@ -295,8 +330,10 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         profiler.start()
 
     times, cpu_times, losses = [], [], []
-    for batch in batches:
+    for step, batch in enumerate(batches):
         start, cpu_start = time.perf_counter(), time.process_time()
+        if budget.before_step is not None:
+            budget.before_step(step, optimizer)
         loss = loss_fn(batch)
         loss.backward()
         optimizer.step()
@@ -388,6 +425,7 @@ def benchmark(args: argparse.Namespace, model: str, methods: list[str]) -> list[
     for result in results.values():
         result["median_step_s"] = statistics.median(result["step_times_s"])
         result["median_cpu_s"] = statistics.median(result["cpu_times_s"])
+        result["mean_cpu_s"] = statistics.mean(result["cpu_times_s"])  # SpIEL's windows are a quarter of its steps
     return list(results.values())
 
 
@@ -414,9 +452,10 @@ def markdown_table(model: str, results: list[dict[str, Any]], args: argparse.Nam
         "",
     ]
     columns = [("median_step_s", "wall s/step", "{:.3f}"), ("median_cpu_s", "CPU s/step", "{:.3f}"),
+               ("mean_cpu_s", "mean CPU s/step", "{:.3f}"),
                ("peak_increase_bytes", f"{memory} increase (MiB)", "{:,.0f}")]
     if args.device == "cuda":  # host CPU time says nothing about GPU work
-        columns.pop(1)
+        columns = [column for column in columns if "cpu" not in column[0]]
     header = ["method", "trainable params"] + [h for _, title, _ in columns for h in (title, "vs LoRA", "vs full")]
     header += ["absolute peak (MiB)", "optimizer state (MiB)"]
     lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
