@@ -10,8 +10,11 @@ selection is broadcast from rank 0, so every rank permutes identically. A select
 and loaded instead (e.g. computed once on one process for a large sharded run).
 
 The checkpoint holds the permuted base weights, the blocks, their original-layout positions and the
-co-permutation record of every group, so resuming restores the exact state and export can un-permute.
-Outside `fit` nothing is attached: a checkpoint being evaluated brings its own blocks and permutation.
+co-permutation record of every group, so resuming restores the exact state and export can un-permute. A
+resumed run selects again before the checkpoint overwrites that selection, so block shapes must come out the
+same: they always do with uniform allocation; with allocation='global' and a data-driven strategy, resume with
+`load_selection` pointing at the file `save_selection` wrote. Outside `fit` nothing is attached: a checkpoint
+being evaluated brings its own blocks and permutation.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from torch import Tensor, nn
 
 from sparse_lightning.callbacks.base import SparseMethodCallback, _distributed
 from sparse_lightning.sparse.block import ColumnBlockLinear, RowBlockLinear, block_delta_layers
-from sparse_lightning.structure.families import COLUMN_ROLES, CoupledGroup, _linear, find_groups
+from sparse_lightning.structure.families import COLUMN_ROLES, KV_ROLES, CoupledGroup, _linear, find_groups
 from sparse_lightning.structure.permute import expand, permute_group, role_order
 from sparse_lightning.structure.scores import activation_scores, gradient_scores, weight_scores
 from sparse_lightning.structure.select import GQAMode, allocate_global, choose_units, gqa_count_error, selection_order
@@ -124,8 +127,9 @@ class S2FTStructureCallback(SparseMethodCallback):
         trainer = self._trainer
         if trainer is not None and trainer.state.fn != TrainerFn.FITTING:
             return
-        groups = [g for g in find_groups(model) if self.roles(g)]
-        self._check_roles(model, groups)
+        every_group = find_groups(model)
+        self._check_roles(model, every_group)
+        groups = [g for g in every_group if self.roles(g)]
         if self.load_selection:
             selection = read_selection(self.load_selection, groups)
         else:
@@ -141,7 +145,7 @@ class S2FTStructureCallback(SparseMethodCallback):
         return [r for r in self.train if r in group.roles]
 
     def _check_roles(self, model: nn.Module, groups: list[CoupledGroup]) -> None:
-        available = {r for g in find_groups(model) for r in g.roles}
+        available = {r for g in groups for r in g.roles}
         missing = [r for r in self.train if r not in available]
         if missing:
             raise ValueError(f"{model.config.model_type} blocks have no {missing} projection; choose train among "
@@ -262,7 +266,7 @@ class S2FTStructureCallback(SparseMethodCallback):
             permute_group(model, group, order)
             for role in self.roles(group):
                 units = role_order(group, role, order)
-                count = len(selected) if role not in ("v",) else math.ceil(len(selected) / group.group_size)
+                count = math.ceil(len(selected) / group.group_size) if role in KV_ROLES else len(selected)
                 positions = expand(units[:count], group.unit_size)
                 linear = _linear(model, group.roles[role])
                 layer = (ColumnBlockLinear if role in COLUMN_ROLES else RowBlockLinear)(linear, positions)
