@@ -10,11 +10,15 @@ Gradients are computed here, not through hooks on frozen weights, which never fi
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+# The CSR mask below is a transient index structure for one kernel, not a user-facing sparse tensor.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 #: Receives a layer's dense weight gradient ([out, in], compute dtype) during backward; must not keep it.
 WeightGradObserver = Callable[[Tensor], None]
