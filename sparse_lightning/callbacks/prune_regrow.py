@@ -105,6 +105,8 @@ class PruneRegrowCallback(ElementSparseCallback):
     # -- the training loop ---------------------------------------------------------------------------
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # statistics restored from a checkpoint come back on the CPU
+        self._stats = {name: {key: t.to(pl_module.device) for key, t in stats.items()} for name, stats in self._stats.items()}
         if self.reselection_until is None:
             until = max(1, int(trainer.estimated_stepping_batches))
             s = self.schedule
