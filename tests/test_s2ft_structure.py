@@ -10,6 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from sparse_lightning.callbacks import S2FTStructureCallback
+from sparse_lightning.export import apply_delta, export_delta
+from sparse_lightning.sparse import merge_and_unwrap
+from sparse_lightning.sparse.block import block_delta_layers
 from sparse_lightning.structure import find_groups, permute_group, restore_original_layout, selection_order
 
 
@@ -148,3 +151,27 @@ def test_gqa_config_that_cannot_be_honoured(tiny_llama_dir: Path) -> None:
 def test_a_projection_the_family_lacks(tiny_bert_dir: Path) -> None:
     with pytest.raises(ValueError, match=r"bert blocks have no \['gate'\] projection; choose train among"):
         S2FTStructureCallback(train=["down", "gate"]).attach(load_bert(tiny_bert_dir))
+
+
+@pytest.mark.parametrize("gqa, num_heads", [("groups", 2), ("heads", 3)])
+def test_gqa_delta_exports_in_original_coordinates(tiny_llama_dir: Path, tmp_path: Path, gqa: str,
+                                                   num_heads: int) -> None:
+    """Trained (here: random) blocks on every projection; the un-permuted merged model, the delta applied to a
+    fresh base, and the trained model all predict the same."""
+    model = load_llama(tiny_llama_dir)
+    S2FTStructureCallback(num_heads=num_heads, num_channels=6, train=["o", "v", "down", "up", "gate"], gqa=gqa,
+                          seed=1).attach(model)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for layer in block_delta_layers(model).values():
+            layer.delta_block.normal_(0, 0.05)
+    batch = inputs(256)
+    expected = logits(model, batch)
+    export_delta(model, tmp_path, {"method": "s2ft"}, dense=[])
+    restore_original_layout(merge_and_unwrap(model))
+    assert (logits(model, batch) - expected).abs().max() <= 1e-5
+    base = load_llama(tiny_llama_dir)
+    apply_delta(base, tmp_path)
+    merged = model.state_dict()
+    for name, tensor in base.state_dict().items():
+        assert torch.equal(tensor, merged[name]), name
