@@ -64,7 +64,8 @@ def test_trainable_set_is_the_blocks_and_the_classifier(trained) -> None:
     layers = block_delta_layers(module.model)
     assert len(layers) == 8  # o, v, down, up in 2 layers
     trainable = {name for name, p in module.named_parameters() if p.requires_grad}
-    assert trainable == {f"model.{n}.delta_block" for n in layers} | {"model.classifier.weight", "model.classifier.bias"}
+    classifier = {"model.classifier.weight", "model.classifier.bias"}
+    assert trainable == {f"model.{n}.delta_block" for n in layers} | classifier
     optimized = {id(p) for group in module.trainer.optimizers[0].param_groups for p in group["params"]}
     assert optimized == {id(p) for p in module.parameters() if p.requires_grad}
     prefix = "bert.encoder.layer.0."

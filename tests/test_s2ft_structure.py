@@ -136,7 +136,8 @@ def test_more_heads_than_exist(tiny_llama_dir: Path) -> None:
 
 
 def test_head_count_that_splits_a_kv_group(tiny_llama_dir: Path) -> None:
-    message = r"groups of 2; with gqa='groups' .* multiple of 2, got 3: set num_heads to one of \[2, 4\] or use gqa='heads'"
+    message = (r"groups of 2; with gqa='groups' .* multiple of 2, got 3: "
+               r"set num_heads to one of \[2, 4\] or use gqa='heads'")
     with pytest.raises(ValueError, match=message):
         S2FTStructureCallback(num_heads=3).attach(load_llama(tiny_llama_dir))
 

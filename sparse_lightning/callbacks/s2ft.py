@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from sparse_lightning.callbacks.base import SparseMethodCallback, _distributed
 from sparse_lightning.sparse.block import ColumnBlockLinear, RowBlockLinear, block_delta_layers
-from sparse_lightning.structure.families import COLUMN_ROLES, KV_ROLES, CoupledGroup, _linear, find_groups
+from sparse_lightning.structure.families import COLUMN_ROLES, KV_ROLES, CoupledGroup, base_linear, find_groups
 from sparse_lightning.structure.permute import expand, permute_group, role_order
 from sparse_lightning.structure.scores import activation_scores, gradient_scores, weight_scores
 from sparse_lightning.structure.select import GQAMode, allocate_global, choose_units, gqa_count_error, selection_order
@@ -268,7 +268,7 @@ class S2FTStructureCallback(SparseMethodCallback):
                 units = role_order(group, role, order)
                 count = math.ceil(len(selected) / group.group_size) if role in KV_ROLES else len(selected)
                 positions = expand(units[:count], group.unit_size)
-                linear = _linear(model, group.roles[role])
+                linear = base_linear(model, group.roles[role])
                 layer = (ColumnBlockLinear if role in COLUMN_ROLES else RowBlockLinear)(linear, positions)
                 parent, _, child = group.roles[role].rpartition(".")
                 setattr(model.get_submodule(parent), child, layer)

@@ -73,7 +73,8 @@ class BlockDeltaLinear(nn.Module):
     def extra_repr(self) -> str:
         out, inp = self.weight_shape
         kind = "columns" if self.dim == 1 else "rows"
-        return f"in_features={inp}, out_features={out}, block {kind}={self.size} ({self.delta_block.numel() / (out * inp):.2%})"
+        share = self.delta_block.numel() / (out * inp)
+        return f"in_features={inp}, out_features={out}, block {kind}={self.size} ({share:.2%})"
 
 
 class ColumnBlockLinear(BlockDeltaLinear):

@@ -79,9 +79,10 @@ def _has(module: nn.Module, path: str) -> bool:
     return True
 
 
-def _linear(model: nn.Module, path: str) -> nn.Linear:
+def base_linear(model: nn.Module, path: str) -> nn.Linear:
+    """The Linear at `path`, looking through a delta layer (which wraps it as `.base`)."""
     module = model.get_submodule(path)
-    return getattr(module, "base", module)  # a delta layer wraps the Linear as `.base`
+    return getattr(module, "base", module)
 
 
 def _looked_for(layouts: tuple[GroupLayout, ...]) -> str:
@@ -114,12 +115,12 @@ def find_groups(model: nn.Module) -> list[CoupledGroup]:
         for layout in layouts:
             roles = {role: _join(block, path) for role, path in layout.roles.items()}
             if layout.kind == "heads":
-                in_features = _linear(model, roles["o"]).in_features
+                in_features = base_linear(model, roles["o"]).in_features
                 group = CoupledGroup("heads", layer, _join(block, layout.owner), roles, heads,
                                      in_features // heads, heads // kv_heads)
             else:
                 group = CoupledGroup("channels", layer, _join(block, layout.owner), roles,
-                                     _linear(model, roles["down"]).in_features)
+                                     base_linear(model, roles["down"]).in_features)
             _check_shapes(model, group)
             groups.append(group)
     return groups
@@ -127,7 +128,7 @@ def find_groups(model: nn.Module) -> list[CoupledGroup]:
 
 def _check_shapes(model: nn.Module, group: CoupledGroup) -> None:
     for role, path in group.roles.items():
-        weight = _linear(model, path).weight
+        weight = base_linear(model, path).weight
         size = weight.shape[1 if role in COLUMN_ROLES else 0]
         expected = group.units_of(role) * group.unit_size
         if size != expected:

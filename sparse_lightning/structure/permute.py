@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from sparse_lightning.sparse.block import ORDER_BUFFERS
-from sparse_lightning.structure.families import COLUMN_ROLES, KV_ROLES, CoupledGroup, _linear, find_groups
+from sparse_lightning.structure.families import COLUMN_ROLES, KV_ROLES, CoupledGroup, base_linear, find_groups
 
 
 def order_buffer(group: CoupledGroup) -> str:
@@ -44,7 +44,7 @@ def expand(units: Tensor, unit_size: int) -> Tensor:
 @torch.no_grad()
 def _apply(model: nn.Module, group: CoupledGroup, order: Tensor) -> None:
     for role, path in group.roles.items():
-        linear = _linear(model, path)
+        linear = base_linear(model, path)
         index = expand(role_order(group, role, order), group.unit_size).to(linear.weight.device)
         dim = 1 if role in COLUMN_ROLES else 0
         linear.weight.copy_(linear.weight.index_select(dim, index))

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from sparse_lightning.modes import eval_mode
-from sparse_lightning.structure.families import COLUMN_ROLES, KV_ROLES, CoupledGroup, _linear
+from sparse_lightning.structure.families import COLUMN_ROLES, KV_ROLES, CoupledGroup, base_linear
 
 Reduce = Callable[[Tensor], Tensor]
 LossFn = Callable[[dict[str, Any]], Tensor]
@@ -42,7 +42,7 @@ def unit_norms_sq(group: CoupledGroup, tensors: dict[str, Tensor]) -> Tensor:
 
 
 def weight_scores(model: nn.Module, groups: Sequence[CoupledGroup], roles: Sequence[str]) -> dict[str, Tensor]:
-    return {g.owner: unit_norms_sq(g, {r: _linear(model, g.roles[r]).weight for r in roles if r in g.roles}).sqrt()
+    return {g.owner: unit_norms_sq(g, {r: base_linear(model, g.roles[r]).weight for r in roles if r in g.roles}).sqrt()
             for g in groups}
 
 
@@ -81,10 +81,11 @@ def activation_scores(model: nn.Module, groups: Sequence[CoupledGroup], batches:
 
 
 def gradient_scores(model: nn.Module, groups: Sequence[CoupledGroup], roles: Sequence[str],
-                    batches: Iterable[dict[str, Any]], loss_fn: LossFn, reduce: Reduce = _identity) -> dict[str, Tensor]:
+                    batches: Iterable[dict[str, Any]], loss_fn: LossFn,
+                    reduce: Reduce = _identity) -> dict[str, Tensor]:
     """Loss gradients of the trained projections only (every other parameter frozen meanwhile); the dense
     gradients are summed over batches and ranks, then reduced to per-unit norms and dropped."""
-    weights = {(g.owner, r): _linear(model, g.roles[r]).weight for g in groups for r in roles if r in g.roles}
+    weights = {(g.owner, r): base_linear(model, g.roles[r]).weight for g in groups for r in roles if r in g.roles}
     flags = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)
     for weight in weights.values():
