@@ -225,3 +225,24 @@ def test_momentum_regrowth_needs_sm3(tiny_bert_dir, tmp_path):
     callback = PruneRegrowCallback(density=0.002, regrowth="momentum")
     with pytest.raises(ValueError, match="sparse_lightning.sparse.optim.SM3"):
         fit_spiel(tiny_bert_dir, tmp_path, callback, lambda params: torch.optim.AdamW(params), max_steps=1)
+
+
+def test_trained_spiel_delta_exports_and_merges_exactly(tiny_bert_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from sparse_lightning.export import apply_delta, export_checkpoint
+
+    callback = PruneRegrowCallback(density=0.002, reselection_interval=3, accumulation_steps=1)
+    module, _ = fit_spiel(tiny_bert_dir, tmp_path, callback, lambda params: torch.optim.AdamW(params, lr=1e-2),
+                          max_steps=5)
+    module.trainer.save_checkpoint(tmp_path / "spiel.ckpt")
+    written = export_checkpoint(tmp_path / "spiel.ckpt", tmp_path / "export", merged=True)
+    merged = AutoModelForSequenceClassification.from_pretrained(written["merged"]).eval()
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    applied = apply_delta(base, written["delta"]).eval()
+    batch = {"input_ids": torch.randint(5, 100, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+    module.eval()
+    with torch.no_grad():
+        trained = module.model(**batch).logits
+        assert torch.equal(merged(**batch).logits, trained)
+        torch.testing.assert_close(applied(**batch).logits, trained, rtol=0, atol=1e-6)
