@@ -47,7 +47,7 @@ def test_bundled_sst2_gives_padded_batches() -> None:
     assert set(batch["labels"].tolist()) <= {0, 1}
     # padded to the longest sequence of this batch, not to max_length
     assert batch["attention_mask"].sum(1).max() == batch["input_ids"].shape[1] < 128
-    assert len(dm.train_dataset) == 12000
+    assert len(dm.train_dataset) == 30000
     val = dm.val_dataloader()
     assert isinstance(val, DataLoader) and len(val.dataset) == 872
     assert (dm.num_labels, dm.metric, dm.val_set_names, dm.hparams.task) == (2, "accuracy", ["validation"], "sst2")
@@ -57,7 +57,7 @@ def test_bundled_sst2_gives_padded_batches() -> None:
 def test_bundled_sst2_is_a_verbatim_subset_of_shared_data() -> None:
     shared = (SHARED_GLUE / "SST-2" / "train.tsv").read_bytes().splitlines(keepends=True)
     bundled = (BUNDLED_DIR / "SST-2" / "train.tsv").read_bytes().splitlines(keepends=True)
-    assert bundled[0] == shared[0] and len(bundled) == 12001
+    assert bundled[0] == shared[0] and len(bundled) == 30001
     assert set(bundled[1:]) <= set(shared[1:])
     assert (BUNDLED_DIR / "SST-2" / "dev.tsv").read_bytes() == (SHARED_GLUE / "SST-2" / "dev.tsv").read_bytes()
 
