@@ -84,7 +84,7 @@ def single(distributed, model_dir: Path, tmp_path_factory) -> dict:
     lines = (s2ft_run.DATA / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
     order = [i for t in range(s2ft_run.STEPS) for r in ranks for i in r["order"][t * BATCH:(t + 1) * BATCH]]
     output = tmp_path_factory.mktemp(f"single-{strategy}")
-    train_file = output / "train.tsv"
+    train_file = tmp_path_factory.mktemp(f"data-{strategy}") / "train.tsv"
     train_file.write_text(lines[0] + "".join(lines[1 + i] for i in order), encoding="utf-8")
     s2ft_run.run(str(model_dir), output, batch_size=RANKS * BATCH, train_file=train_file)
     return torch.load(output / "rank0.pt")
