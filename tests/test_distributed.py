@@ -49,11 +49,12 @@ def free_port() -> int:
 
 
 def launch(strategy: str, model_dir: Path, output: Path, resume: Path | None = None,
-           timeout: float = 300, method: str = "sift") -> list[dict]:
-    """Run the script on RANKS CPU processes (the whole process group is killed on timeout); per-rank results."""
+           timeout: float = 300, method: str | None = None, script: Path = SCRIPT) -> list[dict]:
+    """Run `script` on RANKS CPU processes (the whole process group is killed on timeout); per-rank results."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(SCRIPT), "--model_dir", str(model_dir), "--output", str(output),
-               "--strategy", strategy, "--devices", str(RANKS), "--batch_size", str(BATCH), "--method", method]
+    command = [sys.executable, str(script), "--model_dir", str(model_dir), "--output", str(output),
+               "--strategy", strategy, "--devices", str(RANKS), "--batch_size", str(BATCH)]
+    command += ["--method", method] if method else []
     command += ["--resume", str(resume)] if resume else []
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)

@@ -8,24 +8,20 @@ with per-rank batch B trains what one process trains with batch 2B on the same e
 from __future__ import annotations
 
 import importlib.util
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from sparse_lightning.export import DELTA_WEIGHTS, export_checkpoint
+from tests.test_distributed import BATCH, RANKS, launch as launch_script, model_dir
+
+__all__ = ["model_dir"]  # the fixture, shared with the SIFT tests
 
 pytestmark = pytest.mark.multiprocess
 
 SCRIPT = Path(__file__).resolve().parent / "distributed_scripts" / "s2ft_run.py"
-RANKS, BATCH = 2, 4
 
 
 def load_script():
@@ -38,37 +34,8 @@ def load_script():
 s2ft_run = load_script()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch(strategy: str, model_dir: Path, output: Path, timeout: float = 300) -> list[dict]:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(SCRIPT), "--model_dir", str(model_dir), "--output", str(output),
-               "--strategy", strategy, "--devices", str(RANKS), "--batch_size", str(BATCH)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-    try:
-        out, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, _ = process.communicate()
-        pytest.fail(f"{strategy} run did not finish in {timeout} s:\n{out[-4000:]}")
-    assert process.returncode == 0, f"{strategy} run failed:\n{out[-6000:]}"
-    return [torch.load(output / f"rank{rank}.pt") for rank in range(RANKS)]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_bert_dir: Path, tmp_path_factory) -> Path:
-    """Tiny BERT with its classifier saved, so every run starts from the same head."""
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
-    path = tmp_path_factory.mktemp("tiny-bert-cls")
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(path)
-    return path
+def launch(strategy: str, model_dir: Path, output: Path) -> list[dict]:
+    return launch_script(strategy, model_dir, output, script=SCRIPT)
 
 
 @pytest.fixture(scope="module", params=["ddp", "fsdp2"])
