@@ -11,15 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from datamodules.glue import GLUEDataModule
 from sparse_lightning.callbacks import PruneRegrowCallback
 from sparse_lightning.callbacks.reselection_schedule import ReselectionSchedule
 from sparse_lightning.modules import SequenceClassificationModule
 from sparse_lightning.sparse import sparse_delta_layers
 from sparse_lightning.sparse.optim import SM3, seed_slots_
-
-DATA = Path(__file__).resolve().parent / "data" / "sst2_tiny"
-
+from tests.test_sift_callback import make_datamodule
 
 # -- schedule -----------------------------------------------------------------------------------------
 
@@ -188,9 +185,7 @@ def fit_spiel(model_dir: Path, root: Path, callback: PruneRegrowCallback, optimi
                          callbacks=[callback, log], accumulate_grad_batches=accumulate, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=str(root))
-    datamodule = GLUEDataModule(task="sst2", tokenizer_name_or_path=str(model_dir), train_file=str(DATA / "train.tsv"),
-                                validation_files=[str(DATA / "dev.tsv")], batch_size=8, shuffle=False, max_length=32)
-    trainer.fit(module, datamodule)
+    trainer.fit(module, make_datamodule(model_dir))
     return module, log
 
 

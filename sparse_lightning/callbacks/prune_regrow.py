@@ -11,7 +11,7 @@ before anything is chosen, and optimizer state is addressed by slot, so DDP and 
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import replace
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -107,10 +107,8 @@ class PruneRegrowCallback(ElementSparseCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # statistics restored from a checkpoint come back on the CPU
         self._stats = {name: {key: t.to(pl_module.device) for key, t in stats.items()} for name, stats in self._stats.items()}
-        if self.reselection_until is None:
-            until = max(1, int(trainer.estimated_stepping_batches))
-            s = self.schedule
-            self.schedule = ReselectionSchedule(s.interval, s.accumulation_steps, s.regrow_fraction, until, s.decay)
+        if self.reselection_until is None:  # also after a resume: T follows this run's length
+            self.schedule = replace(self.schedule, until=max(1, int(trainer.estimated_stepping_batches)))
         if self.regrowth == "momentum":
             optimizer = trainer.optimizers[0]
             if not isinstance(optimizer, SM3):
@@ -259,14 +257,9 @@ class PruneRegrowCallback(ElementSparseCallback):
     # -- checkpoints ---------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "first_sets": self._first_sets, "stats": self._stats,
-                "until": self.schedule.until}
+        return {"history": self.history, "first_sets": self._first_sets, "stats": self._stats}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = state_dict["history"]
         self._first_sets = state_dict["first_sets"]
         self._stats = state_dict["stats"]
-        if self.reselection_until is None:
-            s = self.schedule
-            self.schedule = ReselectionSchedule(s.interval, s.accumulation_steps, s.regrow_fraction,
-                                                state_dict["until"], s.decay)
