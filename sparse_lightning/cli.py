@@ -5,10 +5,20 @@ from __future__ import annotations
 import sys
 
 from jsonargparse import ArgumentParser
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
 from sparse_lightning.modules import SparseFineTuningModule
+
+
+class SaveConfigToRunDirectory(SaveConfigCallback):
+    """Writes config.yaml beside the logger's files; a run without a logger has no run directory, and Lightning's
+    fallback (the working directory) would leave a stray config.yaml wherever the command was typed."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.logger is not None:
+            super().setup(trainer, pl_module, stage)
 
 
 class SparseLightningCLI(LightningCLI):
@@ -48,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         export_main(argv[1:])
         return
     SparseLightningCLI(SparseFineTuningModule, subclass_mode_model=True, subclass_mode_data=True, args=argv,
-                       save_config_kwargs={"overwrite": True})
+                       save_config_callback=SaveConfigToRunDirectory, save_config_kwargs={"overwrite": True})
 
 
 if __name__ == "__main__":

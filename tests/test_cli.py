@@ -85,7 +85,8 @@ def exported(tiny_bert_dir: Path, tmp_path_factory) -> dict[str, Any]:
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         cli.main(["export", "--ckpt_path", str(checkpoint), "--output", str(output), "--merged", "true"])
-    return {**seen, "checkpoint": checkpoint, "output": output, "stdout": stdout.getvalue(), "config": config}
+    return {**seen, "checkpoint": checkpoint, "output": output, "stdout": stdout.getvalue(), "config": config,
+            "tmp_path": tmp_path}
 
 
 def test_fit_trains_sift_and_validate_reads_the_checkpoint(exported, tiny_bert_dir: Path) -> None:
@@ -101,6 +102,17 @@ def test_fit_trains_sift_and_validate_reads_the_checkpoint(exported, tiny_bert_d
     with torch.no_grad():
         loss = float(module(dev_batch(tiny_bert_dir)).loss)  # the 16 dev rows are one validation batch
     assert math.isclose(metrics["val/loss"], loss, rel_tol=1e-6)  # validate evaluated the trained weights
+
+
+def test_the_config_is_saved_in_the_run_directory_and_nowhere_without_a_logger(exported, tiny_bert_dir: Path,
+                                                                               tmp_path: Path) -> None:
+    written = set(exported["tmp_path"].rglob("config.yaml")) - {exported["config"]}
+    assert not written  # logger: false, so there is no run directory to save into
+    config = write_config(tmp_path, tiny_bert_dir)
+    cli.main(["validate", "--config", str(config), "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+              "--trainer.logger.save_dir", str(tmp_path / "logs"), "--trainer.logger.name", "run"])
+    saved = yaml.safe_load((tmp_path / "logs" / "run" / "version_0" / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["model_name_or_path"] == str(tiny_bert_dir)
 
 
 def test_export_writes_the_delta_and_its_config(exported, tiny_bert_dir: Path) -> None:
