@@ -11,28 +11,26 @@ import torch
 from torch import Tensor, nn
 
 from sparse_lightning.sparse.block_functional import column_block_linear, row_block_linear
+from sparse_lightning.sparse.frozen_delta import FrozenLinearWithDelta
 
 
-class BlockDeltaLinear(nn.Module):
+class BlockDeltaLinear(FrozenLinearWithDelta):
     """Base of the two block layers; `dim` is the weight dimension the block spans a prefix of."""
 
     dim: int
     index_name: str
 
     def __init__(self, base: nn.Linear, index: Tensor) -> None:
-        super().__init__()
         size = base.weight.shape[self.dim]
         if not 1 <= index.numel() <= size:
             raise ValueError(f"a block needs 1 to {size} positions along dim {self.dim} of a "
                              f"{tuple(base.weight.shape)} weight, got {index.numel()}")
-        self.base = base
-        self.base.requires_grad_(False)
+        super().__init__(base)
         device = base.weight.device
         self.register_buffer(self.index_name, index.to(device=device, dtype=torch.long))
         shape = list(base.weight.shape)
         shape[self.dim] = index.numel()
         self.delta_block = nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=device))
-        self._merged_originals: Tensor | None = None
 
     @property
     def index(self) -> Tensor:
@@ -43,32 +41,15 @@ class BlockDeltaLinear(nn.Module):
     def size(self) -> int:
         return self.delta_block.shape[self.dim]
 
-    @property
-    def weight_shape(self) -> torch.Size:
-        return self.base.weight.shape
+    def covered_region(self) -> Tensor:
+        """The block's prefix of the (permuted) base weight."""
+        return self.base.weight.narrow(self.dim, 0, self.size)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Add the block into the (permuted) base weight; `unmerge` restores it bit for bit."""
-        if self._merged_originals is not None:
-            return
-        prefix = self.base.weight.narrow(self.dim, 0, self.size)
-        self._merged_originals = prefix.clone()
-        prefix.add_(self.delta_block.to(prefix.dtype))
+    def add_delta_to_base(self) -> None:
+        self.covered_region().add_(self.delta_block.to(self.base.weight.dtype))
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self._merged_originals is None:
-            return
-        self.base.weight.narrow(self.dim, 0, self.size).copy_(self._merged_originals)
-        self._merged_originals = None
-
-    @torch.no_grad()
-    def fold(self) -> nn.Linear:
-        """Merge for good and hand back the plain (still permuted) Linear."""
-        self.merge()
-        self._merged_originals = None
-        return self.base
+    def restore_region(self, originals: Tensor) -> None:
+        self.covered_region().copy_(originals)
 
     def extra_repr(self) -> str:
         out, inp = self.weight_shape
@@ -83,9 +64,7 @@ class ColumnBlockLinear(BlockDeltaLinear):
     dim = 1
     index_name = "delta_columns"
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self._merged_originals is not None:
-            return self.base(x)
+    def delta_forward(self, x: Tensor) -> Tensor:
         return column_block_linear(x, self.base.weight, self.base.bias, self.delta_block)
 
 
@@ -95,9 +74,7 @@ class RowBlockLinear(BlockDeltaLinear):
     dim = 0
     index_name = "delta_rows"
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self._merged_originals is not None:
-            return self.base(x)
+    def delta_forward(self, x: Tensor) -> Tensor:
         return row_block_linear(x, self.base.weight, self.base.bias, self.delta_block)
 
 

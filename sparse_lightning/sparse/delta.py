@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from sparse_lightning.sparse.frozen_delta import FrozenLinearWithDelta
 from sparse_lightning.sparse.functional import WeightGradObserver, sparse_delta_linear
 
 
@@ -64,7 +65,7 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
 
-class SparseDeltaLinear(nn.Module):
+class SparseDeltaLinear(FrozenLinearWithDelta):
     """A frozen `nn.Linear` plus k trainable entries: `W + scatter(delta_indices, delta_values)`.
 
     `delta_indices` are flat row-major positions in W (a buffer, saved in every checkpoint);
@@ -73,12 +74,10 @@ class SparseDeltaLinear(nn.Module):
     """
 
     def __init__(self, base: nn.Linear, k: int, indices: Tensor | None = None) -> None:
-        super().__init__()
         numel = base.weight.numel()
         if not 1 <= k <= numel:
             raise ValueError(f"k must be in [1, {numel}] for a {tuple(base.weight.shape)} weight, got {k}")
-        self.base = base
-        self.base.requires_grad_(False)
+        super().__init__(base)
         device = base.weight.device
         if indices is None:
             indices = torch.arange(k, device=device)
@@ -86,19 +85,12 @@ class SparseDeltaLinear(nn.Module):
         self.delta_values = nn.Parameter(torch.zeros(k, dtype=torch.float32, device=device))
         self.register_buffer("delta_selected", torch.zeros((), dtype=torch.bool, device=device))
         self.weight_grad_observer: WeightGradObserver | None = None
-        self._merged_originals: Tensor | None = None
 
     @property
     def k(self) -> int:
         return self.delta_values.shape[0]
 
-    @property
-    def weight_shape(self) -> torch.Size:
-        return self.base.weight.shape
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self._merged_originals is not None:
-            return self.base(x)
+    def delta_forward(self, x: Tensor) -> Tensor:
         return sparse_delta_linear(x, self.base.weight, self.base.bias, self.delta_indices, self.delta_values,
                                    self.weight_grad_observer)
 
@@ -111,28 +103,14 @@ class SparseDeltaLinear(nn.Module):
         self.delta_values.zero_()
         self.delta_selected.fill_(True)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Add the delta into the base weight in place; `unmerge` restores the base bit for bit."""
-        if self._merged_originals is not None:
-            return
-        flat = self.base.weight.view(-1)
-        self._merged_originals = flat[self.delta_indices].clone()
-        flat.index_add_(0, self.delta_indices, self.delta_values.to(flat.dtype))
+    def covered_region(self) -> Tensor:
+        return self.base.weight.view(-1)[self.delta_indices]
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self._merged_originals is None:
-            return
-        self.base.weight.view(-1)[self.delta_indices] = self._merged_originals
-        self._merged_originals = None
+    def add_delta_to_base(self) -> None:
+        self.base.weight.view(-1).index_add_(0, self.delta_indices, self.delta_values.to(self.base.weight.dtype))
 
-    @torch.no_grad()
-    def fold(self) -> nn.Linear:
-        """Merge for good and hand back the plain Linear: inference then costs what the base model costs."""
-        self.merge()
-        self._merged_originals = None
-        return self.base
+    def restore_region(self, originals: Tensor) -> None:
+        self.base.weight.view(-1)[self.delta_indices] = originals
 
     def extra_repr(self) -> str:
         out, inp = self.weight_shape

@@ -1,0 +1,66 @@
+"""A frozen `nn.Linear` plus a trainable fp32 delta on part of its weight: the protocol both delta shapes share.
+
+Merging writes the delta into the base weight in place and keeps a copy of the region it overwrote, so
+`unmerge` restores the base bit for bit (evaluation and export merge, training unmerges); `fold` merges for
+good. Subclasses say which region the delta covers and how the unmerged forward runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class FrozenLinearWithDelta(nn.Module):
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.base = base
+        self.base.requires_grad_(False)
+        self._merged_originals: Tensor | None = None
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        return self.base.weight.shape
+
+    @property
+    def merged(self) -> bool:
+        return self._merged_originals is not None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) if self.merged else self.delta_forward(x)
+
+    def delta_forward(self, x: Tensor) -> Tensor:
+        """`x @ (W + delta).T + b` without forming W + delta."""
+        raise NotImplementedError
+
+    def covered_region(self) -> Tensor:
+        """The part of the base weight the delta adds into (read for the copy `unmerge` restores)."""
+        raise NotImplementedError
+
+    def add_delta_to_base(self) -> None:
+        raise NotImplementedError
+
+    def restore_region(self, originals: Tensor) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the delta into the base weight in place; `unmerge` restores the base bit for bit."""
+        if self.merged:
+            return
+        self._merged_originals = self.covered_region().clone()
+        self.add_delta_to_base()
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.restore_region(self._merged_originals)
+        self._merged_originals = None
+
+    @torch.no_grad()
+    def fold(self) -> nn.Linear:
+        """Merge for good and hand back the plain Linear: inference then costs what the base model costs."""
+        self.merge()
+        self._merged_originals = None
+        return self.base
