@@ -53,9 +53,9 @@ def export_main(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "export":
-        export_main(argv[1:])
+    command = sys.argv[1:] if argv is None else argv
+    if command and command[0] == "export":
+        export_main(command[1:])
         return
     SparseLightningCLI(SparseFineTuningModule, subclass_mode_model=True, subclass_mode_data=True, args=argv,
                        save_config_callback=SaveConfigToRunDirectory, save_config_kwargs={"overwrite": True})
