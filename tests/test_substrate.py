@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from sparse_lightning.sparse import SparseDeltaLinear, allocate_budget, merge_and_unwrap
-from sparse_lightning.sparse.delta import validate_budget
+from sparse_lightning.sparse.delta import random_indices, validate_budget
 
 
 def make_layer(k=7, out_features=6, in_features=5, bias=True, seed=0):
@@ -144,3 +144,26 @@ def test_budget_larger_than_targets_is_rejected():
 def test_two_budgets_at_once_is_rejected():
     with pytest.raises(ValueError, match="exactly one"):
         validate_budget(0.1, 10, None)
+
+
+@pytest.mark.parametrize("numel, k", [(10, 10), (10, 3), (100_000, 1_000), (100_000, 24_999)])
+def test_random_indices_are_distinct_sorted_in_range_and_seeded(numel, k):
+    chosen = random_indices(numel, k, torch.Generator().manual_seed(0))
+    assert chosen.numel() == k and chosen.unique().numel() == k
+    assert torch.equal(chosen, chosen.sort().values) and 0 <= int(chosen.min()) and int(chosen.max()) < numel
+    assert torch.equal(chosen, random_indices(numel, k, torch.Generator().manual_seed(0)))
+    assert not torch.equal(chosen, random_indices(numel, k, torch.Generator().manual_seed(1))) or k == numel
+
+
+def test_random_indices_cover_the_weight_uniformly():
+    """Low-density draws (the sampling path) land evenly in every tenth of the weight."""
+    counts = torch.zeros(10)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        counts += torch.bincount(random_indices(1_000_000, 5_000, generator) // 100_000, minlength=10)
+    assert (counts / counts.sum() - 0.1).abs().max() < 0.01  # 100k draws: sd of a share is ~0.001
+
+
+def test_random_indices_reject_an_impossible_count():
+    with pytest.raises(ValueError, match=r"k must be in \[1, 10\], got 11"):
+        random_indices(10, 11, torch.Generator())

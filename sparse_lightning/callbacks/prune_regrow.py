@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from sparse_lightning.callbacks.base import ElementSparseCallback, _distributed, broadcast_from_rank_zero_
 from sparse_lightning.callbacks.reselection_schedule import ReselectionSchedule
 from sparse_lightning.sparse import SparseDeltaLinear, allocate_budget, sparse_delta_layers
+from sparse_lightning.sparse.delta import random_indices
 from sparse_lightning.sparse.optim import SM3, seed_slots_
 from sparse_lightning.sparse.sharding import full_tensor, write_slots_
 
@@ -93,7 +94,7 @@ class PruneRegrowCallback(ElementSparseCallback):
         generator = torch.Generator().manual_seed(self.seed)
         for name in sorted(layers):
             layer = layers[name]
-            chosen = torch.randperm(layer.weight_shape.numel(), generator=generator)[: layer.k].sort().values
+            chosen = random_indices(layer.weight_shape.numel(), layer.k, generator)
             layer.set_indices(chosen.to(layer.delta_indices))
 
     def describe(self) -> dict[str, Any]:

@@ -65,6 +65,21 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
 
+def random_indices(numel: int, k: int, generator: torch.Generator) -> Tensor:
+    """k distinct positions in [0, numel), uniformly at random, sorted. At low density this draws about k
+    integers instead of permuting all numel (a 7B model's FFN weight would need a 45M-entry permutation)."""
+    if not 1 <= k <= numel:
+        raise ValueError(f"k must be in [1, {numel}], got {k}")
+    if 4 * k > numel:
+        return torch.randperm(numel, generator=generator)[:k].sort().values
+    distinct = torch.empty(0, dtype=torch.long)
+    while distinct.numel() < k:  # the distinct values of uniform draws are a uniform random subset
+        draws = torch.randint(numel, (k + k // 8 + 16,), generator=generator)
+        distinct = torch.cat([distinct, draws]).unique()
+    keep = torch.randperm(distinct.numel(), generator=generator)[:k]
+    return distinct[keep].sort().values
+
+
 class SparseDeltaLinear(FrozenLinearWithDelta):
     """A frozen `nn.Linear` plus k trainable entries: `W + scatter(delta_indices, delta_values)`.
 
