@@ -190,6 +190,23 @@ def test_accuracy_per_set_and_average_from_scored_generations(tiny_lm_dir, data_
         "correct": True}
 
 
+def test_fit_with_a_sparse_callback_after_a_baseline_validate_trains_only_the_deltas(tiny_lm_dir, data_dir, tmp_path):
+    """validate builds the model without the method; the later fit must attach it, not silently train everything."""
+    module = CausalLMModule(str(tiny_lm_dir), optimizer=adamw(1e-2), max_new_tokens=4)
+    trainer(tmp_path / "baseline").validate(module, math_data(tiny_lm_dir, data_dir))
+    assert not sparse_delta_layers(module.model)
+    before = {name: p.detach().clone() for name, p in module.model.named_parameters()}
+    trainer(tmp_path / "fit", max_steps=2, limit_val_batches=0,
+            callbacks=[GradientTopKCallback(density=0.1)]).fit(module, math_data(tiny_lm_dir, data_dir))
+    layers = sparse_delta_layers(module.model)
+    assert len(layers) == 2 * 7 and any(layer.delta_values.abs().sum() > 0 for layer in layers.values())
+    trainable = {name for name, p in module.model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{name}.delta_values" for name in layers}
+    for name, p in module.model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, before[name.replace(".base.", ".")]), name  # frozen weights did not move
+
+
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_real_generation_on_left_padded_batches(tiny_lm_dir, data_dir, tmp_path, num_beams):
     module = CausalLMModule(str(tiny_lm_dir), max_new_tokens=6, num_beams=num_beams)

@@ -55,6 +55,7 @@ class SparseFineTuningModule(LightningModule):
         self.hparams["lora"] = asdict(lora) if lora is not None else None
         self.optimizer_factory = optimizer
         self.model: nn.Module | None = None
+        self._sparse_attached = False
 
     @property
     def from_pretrained_kwargs(self) -> dict[str, Any]:
@@ -81,27 +82,44 @@ class SparseFineTuningModule(LightningModule):
         return "+".join(cb.method for cb in callbacks) if callbacks else "full"
 
     def configure_model(self) -> None:
+        callbacks = self.sparse_callbacks()
         if self.model is not None:
+            if callbacks and not self._sparse_attached:
+                self._attach_late(callbacks)
             return
         model = self.build_model()
         model.train()  # from_pretrained returns eval mode, and Lightning keeps each module's mode
-        callbacks = self.sparse_callbacks()
         if self.hparams.lora is not None:
             if callbacks:
                 raise ValueError("choose LoRA (model.lora) or a sparse callback, not both")
             model.requires_grad_(False)
             model = apply_lora(model, LoRASettings(**self.hparams.lora), list(default_targets(model)), list(self.head_modules))
         elif callbacks:
-            for callback in callbacks:
-                callback.attach(model)
-            chosen = [cb.dense_modules for cb in callbacks if cb.dense_modules is not None]
-            freeze_except(model, chosen[0] if chosen else self.head_modules)
+            self._attach(model, callbacks)
         if self.hparams.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if self.device_mesh is not None:
             dtype = getattr(torch, self.hparams.fsdp_param_dtype) if self.hparams.fsdp_param_dtype else None
             fully_shard_model(model, self.device_mesh, dtype)
         self.model = model
+
+    def _attach(self, model: nn.Module, callbacks: list[SparseMethodCallback]) -> None:
+        for callback in callbacks:
+            callback.attach(model)
+        chosen = [cb.dense_modules for cb in callbacks if cb.dense_modules is not None]
+        freeze_except(model, chosen[0] if chosen else self.head_modules)
+        self._sparse_attached = True
+
+    def _attach_late(self, callbacks: list[SparseMethodCallback]) -> None:
+        """The model was built by an earlier validate/test without the method's callback (a baseline
+        evaluation, say); attach now, or this fit would silently train every parameter."""
+        methods = ", ".join(type(cb).__name__ for cb in callbacks)
+        if self.hparams.lora is not None:
+            raise ValueError("choose LoRA (model.lora) or a sparse callback, not both")
+        if self.device_mesh is not None:
+            raise RuntimeError(f"the model was built and sharded by an earlier run without {methods}; a sharded "
+                               "model cannot take new delta layers: fit a freshly constructed module")
+        self._attach(self.model, callbacks)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # `load_from_checkpoint` builds the module without a trainer (so without callbacks): recreate
