@@ -1,7 +1,7 @@
 """A real SIFT fine-tune: SmolLM2-135M-Instruct on real math word problems (../shared/data), 40 steps on CPU.
 
 The held-out loss on the same records falls, and the tuned model's greedy generations still end in a number the
-math extractor reads. Slow (about two minutes on two cores), and the reason the unit tests can trust the tiny models.
+math extractor reads. Slow (5 min on a shared 2-core CPU, ~3 GB), and why the unit tests may trust the tiny models.
 """
 
 import json
