@@ -207,6 +207,16 @@ def test_fit_with_a_sparse_callback_after_a_baseline_validate_trains_only_the_de
             assert torch.equal(p, before[name.replace(".base.", ".")]), name  # frozen weights did not move
 
 
+def test_a_sharded_model_cannot_take_a_sparse_callback_late(tiny_lm_dir, data_dir, tmp_path):
+    module = CausalLMModule(str(tiny_lm_dir), max_new_tokens=4)
+    trainer(tmp_path).validate(module, math_data(tiny_lm_dir, data_dir))
+    module.trainer = trainer(tmp_path, callbacks=[GradientTopKCallback(density=0.1)])
+    module._device_mesh = object()  # what ModelParallelStrategy sets before configure_model
+    with pytest.raises(RuntimeError, match="without GradientTopKCallback.*fit a freshly constructed module"):
+        module.configure_model()
+    assert not sparse_delta_layers(module.model)
+
+
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_real_generation_on_left_padded_batches(tiny_lm_dir, data_dir, tmp_path, num_beams):
     module = CausalLMModule(str(tiny_lm_dir), max_new_tokens=6, num_beams=num_beams)

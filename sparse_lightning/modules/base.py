@@ -83,6 +83,8 @@ class SparseFineTuningModule(LightningModule):
 
     def configure_model(self) -> None:
         callbacks = self.sparse_callbacks()
+        if callbacks and self.hparams.lora is not None:
+            raise ValueError("choose LoRA (model.lora) or a sparse callback, not both")
         if self.model is not None:
             if callbacks and not self._sparse_attached:
                 self._attach_late(callbacks)
@@ -90,8 +92,6 @@ class SparseFineTuningModule(LightningModule):
         model = self.build_model()
         model.train()  # from_pretrained returns eval mode, and Lightning keeps each module's mode
         if self.hparams.lora is not None:
-            if callbacks:
-                raise ValueError("choose LoRA (model.lora) or a sparse callback, not both")
             model.requires_grad_(False)
             model = apply_lora(model, LoRASettings(**self.hparams.lora), list(default_targets(model)), list(self.head_modules))
         elif callbacks:
@@ -113,12 +113,11 @@ class SparseFineTuningModule(LightningModule):
     def _attach_late(self, callbacks: list[SparseMethodCallback]) -> None:
         """The model was built by an earlier validate/test without the method's callback (a baseline
         evaluation, say); attach now, or this fit would silently train every parameter."""
-        methods = ", ".join(type(cb).__name__ for cb in callbacks)
-        if self.hparams.lora is not None:
-            raise ValueError("choose LoRA (model.lora) or a sparse callback, not both")
         if self.device_mesh is not None:
-            raise RuntimeError(f"the model was built and sharded by an earlier run without {methods}; a sharded "
-                               "model cannot take new delta layers: fit a freshly constructed module")
+            methods = ", ".join(type(cb).__name__ for cb in callbacks)
+            raise RuntimeError(f"the model was built by an earlier run without {methods}, and under a sharding "
+                               "strategy delta layers must exist before the model is sharded: fit a freshly "
+                               "constructed module")
         self._attach(self.model, callbacks)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
