@@ -3,6 +3,7 @@
 from sparse_lightning.callbacks import (
     GradientTopKCallback,
     PruneRegrowCallback,
+    RandomMaskCallback,
     S2FTStructureCallback,
     SparseMethodCallback,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "GradientTopKCallback",
     "LoRASettings",
     "PruneRegrowCallback",
+    "RandomMaskCallback",
     "S2FTStructureCallback",
     "SequenceClassificationModule",
     "SparseFineTuningModule",

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules.glue import GLUEDataModule
 from sparse_lightning.callbacks import GradientTopKCallback
+from sparse_lightning.methods import Calibration
 from sparse_lightning.modules import SequenceClassificationModule
 from sparse_lightning.sparse import sparse_delta_layers
 
@@ -86,7 +87,7 @@ def test_resuming_reproduces_the_uninterrupted_run(uninterrupted, tiny_bert_dir:
     def no_calibration(*args, **kwargs):
         raise AssertionError("a resumed run must not select again")
 
-    monkeypatch.setattr(GradientTopKCallback, "_accumulate_gradients", no_calibration)
+    monkeypatch.setattr(Calibration, "batches", no_calibration)
     resumed, trainer = fit(tiny_bert_dir, tmp_path, ckpt_path=root / "full" / "epoch=0.ckpt")
     assert trainer.global_step == EPOCHS * STEPS_PER_EPOCH
 

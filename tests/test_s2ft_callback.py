@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from datamodules.glue import GLUEDataModule
+from sparse_lightning.methods import Calibration
 from sparse_lightning.callbacks import S2FTStructureCallback
 from sparse_lightning.export import DELTA_CONFIG, DELTA_WEIGHTS, apply_delta, export_checkpoint
 from sparse_lightning.modules import SequenceClassificationModule
@@ -21,7 +22,7 @@ from sparse_lightning.sparse.block import block_delta_layers
 
 DATA = Path(__file__).resolve().parent / "data" / "sst2_tiny"
 EPOCHS, STEPS_PER_EPOCH = 2, 4  # 64 rows, batch 16
-SETTINGS = {"num_heads": 1, "num_channels": 8, "train": ["o", "v", "down", "up"], "strategy": "activation",
+SETTINGS = {"num_heads": 1, "num_channels": 8, "train": ["o", "v", "down", "up"], "select_by": "activation",
             "calibration_batches": 2}
 
 
@@ -82,7 +83,7 @@ def test_selection_comes_from_the_first_training_batches(trained, tiny_bert_dir:
     datamodule.setup("fit")
     batches = [batch for _, batch in zip(range(2), datamodule.train_dataloader())]
     reference = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
-    S2FTStructureCallback(**SETTINGS).attach(reference, batches=batches)
+    S2FTStructureCallback(**SETTINGS).attach(reference, Calibration.from_batches(reference, batches))
     got, expected = dict(module.model.named_buffers()), dict(reference.named_buffers())
     orders = [name for name in expected if "s2ft" in name or "delta_" in name]
     assert len(orders) == 4 + 8
@@ -124,7 +125,7 @@ def test_export_unpermutes_exactly(trained, tiny_bert_dir: Path, tmp_path: Path)
 
 def test_resuming_reproduces_the_uninterrupted_run(trained, tiny_bert_dir: Path, tmp_path: Path) -> None:
     module, root = trained
-    resumed = fit(tiny_bert_dir, tmp_path, ckpt_path=root / "epoch=0.ckpt", seed=99, strategy="random")
+    resumed = fit(tiny_bert_dir, tmp_path, ckpt_path=root / "epoch=0.ckpt", seed=99, select_by="random")
     expected, got = state(module), state(resumed)  # another seed/strategy: the checkpoint's selection wins
     assert got.keys() == expected.keys()
     for name, tensor in expected.items():

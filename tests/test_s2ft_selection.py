@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from sparse_lightning.methods import Calibration
 from sparse_lightning.callbacks import S2FTStructureCallback
 from sparse_lightning.structure import choose_units, find_groups
 from sparse_lightning.structure.scores import activation_scores, weight_scores
@@ -45,7 +46,7 @@ def test_weight_norm_picks_the_largest_or_smallest_down_columns(tiny_llama_dir: 
         down = model.model.layers[0].mlp.down_proj.weight
         down[:, [5, 40]] *= 100
         down[:, [11, 20]] *= 0.01
-    channels_only(num_channels=2, strategy="weight", order=order).attach(model)
+    channels_only(num_channels=2, select_by="weight", order=order).attach(model)
     assert selected_channels(model) == expected
 
 
@@ -56,8 +57,8 @@ def test_activation_norm_picks_the_heads_with_the_largest_or_smallest_outputs(ti
     with torch.no_grad():
         model.model.layers[0].self_attn.v_proj.weight[8:] *= 50  # KV head 1 feeds query heads 2 and 3
         model.model.layers[0].self_attn.o_proj.weight[:, :16] *= 100  # large weights do not matter here
-    callback = S2FTStructureCallback(train=["o"], num_heads=2, strategy="activation", order=order)
-    callback.attach(model, batches=batches())
+    callback = S2FTStructureCallback(train=["o"], num_heads=2, select_by="activation", order=order)
+    callback.attach(model, Calibration.from_batches(model, batches()))
     assert selected_heads(model) == expected
 
 
@@ -73,7 +74,7 @@ def test_weight_times_activation_is_the_product(tiny_llama_dir: Path) -> None:
     weights = weight_scores(model, groups, ["down"])[groups[0].owner]
     activations = activation_scores(model, groups, batches(), lambda b: model(**b).loss)[groups[0].owner]
     assert (int(weights.argmax()), int(activations.argmax()), int((weights * activations).argmax())) == (3, 7, 9)
-    channels_only(num_channels=1, strategy="weight_activation").attach(model, batches=batches())
+    channels_only(num_channels=1, select_by="weight_activation").attach(model, Calibration.from_batches(model, batches()))
     assert selected_channels(model) == [9]
 
 
@@ -86,7 +87,7 @@ def test_gradient_norm_matches_a_dense_reference(tiny_llama_dir: Path) -> None:
 
     model = load(tiny_llama_dir)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    channels_only(num_channels=4, strategy="gradient").attach(model, batches=batches())
+    channels_only(num_channels=4, select_by="gradient").attach(model, Calibration.from_batches(model, batches()))
     assert selected_channels(model, layer=1) == expected
     assert all(p.grad is None for p in model.parameters())  # scoring leaves no gradient behind
     after = {n: p.requires_grad for n, p in model.named_parameters() if "delta_" not in n and ".base." not in n}
@@ -109,7 +110,7 @@ def test_global_allocation_moves_the_budget_to_the_best_layer(tiny_llama_dir: Pa
     model = load(tiny_llama_dir)
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[:, :6] *= 100
-    channels_only(num_channels=3, strategy="weight", allocation="global").attach(model)
+    channels_only(num_channels=3, select_by="weight", allocation="global").attach(model)
     assert selected_channels(model, layer=0) == [] and selected_channels(model, layer=1) == [0, 1, 2, 3, 4, 5]
     assert not hasattr(model.model.layers[0].mlp, "s2ft_channel_order")  # an untouched layer is not permuted
 
@@ -123,18 +124,18 @@ def test_gqa_heads_mode_takes_whole_groups_then_the_best_heads_of_one_more(tiny_
 
 
 def test_data_driven_strategy_without_data_says_how_to_give_it(tiny_llama_dir: Path) -> None:
-    with pytest.raises(ValueError, match="needs calibration batches: attach under Trainer.fit .* or pass batches="):
-        channels_only(strategy="activation").attach(load(tiny_llama_dir))
+    with pytest.raises(ValueError, match="needs calibration batches: run it under Trainer.fit .* or pass calibration="):
+        channels_only(select_by="activation").attach(load(tiny_llama_dir))
 
 
 def test_selection_saved_to_a_file_is_reused(tiny_llama_dir: Path, tmp_path: Path) -> None:
     path = tmp_path / "selection.json"
     first = load(tiny_llama_dir)
-    S2FTStructureCallback(num_heads=2, num_channels=5, strategy="activation", save_selection=str(path)).attach(
-        first, batches=batches())
+    S2FTStructureCallback(num_heads=2, num_channels=5, select_by="activation", save_selection=str(path)).attach(
+        first, Calibration.from_batches(first, batches()))
     saved = json.loads(path.read_text())
     assert saved["groups"]["model.layers.0.mlp"] == {"kind": "channels", "units": selected_channels(first)}
-    assert saved["settings"]["strategy"] == "activation"
+    assert saved["settings"]["select_by"] == "activation"
 
     second = load(tiny_llama_dir)
     S2FTStructureCallback(num_heads=2, num_channels=5, load_selection=str(path)).attach(second)  # no data needed

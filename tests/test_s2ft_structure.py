@@ -98,7 +98,7 @@ def test_selection_order_puts_the_selection_first_and_keeps_kv_groups(tiny_llama
 def test_callback_with_every_projection_preserves_outputs(tiny_llama_dir: Path, gqa: str, num_heads: int) -> None:
     model, reference = load_llama(tiny_llama_dir), load_llama(tiny_llama_dir)
     callback = S2FTStructureCallback(num_heads=num_heads, num_channels=5, train=["o", "v", "down", "up", "gate"],
-                                     gqa=gqa, strategy="random", seed=3)
+                                     gqa=gqa, select_by="random", seed=3)
     callback.attach(model)
     batch = inputs(256)
     assert (logits(model, batch) - logits(reference, batch)).abs().max() <= 1e-5
@@ -121,7 +121,7 @@ def test_unknown_architecture_names_what_was_looked_for() -> None:
     ({"head_ratio": 0.5, "num_heads": 2}, "head_ratio or num_heads, not both"),
     ({"train": ["q"]}, "q and k are not offered"),
     ({"train": ["down"], "num_heads": 1}, "head budget is set but train=.*has no head projection"),
-    ({"strategy": "magnitude"}, "strategy must be one of"),
+    ({"select_by": "magnitude"}, "select_by must be one of"),
     ({"gqa": "kv"}, "gqa must be one of"),
     ({"calibration_batches": 0}, "calibration_batches must be >= 1"),
 ])

@@ -73,7 +73,7 @@ def test_trainable_parameters_per_method(tiny_bert_dir, method):
 def test_lora_and_sparse_callback_together_is_an_error(tiny_bert_dir):
     module = SequenceClassificationModule(str(tiny_bert_dir), num_labels=2, lora=LoRASettings(r=2))
     module.trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[GradientTopKCallback(density=0.05)])
-    with pytest.raises(ValueError, match="LoRA .* or a sparse callback, not both"):
+    with pytest.raises(ValueError, match=r"choose LoRA \(model.lora\) or GradientTopKCallback, not both"):
         module.configure_model()
 
 

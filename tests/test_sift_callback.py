@@ -11,6 +11,7 @@ from transformers import AutoModelForSequenceClassification
 
 from datamodules.glue import GLUEDataModule
 from sparse_lightning.callbacks import GradientTopKCallback
+from sparse_lightning.methods import Calibration
 from sparse_lightning.modules import SequenceClassificationModule
 from sparse_lightning.sparse import sparse_delta_layers
 
@@ -145,7 +146,7 @@ def test_selected_layers_are_not_selected_again(tiny_bert_dir: Path, tmp_path: P
     def no_calibration(*args, **kwargs):
         raise AssertionError("calibration ran although every layer was already selected")
 
-    monkeypatch.setattr(GradientTopKCallback, "_accumulate_gradients", no_calibration)
+    monkeypatch.setattr(Calibration, "batches", no_calibration)
     preselect, probe = Preselect(), Probe()
     fit(tiny_bert_dir, tmp_path, [preselect, GradientTopKCallback(density=0.05), probe])
     assert len(preselect.chosen) == 8

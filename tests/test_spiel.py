@@ -4,7 +4,6 @@ SM3, and whole runs on tiny BERT (AG and MA) whose index sets stay unique and co
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -12,7 +11,7 @@ import torch
 from torch import nn
 
 from sparse_lightning.callbacks import PruneRegrowCallback
-from sparse_lightning.callbacks.reselection_schedule import ReselectionSchedule
+from sparse_lightning.methods.reselection_schedule import ReselectionSchedule
 from sparse_lightning.modules import SequenceClassificationModule
 from sparse_lightning.sparse import sparse_delta_layers
 from sparse_lightning.sparse.optim import SM3, seed_slots_
@@ -69,8 +68,8 @@ def constructed(regrowth: str = "gradient", k: int = 3, seed: int = 0):
 
 def window(callback: PruneRegrowCallback, layer, grads: list[torch.Tensor]) -> None:
     """Feed a window's dense weight gradients through the observer, as backward would."""
-    callback._stats = {}
-    observe = callback._observer("0", layer)
+    callback.cycle._stats = {}
+    observe = callback.cycle._observer("0", layer)
     for grad in grads:
         observe(grad)
 
@@ -85,12 +84,11 @@ def test_initial_indices_are_random_unique_and_seeded():
 def test_regrowth_takes_largest_accumulated_gradients_and_seeds_adam():
     model, callback, layer = constructed()
     optimizer = torch.optim.AdamW([layer.delta_values], lr=0.1, betas=(0.9, 0.99))
-    trainer = SimpleNamespace(optimizers=[optimizer], accumulate_grad_batches=1)
 
     # First reselection: every slot moves to the top-|accumulated gradient| candidates of the first micro-batch.
     g1 = torch.tensor([[5.0, 0, 0, 0], [0, -4.0, 0, 0], [0, 0, 3.0, 0.1]])
     window(callback, layer, [g1, g1])
-    callback._reselect(trainer, {"0": layer}, step=2)
+    callback.cycle.reselect({"0": layer}, 2, optimizer)
     assert sorted(layer.delta_indices.tolist()) == [0, 5, 10]
     assert callback.history[0]["replaced"] == {"0": 3}
 
@@ -110,7 +108,7 @@ def test_regrowth_takes_largest_accumulated_gradients_and_seeds_adam():
     m2 = torch.zeros(3, 4)
     m2.view(-1)[[1, 2, 3, 4]] = torch.tensor([0.5, -1.5, 4.0, 50.0])  # entry 4 was not a candidate
     window(callback, layer, [m1, m2])
-    callback._reselect(trainer, {"0": layer}, step=6)
+    callback.cycle.reselect({"0": layer}, 6, optimizer)
     assert callback.history[1]["fraction"] == pytest.approx(0.8 * (1 - 6 / 1000))
     assert sorted(layer.delta_indices.tolist()) == [0, 1, 3]
     assert layer.delta_values[keep_slot] == 0.5 and int(layer.delta_indices[keep_slot]) == 0
@@ -131,7 +129,7 @@ def test_statistics_stay_fp32_for_bf16_gradients():
     _, callback, layer = constructed()
     grads = [torch.randn(3, 4).bfloat16() for _ in range(300)]  # a bf16 counter would stop at 256
     window(callback, layer, grads)
-    stats = callback._stats["0"]
+    stats = callback.cycle._stats["0"]
     assert stats["sum"].dtype == stats["square_sum"].dtype == torch.float32
     assert int(stats["count"]) == 300
 
@@ -159,7 +157,7 @@ def test_sm3_keeps_row_and_column_maxima_and_momentum_regrowth_uses_them():
     assert sum(s.numel() for s in optimizer.state[layer.delta_values].values()) == 3 + 4 + 3  # rows, columns, momentum
 
     # Every slot moves on the first reselection: the three largest row x column products among all entries.
-    callback._reselect(SimpleNamespace(optimizers=[optimizer], accumulate_grad_batches=1), {"0": layer}, step=2)
+    callback.cycle.reselect({"0": layer}, 2, optimizer)
     assert sorted(layer.delta_indices.tolist()) == [6, 7, 10]  # (1,2)=81, (1,3)=36, (2,2)=36 beat (2,3)=16
     assert layer.delta_values.tolist() == [0.0, 0.0, 0.0]
 

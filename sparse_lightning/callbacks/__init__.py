@@ -1,9 +1,11 @@
-"""Sparse fine-tuning methods as Lightning callbacks, one file per method."""
+"""Sparse fine-tuning methods as Lightning callbacks, one file per method (named by its `method` string); the
+algorithms they drive are plain functions in `sparse_lightning.methods`."""
 
 from sparse_lightning.callbacks.base import ElementSparseCallback, SparseMethodCallback
-from sparse_lightning.callbacks.gradient_topk import GradientTopKCallback
-from sparse_lightning.callbacks.prune_regrow import PruneRegrowCallback
+from sparse_lightning.callbacks.random_mask import RandomMaskCallback
 from sparse_lightning.callbacks.s2ft import S2FTStructureCallback
+from sparse_lightning.callbacks.sift import GradientTopKCallback
+from sparse_lightning.callbacks.spiel import PruneRegrowCallback
 
-__all__ = ["ElementSparseCallback", "GradientTopKCallback", "PruneRegrowCallback", "S2FTStructureCallback",
-           "SparseMethodCallback"]
+__all__ = ["ElementSparseCallback", "GradientTopKCallback", "PruneRegrowCallback", "RandomMaskCallback",
+           "S2FTStructureCallback", "SparseMethodCallback"]

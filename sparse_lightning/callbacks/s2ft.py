@@ -4,8 +4,8 @@ train dense blocks on them with partial back-propagation.
 Everything happens in `attach`, from the module's `configure_model`, before the strategy wraps or shards the
 model and before the optimizer exists: the selection (random, weight norm, or from calibration batches of
 the training data), the co-permutation, and block layers of a size fixed by the ratios/counts. Data-driven
-strategies read the first `calibration_batches` training batches of the datamodule there (the model is still
-whole on every rank, so this works under DDP and FSDP2 alike); statistics are summed over ranks and the
+selections read the first `calibration_batches` training batches from the module's `Calibration` there (the model
+is still whole on every rank, so this works under DDP and FSDP2 alike); statistics are summed over ranks and the
 selection is broadcast from rank 0, so every rank permutes identically. A selection can be saved to a JSON file
 and loaded instead (e.g. computed once on one process for a large sharded run).
 
@@ -13,7 +13,7 @@ The checkpoint holds the permuted base weights, the blocks, their original-layou
 co-permutation record of every group, so resuming restores the exact state and export can un-permute. A
 resumed run selects again before the checkpoint overwrites that selection, so block shapes must come out the
 same: they always do with uniform allocation; with allocation='global' and a data-driven strategy, resume with
-`load_selection` pointing at the file `save_selection` wrote. Outside `fit` nothing is attached: a checkpoint
+`load_selection` pointing at the file `save_selection` wrote. The module attaches only when fitting: a checkpoint
 being evaluated brings its own blocks and permutation.
 """
 
@@ -21,27 +21,25 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from sparse_lightning.callbacks.base import SparseMethodCallback, _distributed
+from sparse_lightning.callbacks.base import SparseMethodCallback
+from sparse_lightning.distributed import all_reduce_sum_, broadcast_from_rank_zero_, is_rank_zero
+from sparse_lightning.methods.calibration import Calibration, require
 from sparse_lightning.sparse.block import ColumnBlockLinear, RowBlockLinear, block_delta_layers
 from sparse_lightning.structure.families import COLUMN_ROLES, KV_ROLES, CoupledGroup, base_linear, find_groups
 from sparse_lightning.structure.permute import expand, permute_group, role_order
 from sparse_lightning.structure.scores import activation_scores, gradient_scores, weight_scores
 from sparse_lightning.structure.select import GQAMode, allocate_global, choose_units, gqa_count_error, selection_order
 
-Strategy = Literal["random", "weight", "activation", "weight_activation", "gradient"]
-STRATEGIES = ("random", "weight", "activation", "weight_activation", "gradient")
+SelectBy = Literal["random", "weight", "activation", "weight_activation", "gradient"]
+SELECT_BY = ("random", "weight", "activation", "weight_activation", "gradient")
 HEAD_ROLES, CHANNEL_ROLES = ("o", "v"), ("down", "up", "gate")
 SELECTION_FORMAT = "sparse_lightning.s2ft_selection/1"
 #: Paper defaults (LLaMA-7B): 5.2% of heads for o, 2% of channels for down.
@@ -64,7 +62,24 @@ class S2FTStructureCallback(SparseMethodCallback):
     Budgets are per layer: `head_ratio`/`num_heads` (query heads; under gqa='groups' ratios round to whole
     KV groups and counts must be multiples of the group size) and `channel_ratio`/`num_channels`.
     `allocation='global'` keeps the same total but gives it to the best (layer, unit) pairs over all layers.
-    `strategy` ranks units (see `sparse_lightning.structure.scores`); `order` picks the largest or smallest.
+    `select_by` ranks units (see `sparse_lightning.structure.scores`); `order` picks the largest or smallest.
+
+    Args:
+        head_ratio: share of query heads per layer whose o columns (and v rows) train (default 0.052).
+        num_heads: query heads per layer instead of a ratio.
+        channel_ratio: share of FFN channels per layer whose down columns (and up/gate rows) train (default 0.02).
+        num_channels: FFN channels per layer instead of a ratio.
+        train: projections to train among o, v (heads) and down, up, gate (channels); default [o, down].
+        allocation: "uniform" (the same count per layer) or "global" (the best units over all layers).
+        select_by: "random", "weight" (norm), "activation", "weight_activation" or "gradient" (calibration data).
+        order: keep the "largest" or the "smallest" scores.
+        calibration_batches: training batches read by data-driven selections.
+        seed: draws the random selection.
+        gqa: under grouped-query attention, select whole KV "groups" or single query "heads".
+        load_selection: a JSON selection written by `save_selection` (replaces selecting; counts must match).
+        save_selection: write the selection to this JSON file.
+        dense_modules: modules trained densely (default: the task module's new heads).
+        strategy: deprecated name of `select_by`.
     """
 
     method = "s2ft"
@@ -77,7 +92,7 @@ class S2FTStructureCallback(SparseMethodCallback):
         num_channels: int | None = None,
         train: list[str] | None = None,
         allocation: Literal["uniform", "global"] = "uniform",
-        strategy: Strategy = "random",
+        select_by: SelectBy = "random",
         order: Literal["largest", "smallest"] = "largest",
         calibration_batches: int = 4,
         seed: int = 0,
@@ -85,8 +100,13 @@ class S2FTStructureCallback(SparseMethodCallback):
         load_selection: str | None = None,
         save_selection: str | None = None,
         dense_modules: list[str] | None = None,
+        strategy: SelectBy | None = None,
     ) -> None:
         super().__init__(dense_modules)
+        if strategy is not None:
+            warnings.warn("S2FTStructureCallback(strategy=...) is deprecated (it clashes with the Trainer's strategy): "
+                          "use select_by=...", DeprecationWarning, stacklevel=2)
+            select_by = strategy
         self.train = list(train) if train is not None else ["o", "down"]
         unknown = [r for r in self.train if r not in HEAD_ROLES + CHANNEL_ROLES]
         if unknown or not self.train:
@@ -99,7 +119,7 @@ class S2FTStructureCallback(SparseMethodCallback):
             if any(v is not None for v in given) and not set(roles) & set(self.train):
                 raise ValueError(f"a {kind} budget is set but train={self.train} has no {kind} projection "
                                  f"({' / '.join(roles)}): add one to train or drop the budget")
-        choices = {"allocation": (allocation, ("uniform", "global")), "strategy": (strategy, STRATEGIES),
+        choices = {"allocation": (allocation, ("uniform", "global")), "select_by": (select_by, SELECT_BY),
                    "order": (order, ("largest", "smallest")), "gqa": (gqa, ("groups", "heads"))}
         for name, (value, allowed) in choices.items():
             if value not in allowed:
@@ -108,36 +128,29 @@ class S2FTStructureCallback(SparseMethodCallback):
             raise ValueError(f"calibration_batches must be >= 1, got {calibration_batches}")
         self.head_ratio, self.num_heads = head_ratio, num_heads
         self.channel_ratio, self.num_channels = channel_ratio, num_channels
-        self.allocation, self.strategy, self.order, self.gqa = allocation, strategy, order, gqa
+        self.allocation, self.select_by, self.order, self.gqa = allocation, select_by, order, gqa
         self.calibration_batches, self.seed = calibration_batches, seed
         self.load_selection, self.save_selection = load_selection, save_selection
-        self._trainer: pl.Trainer | None = None
 
-    # ------------------------------------------------------------------------------------------ lifecycle
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._trainer = trainer  # attach runs next, from configure_model, and may read calibration batches
-
-    def attach(self, model: nn.Module, batches: Iterable[dict[str, Any]] | None = None,
-               loss_fn: Callable[[dict[str, Any]], Tensor] | None = None) -> None:
-        """Select, co-permute and add the blocks. Without a Trainer, data-driven strategies need `batches`
-        (and `loss_fn`, by default `model(**batch).loss`)."""
+    def attach(self, model: nn.Module, calibration: Calibration | None = None) -> None:
+        """Select, co-permute and add the blocks. Data-driven selections read `calibration` (from the module under
+        a Trainer; `Calibration.from_batches(model, batches)` without one)."""
         if block_delta_layers(model):
-            return
-        trainer = self._trainer
-        if trainer is not None and trainer.state.fn != TrainerFn.FITTING:
             return
         every_group = find_groups(model)
         self._check_roles(model, every_group)
         groups = [g for g in every_group if self.roles(g)]
         if self.load_selection:
             selection = read_selection(self.load_selection, groups)
+            self._check_loaded_counts(groups, selection)
+            how = f"loaded from {self.load_selection}:"
         else:
-            selection = self._broadcast(groups, self.select(model, groups, batches, loss_fn))
-            if self.save_selection and (not _distributed() or dist.get_rank() == 0):
+            selection = self._broadcast(groups, self.select(model, groups, calibration))
+            if self.save_selection and is_rank_zero():
                 write_selection(self.save_selection, model, groups, selection, self.describe())
+            how = f"{self.select_by} ({self.order}) selection,"
         added = self.apply(model, groups, selection)
-        rank_zero_info(f"S2FT: {self.strategy} ({self.order}) selection, {added:,} trainable block entries in "
+        rank_zero_info(f"S2FT: {how} {added:,} trainable block entries in "
                        f"{len(block_delta_layers(model))} projections of {len({g.layer for g in groups})} layers")
 
     def roles(self, group: CoupledGroup) -> list[str]:
@@ -169,32 +182,44 @@ class S2FTStructureCallback(SparseMethodCallback):
         step = group.group_size if heads and self.gqa == "groups" else 1
         return max(1, round(ratio * group.num_units / step)) * step
 
-    def scores(self, model: nn.Module, groups: list[CoupledGroup], batches: Iterable[dict[str, Any]] | None,
-               loss_fn: Callable[[dict[str, Any]], Tensor] | None) -> dict[str, Tensor]:
+    def _check_loaded_counts(self, groups: list[CoupledGroup], selection: dict[str, list[int]]) -> None:
+        """A loaded selection must train what the configured budget asks (when one is set explicitly)."""
+        for group in groups:
+            heads = group.kind == "heads"
+            budget = (self.num_heads, self.head_ratio) if heads else (self.num_channels, self.channel_ratio)
+            if budget == (None, None):
+                continue
+            wanted, loaded = self.count(group), len(selection.get(group.owner, []))
+            if self.allocation == "uniform" and wanted != loaded:
+                noun = "query heads" if heads else "FFN channels"
+                raise ValueError(f"{self.load_selection} selects {loaded} {noun} in {group.owner} but the budget asks "
+                                 f"for {wanted}: drop the budget to use the file's counts, or save a new selection")
+
+    def scores(self, model: nn.Module, groups: list[CoupledGroup], calibration: Calibration | None) -> dict[str, Tensor]:
         """One score per unit and group, higher = preferred (negated for order='smallest')."""
-        if self.strategy == "random":
+        if self.select_by == "random":
             generator = torch.Generator().manual_seed(self.seed)
             scores = {g.owner: torch.rand(g.num_units, generator=generator, dtype=torch.float64) for g in groups}
         else:
             roles = sorted({r for g in groups for r in self.roles(g)})
-            if self.strategy == "weight":
+            if self.select_by == "weight":
                 scores = weight_scores(model, groups, roles)
             else:
-                batches, loss_fn = self._calibration(model, batches, loss_fn)
-                with self._loss_on(model):
-                    if self.strategy == "gradient":
-                        scores = gradient_scores(model, groups, roles, batches, loss_fn, _all_reduce)
-                    else:
-                        scores = activation_scores(model, groups, batches, loss_fn, _all_reduce)
-                if self.strategy == "weight_activation":
+                calibration = require(calibration, f"S2FT select_by={self.select_by!r}")
+                batches, loss_fn = calibration.batches(self.calibration_batches), calibration.loss_fn
+                if self.select_by == "gradient":
+                    scores = gradient_scores(model, groups, roles, batches, loss_fn, _all_reduce)
+                else:
+                    scores = activation_scores(model, groups, batches, loss_fn, _all_reduce)
+                if self.select_by == "weight_activation":
                     weights = weight_scores(model, groups, roles)
                     scores = {owner: score * weights[owner] for owner, score in scores.items()}
         return {owner: -s if self.order == "smallest" else s for owner, s in scores.items()}
 
-    def select(self, model: nn.Module, groups: list[CoupledGroup], batches: Iterable[dict[str, Any]] | None = None,
-               loss_fn: Callable[[dict[str, Any]], Tensor] | None = None) -> dict[str, list[int]]:
+    def select(self, model: nn.Module, groups: list[CoupledGroup],
+               calibration: Calibration | None = None) -> dict[str, list[int]]:
         """Selected units (query heads / channels, original indices) per group owner."""
-        scores = self.scores(model, groups, batches, loss_fn)
+        scores = self.scores(model, groups, calibration)
         counts = {g.owner: self.count(g) for g in groups}
         if self.allocation == "global":
             for kind in ("heads", "channels"):
@@ -205,39 +230,8 @@ class S2FTStructureCallback(SparseMethodCallback):
         return {g.owner: choose_units(g, scores[g.owner], counts[g.owner], self.gqa)
                 for g in groups if counts[g.owner]}
 
-    def _calibration(self, model: nn.Module, batches, loss_fn):
-        if batches is None:
-            trainer = self._trainer
-            if trainer is None:
-                raise ValueError(f"strategy={self.strategy!r} needs calibration batches: attach under Trainer.fit "
-                                 "(the first calibration_batches training batches are used) or pass batches=...")
-            source = trainer.datamodule.train_dataloader() if trainer.datamodule else \
-                trainer.fit_loop._data_source.dataloader()
-            batches = [batch for _, batch in zip(range(self.calibration_batches), source)]
-        device = next(model.parameters()).device
-        batches = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in b.items()} for b in batches]
-        if loss_fn is None:
-            module = self._trainer.lightning_module if self._trainer is not None else None
-            loss_fn = module.compute_loss if module is not None else (lambda batch: model(**batch).loss)
-        return batches, loss_fn
-
-    @contextmanager
-    def _loss_on(self, model: nn.Module):
-        """The LightningModule's `compute_loss` reads `self.model`, which configure_model sets only after attach."""
-        module = self._trainer.lightning_module if self._trainer is not None else None
-        if module is None or getattr(module, "model", None) is not None:
-            yield
-            return
-        module.model = model
-        try:
-            yield
-        finally:
-            module.model = None
-
     def _broadcast(self, groups: list[CoupledGroup], selection: dict[str, list[int]]) -> dict[str, list[int]]:
         """Rank 0's selection on every rank (scores are reduced already; this makes ties bitwise safe)."""
-        if not _distributed():
-            return selection
         masks = torch.zeros(sum(g.num_units for g in groups), dtype=torch.int32)
         offsets = {}
         offset = 0
@@ -245,9 +239,7 @@ class S2FTStructureCallback(SparseMethodCallback):
             offsets[g.owner] = offset
             masks[[offset + u for u in selection.get(g.owner, [])]] = 1
             offset += g.num_units
-        masks = _to_collective(masks)
-        dist.broadcast(masks, src=0)
-        masks = masks.cpu()
+        broadcast_from_rank_zero_(masks)
         chosen = {g.owner: torch.nonzero(masks[offsets[g.owner]:offsets[g.owner] + g.num_units]).flatten().tolist()
                   for g in groups}
         return {owner: units for owner, units in chosen.items() if units}
@@ -278,25 +270,14 @@ class S2FTStructureCallback(SparseMethodCallback):
     def describe(self) -> dict[str, Any]:
         settings = {"head_ratio": self.head_ratio, "num_heads": self.num_heads, "channel_ratio": self.channel_ratio,
                     "num_channels": self.num_channels, "train": self.train, "allocation": self.allocation,
-                    "strategy": self.strategy, "order": self.order, "gqa": self.gqa, "seed": self.seed,
+                    "select_by": self.select_by, "order": self.order, "gqa": self.gqa, "seed": self.seed,
                     "calibration_batches": self.calibration_batches, "load_selection": self.load_selection}
         return {"method": self.method, **{k: v for k, v in settings.items() if v is not None}}
 
 
-def _to_collective(tensor: Tensor) -> Tensor:
-    """NCCL reduces CUDA tensors only; gloo takes CPU ones."""
-    if dist.get_backend() == "nccl":
-        return tensor.to(torch.device("cuda", torch.cuda.current_device()))
-    return tensor
-
-
 def _all_reduce(tensor: Tensor) -> Tensor:
-    """Sum a statistic over ranks (it comes back on the device it came from)."""
-    if not _distributed():
-        return tensor
-    reduced = _to_collective(tensor.clone())
-    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-    return reduced.to(tensor.device)
+    """Sum a statistic over ranks into a copy (scores must not alias the model's gradients)."""
+    return all_reduce_sum_(tensor.clone())
 
 
 def write_selection(path: str | Path, model: nn.Module, groups: list[CoupledGroup], selection: dict[str, list[int]],
@@ -324,5 +305,7 @@ def read_selection(path: str | Path, groups: list[CoupledGroup]) -> dict[str, li
         units = [int(u) for u in entry["units"]]
         if not all(0 <= u < group.num_units for u in units):
             raise ValueError(f"{path}: {owner} selects units outside 0..{group.num_units - 1}")
+        if len(set(units)) != len(units):
+            raise ValueError(f"{path}: {owner} selects some units twice ({sorted(units)}): each unit at most once")
         selection[owner] = units
     return selection

@@ -1,22 +1,26 @@
 """The LightningModule every task module stands on: load the HF model, attach a method, optimise.
 
 No sparse callback on the trainer means full fine-tuning; `lora=...` means the PEFT LoRA baseline;
-otherwise each `SparseMethodCallback` attaches its deltas in `configure_model`, before the strategy
-wraps or shards the model, and the optimizer only ever sees trainable parameters.
+otherwise the one `SparseMethodCallback` attaches its deltas in `configure_model` (when fitting), before the
+strategy wraps or shards the model, and the optimizer only ever sees trainable parameters. `_attach` is the one
+place that decides what trains.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from sparse_lightning.callbacks.base import SparseMethodCallback
+from sparse_lightning.methods.calibration import Calibration
 from sparse_lightning.modules.fsdp2 import fully_shard_model
 from sparse_lightning.modules.lora import LoRASettings, apply_lora
 from sparse_lightning.modules.schedules import Schedule, warmup_then_decay
@@ -70,8 +74,21 @@ class SparseFineTuningModule(LightningModule):
         """Training loss of one batch; also what calibration passes differentiate."""
         raise NotImplementedError
 
+    @property
+    def attached_trainer(self) -> Trainer | None:
+        """The trainer running this module, or None (Lightning's `trainer` property raises when there is none)."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
+
+    @property
+    def attached_datamodule(self) -> LightningDataModule | None:
+        trainer = self.attached_trainer
+        return trainer.datamodule if trainer is not None else None
+
     def sparse_callbacks(self) -> list[SparseMethodCallback]:
-        trainer = self._trainer
+        trainer = self.attached_trainer
         return [cb for cb in trainer.callbacks if isinstance(cb, SparseMethodCallback)] if trainer else []
 
     @property
@@ -79,46 +96,89 @@ class SparseFineTuningModule(LightningModule):
         if self.hparams.lora is not None:
             return "lora"
         callbacks = self.sparse_callbacks()
-        return "+".join(cb.method for cb in callbacks) if callbacks else "full"
+        return callbacks[0].method if callbacks else "full"
+
+    def sparse_method(self) -> SparseMethodCallback | None:
+        """The run's one method: a sparse callback, LoRA (`model.lora`) or neither (full fine-tuning)."""
+        callbacks = self.sparse_callbacks()
+        if len(callbacks) > 1:
+            names = ", ".join(type(cb).__name__ for cb in callbacks)
+            raise ValueError(f"one sparse method per run, got {len(callbacks)}: {names}; keep one callback")
+        if callbacks and self.hparams.lora is not None:
+            raise ValueError(f"choose LoRA (model.lora) or {type(callbacks[0]).__name__}, not both")
+        return callbacks[0] if callbacks else None
 
     def configure_model(self) -> None:
-        callbacks = self.sparse_callbacks()
-        if callbacks and self.hparams.lora is not None:
-            raise ValueError("choose LoRA (model.lora) or a sparse callback, not both")
+        method = self.sparse_method()
+        trainer = self.attached_trainer
+        fitting = trainer is None or trainer.state.fn in (None, TrainerFn.FITTING)  # not validate/test/predict
         if self.model is not None:
-            if callbacks and not self._sparse_attached:
-                self._attach_late(callbacks)
+            if method is not None and fitting and not self._sparse_attached:
+                self._attach_late(method)
             return
         model = self.build_model()
         model.train()  # from_pretrained returns eval mode, and Lightning keeps each module's mode
         if self.hparams.lora is not None:
             model.requires_grad_(False)
             model = apply_lora(model, LoRASettings(**self.hparams.lora), list(default_targets(model)), list(self.head_modules))
-        elif callbacks:
-            self._attach(model, callbacks)
+        self.model = model  # compute_loss reads self.model, and calibration may run during attach
+        if method is not None and fitting:
+            self._attach(method)
         if self.hparams.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if self.device_mesh is not None:
             dtype = getattr(torch, self.hparams.fsdp_param_dtype) if self.hparams.fsdp_param_dtype else None
             fully_shard_model(model, self.device_mesh, dtype)
-        self.model = model
 
-    def _attach(self, model: nn.Module, callbacks: list[SparseMethodCallback]) -> None:
-        for callback in callbacks:
-            callback.attach(model)
-        chosen = [cb.dense_modules for cb in callbacks if cb.dense_modules is not None]
-        freeze_except(model, chosen[0] if chosen else self.head_modules)
+    def _attach(self, method: SparseMethodCallback) -> None:
+        """The one place that decides what trains: the method's deltas, plus its `dense_modules` (default: this
+        module's new heads); everything else is frozen."""
+        method.attach(self.model, self.calibration())
+        freeze_except(self.model, method.dense_modules if method.dense_modules is not None else self.head_modules)
         self._sparse_attached = True
 
-    def _attach_late(self, callbacks: list[SparseMethodCallback]) -> None:
-        """The model was built by an earlier validate/test without the method's callback (a baseline
-        evaluation, say); attach now, or this fit would silently train every parameter."""
+    def _attach_late(self, method: SparseMethodCallback) -> None:
+        """The model was built by an earlier validate/test without the method (a baseline evaluation, say);
+        attach now, or this fit would silently train every parameter."""
         if self.device_mesh is not None:
-            methods = ", ".join(type(cb).__name__ for cb in callbacks)
-            raise RuntimeError(f"the model was built by an earlier run without {methods}, and under a sharding "
-                               "strategy delta layers must exist before the model is sharded: fit a freshly "
+            raise RuntimeError(f"the model was built by an earlier run without {type(method).__name__}, and under a "
+                               "sharding strategy delta layers must exist before the model is sharded: fit a freshly "
                                "constructed module")
-        self._attach(self.model, callbacks)
+        self._attach(method)
+
+    def calibration(self) -> Calibration:
+        """The first training batches, placed by the strategy on the model's device, and the training loss under the
+        precision plugin's forward context: what SIFT and S2FT choose from. Batches come from a fresh training
+        loader, so calibrating never moves the training order."""
+        trainer = self.attached_trainer
+
+        def draw(count: int) -> list[dict[str, Any]]:
+            if trainer is None:
+                raise ValueError("calibration batches come from the trainer's training data: run under Trainer.fit")
+            device = next(self.model.parameters()).device
+            batches = []
+            for batch in self._training_batches(trainer):
+                if len(batches) == count:
+                    break
+                batches.append(trainer.strategy.batch_to_device(batch, device))
+            return batches
+
+        def loss_fn(batch: dict[str, Any]) -> Tensor:
+            if trainer is None:
+                return self.compute_loss(batch)
+            with trainer.precision_plugin.forward_context():
+                return self.compute_loss(batch)
+
+        return Calibration(draw=draw, loss_fn=loss_fn)
+
+    def _training_batches(self, trainer: Trainer) -> Iterable[Any]:
+        if trainer.datamodule is not None:
+            return trainer.datamodule.train_dataloader()
+        if trainer.train_dataloader is not None:  # set once fitting runs (SIFT chooses at on_train_start)
+            return trainer.train_dataloader
+        raise ValueError("calibration batches are drawn from the training data before it is loaded: pass a "
+                         "LightningDataModule to Trainer.fit (datamodule=...), or choose without data "
+                         "(S2FT select_by='random' or 'weight', or load_selection)")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # `load_from_checkpoint` builds the module without a trainer (so without callbacks): recreate
@@ -151,7 +211,7 @@ class SparseFineTuningModule(LightningModule):
     def loader_names(self, stage: str) -> list[str]:
         """The datamodule's names for its `stage` loaders (`val_set_names`, `test_set_names`; test falls
         back to the validation names, as GLUE evaluates on its dev sets)."""
-        datamodule = self._trainer.datamodule if self._trainer else None
+        datamodule = self.attached_datamodule
         names = getattr(datamodule, f"{stage}_set_names", None)
         if names is None and stage == "test":
             names = getattr(datamodule, "val_set_names", None)

@@ -71,7 +71,7 @@ class CausalLMModule(SparseFineTuningModule):
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The datamodule's tokenizer when it has one (same ids as the prompts), else the model's own."""
-        datamodule = self._trainer.datamodule if self._trainer else None
+        datamodule = self.attached_datamodule
         if getattr(datamodule, "tokenizer", None) is not None:
             return datamodule.tokenizer
         if self._tokenizer is None:

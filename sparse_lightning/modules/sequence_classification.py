@@ -45,7 +45,7 @@ class SequenceClassificationModule(SparseFineTuningModule):
     def _task_from_datamodule(self) -> None:
         """Unset `num_labels`/`metric` come from the datamodule (GLUE knows its task); they are then
         saved with the hyper-parameters, so a checkpoint reloads without it."""
-        datamodule = self._trainer.datamodule if self._trainer else None
+        datamodule = self.attached_datamodule
         for name, default in (("num_labels", 2), ("metric", "accuracy")):
             if self.hparams[name] is None:
                 self.hparams[name] = getattr(datamodule, name, None) or default

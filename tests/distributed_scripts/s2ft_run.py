@@ -62,7 +62,7 @@ def run(model_dir: str, output: Path, strategy: str = "auto", devices: int = 1, 
                                 max_length=32)
     module = SequenceClassificationModule(model_dir, optimizer=functools.partial(torch.optim.AdamW, lr=1e-2),
                                           lr_schedule="constant")
-    s2ft = S2FTStructureCallback(num_heads=1, num_channels=8, train=["o", "v", "down", "up"], strategy="activation",
+    s2ft = S2FTStructureCallback(num_heads=1, num_channels=8, train=["o", "v", "down", "up"], select_by="activation",
                                  calibration_batches=2)
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, strategy=make_strategy(strategy, devices), max_epochs=1,

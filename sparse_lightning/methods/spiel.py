@@ -1,4 +1,4 @@
-"""SpIEL (Ansell et al., 2024): k trainable entries per weight that periodically drop and regrow.
+"""SpIEL (Ansell et al., 2024) as a plain algorithm: k entries per weight that periodically drop and regrow.
 
 Every S optimizer steps, after an A-step window, the smallest-|delta| slots are dropped and the same
 number of new positions grow in: SpIEL-AG picks the largest accumulated gradients among candidates
@@ -7,6 +7,9 @@ SpIEL-MA picks the largest row x column products of SM3's accumulators (no inact
 New slots start at zero; their optimizer state is re-seeded (AG: Adam moments from the measured
 gradient statistics) or reset. Unlike the reference, statistics are fp32 and all-reduced over ranks
 before anything is chosen, and optimizer state is addressed by slot, so DDP and FSDP2 stay in step.
+
+`PruneRegrow` needs no Trainer: call `start` once the optimizer exists, `before_step(layers, step, optimizer)`
+before each optimizer step's first forward, and `stop` at the end.
 """
 
 from __future__ import annotations
@@ -14,15 +17,14 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import Tensor
 
-from sparse_lightning.callbacks.base import ElementSparseCallback, _distributed, broadcast_from_rank_zero_
-from sparse_lightning.callbacks.reselection_schedule import ReselectionSchedule
-from sparse_lightning.sparse import SparseDeltaLinear, allocate_budget, sparse_delta_layers
+from sparse_lightning.distributed import broadcast_from_rank_zero_, is_distributed
+from sparse_lightning.methods.reselection_schedule import ReselectionSchedule
+from sparse_lightning.sparse import SparseDeltaLinear
 from sparse_lightning.sparse.delta import random_indices
 from sparse_lightning.sparse.optim import SM3, seed_slots_
 from sparse_lightning.sparse.sharding import full_tensor, write_slots_
@@ -30,104 +32,54 @@ from sparse_lightning.sparse.sharding import full_tensor, write_slots_
 Regrowth = Literal["gradient", "momentum"]
 
 
-class PruneRegrowCallback(ElementSparseCallback):
-    """SpIEL: drop the smallest deltas and regrow by accumulated gradient ("gradient", SpIEL-AG) or
-    by SM3 row x column momentum ("momentum", SpIEL-MA, needs `sparse_lightning.sparse.optim.SM3`).
+@torch.no_grad()
+def random_initial_indices(layers: dict[str, SparseDeltaLinear], seed: int) -> None:
+    """Uniformly random initial indices from `seed` (the same on every rank)."""
+    generator = torch.Generator().manual_seed(seed)
+    for name in sorted(layers):
+        layer = layers[name]
+        chosen = random_indices(layer.weight_shape.numel(), layer.k, generator)
+        layer.set_indices(chosen.to(layer.delta_indices))
 
-    `density` is a fraction of all the model's parameters (SpIEL's budget), split across the target
-    weights in proportion to their size; `num_params` and `lora_rank` work as for SIFT.
-    `reselection_until` (T) defaults to the run's total optimizer steps.
-    """
 
-    method = "spiel"
+class PruneRegrow:
+    """The drop-and-regrow cycle over a model's delta layers, with its statistics and history."""
 
-    def __init__(
-        self,
-        density: float | None = None,
-        num_params: int | None = None,
-        lora_rank: int | None = None,
-        target_modules: list[str] | None = None,
-        exclude_modules: list[str] | None = None,
-        dense_modules: list[str] | None = None,
-        regrowth: Regrowth = "gradient",
-        reselection_interval: int = 20,
-        accumulation_steps: int = 5,
-        regrow_fraction: float = 0.2,
-        reselection_until: int | None = None,
-        decay: Literal["linear", "cosine"] = "linear",
-        seed: int = 0,
-        plot_path: str | None = None,
-    ) -> None:
-        super().__init__(density, num_params, lora_rank, target_modules, exclude_modules, dense_modules)
+    def __init__(self, regrowth: Regrowth, schedule: ReselectionSchedule) -> None:
         if regrowth not in ("gradient", "momentum"):
             raise ValueError(f"regrowth must be 'gradient' (SpIEL-AG) or 'momentum' (SpIEL-MA), got {regrowth!r}")
-        if reselection_until is not None and reselection_until < 1:
-            raise ValueError(f"reselection_until must be a positive number of optimizer steps, got {reselection_until}")
         self.regrowth = regrowth
-        self.schedule = ReselectionSchedule(reselection_interval, accumulation_steps, regrow_fraction,
-                                            reselection_until or 1_000_000, decay)
-        self.reselection_until = reselection_until
-        self.seed = seed
-        self.plot_path = plot_path
+        self.schedule = schedule
         self.history: list[dict[str, Any]] = []
         self._first_sets: dict[str, Tensor] = {}
         self._stats: dict[str, dict[str, Tensor]] = {}  # AG: candidates, grad sum, square sum, micro-batch count
         self._group: dist.ProcessGroup | None = None  # AG statistics are reduced on their own group, inside backward
         self._last_step = -1
 
-    # -- budget and initial indices ------------------------------------------------------------------
-
-    def allocate(self, model: nn.Module, shapes: list[tuple[int, int]]) -> list[int]:
-        if self.density is None:
-            return super().allocate(model, shapes)
-        total = sum(p.numel() for p in model.parameters())
-        budget = max(1, int(self.density * total))
-        capacity = sum(out * inp for out, inp in shapes)
-        if budget > capacity:
-            raise ValueError(f"density {self.density} of the model's {total:,} parameters is {budget:,} entries, more "
-                             f"than the {len(shapes)} target weights hold ({capacity:,}); use density <= "
-                             f"{capacity / total:.4f} or more target_modules")
-        return allocate_budget(shapes, num_params=max(budget, len(shapes)))
-
-    def initialize(self, layers: dict[str, SparseDeltaLinear]) -> None:
-        """Uniformly random initial indices from `seed` (the same on every rank)."""
-        generator = torch.Generator().manual_seed(self.seed)
-        for name in sorted(layers):
-            layer = layers[name]
-            chosen = random_indices(layer.weight_shape.numel(), layer.k, generator)
-            layer.set_indices(chosen.to(layer.delta_indices))
-
-    def describe(self) -> dict[str, Any]:
-        s = self.schedule
-        return {**super().describe(), "regrowth": self.regrowth, "reselection_interval": s.interval,
-                "accumulation_steps": s.accumulation_steps, "regrow_fraction": s.regrow_fraction,
-                "reselection_until": s.until, "decay": s.decay, "seed": self.seed}
-
-    # -- the training loop ---------------------------------------------------------------------------
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def start(self, layers: dict[str, SparseDeltaLinear], optimizer: torch.optim.Optimizer, device: torch.device,
+              until: int | None = None) -> None:
+        """Before the first step (also after a resume): `until` (T) replaces the schedule's end when given."""
         # statistics restored from a checkpoint come back on the CPU
-        self._stats = {name: {key: t.to(pl_module.device) for key, t in stats.items()} for name, stats in self._stats.items()}
-        if self.reselection_until is None:  # also after a resume: T follows this run's length
-            self.schedule = replace(self.schedule, until=max(1, int(trainer.estimated_stepping_batches)))
+        self._stats = {name: {key: t.to(device) for key, t in stats.items()} for name, stats in self._stats.items()}
+        if until is not None:
+            self.schedule = replace(self.schedule, until=max(1, until))
         if self.regrowth == "momentum":
-            optimizer = trainer.optimizers[0]
             if not isinstance(optimizer, SM3):
                 raise ValueError(f"regrowth='momentum' (SpIEL-MA) scores entries with SM3's accumulators: set the "
                                  f"optimizer to sparse_lightning.sparse.optim.SM3 (got {type(optimizer).__name__})")
-            for layer in sparse_delta_layers(pl_module).values():
+            for layer in layers.values():
                 optimizer.cover_delta(layer.delta_values, layer.delta_indices, tuple(layer.weight_shape))
-        elif _distributed() and self._group is None:
+        elif is_distributed() and self._group is None:
             self._group = dist.new_group()
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        if step == self._last_step:  # a later micro-batch of the same optimizer step
+    def before_step(self, layers: dict[str, SparseDeltaLinear], step: int, optimizer: torch.optim.Optimizer,
+                    accumulate: int = 1) -> None:
+        """Reselect if due, and open or close the statistics window; later micro-batches of a step do nothing."""
+        if step == self._last_step:
             return
         self._last_step = step
-        layers = sparse_delta_layers(pl_module)
         if self.schedule.reselects_at(step):
-            self._reselect(trainer, layers, step)
+            self.reselect(layers, step, optimizer, accumulate)
         if self.regrowth == "gradient":
             if self.schedule.window_starts_at(step):
                 self._stats = {}
@@ -135,13 +87,9 @@ class PruneRegrowCallback(ElementSparseCallback):
             for name, layer in layers.items():
                 layer.weight_grad_observer = self._observer(name, layer) if in_window else None
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for layer in sparse_delta_layers(pl_module).values():
+    def stop(self, layers: dict[str, SparseDeltaLinear]) -> None:
+        for layer in layers.values():
             layer.weight_grad_observer = None
-        if self.plot_path and trainer.is_global_zero and self.history:
-            from sparse_lightning.callbacks.index_history_plot import plot_index_history
-
-            rank_zero_info(f"SpIEL: index-set history written to {plot_index_history(self.history, self.plot_path)}")
 
     # -- SpIEL-AG statistics -------------------------------------------------------------------------
 
@@ -187,10 +135,10 @@ class PruneRegrowCallback(ElementSparseCallback):
     # -- drop and grow -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _reselect(self, trainer: pl.Trainer, layers: dict[str, SparseDeltaLinear], step: int) -> None:
+    def reselect(self, layers: dict[str, SparseDeltaLinear], step: int, optimizer: torch.optim.Optimizer,
+                 accumulate: int = 1) -> None:
+        """Drop and regrow every layer's share now (the first reselection replaces every slot)."""
         fraction = self.schedule.fraction_at(step)
-        optimizer = trainer.optimizers[0]
-        accumulate = trainer.accumulate_grad_batches
         replaced: dict[str, int] = {}
         overlap: dict[str, float] = {}
         for name in sorted(layers):
@@ -254,8 +202,6 @@ class PruneRegrowCallback(ElementSparseCallback):
         mean = stats["sum"][top] / micro_batches * accumulate
         mean_sq = stats["square_sum"][top] / micro_batches * accumulate**2
         return candidates[top], mean, mean_sq
-
-    # -- checkpoints ---------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "first_sets": self._first_sets, "stats": self._stats}

@@ -1,0 +1,45 @@
+"""Rank collectives, in one place: every method selects from the same numbers and the same indices on every rank.
+
+NCCL only reduces CUDA tensors and gloo only CPU ones; `_collective` moves a tensor where the backend wants it
+and the result comes back on the tensor's own device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_rank_zero() -> bool:
+    return not is_distributed() or dist.get_rank() == 0
+
+
+def _collective(tensor: Tensor) -> Tensor:
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    return tensor
+
+
+def all_reduce_sum_(tensor: Tensor) -> Tensor:
+    """Sum a statistic over ranks in place, so every rank selects from the same numbers."""
+    if is_distributed():
+        moved = _collective(tensor)
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+        if moved is not tensor:
+            tensor.copy_(moved)
+    return tensor
+
+
+def broadcast_from_rank_zero_(tensor: Tensor) -> Tensor:
+    """Make a selection bitwise identical on every rank (ties could otherwise break differently)."""
+    if is_distributed():
+        moved = _collective(tensor)
+        dist.broadcast(moved, src=0)
+        if moved is not tensor:
+            tensor.copy_(moved)
+    return tensor
