@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 import sys
+from pathlib import Path
 
 from jsonargparse import ArgumentParser
 from lightning.pytorch import LightningModule, Trainer
@@ -23,6 +26,20 @@ class SaveConfigToRunDirectory(SaveConfigCallback):
 
 class SparseLightningCLI(LightningCLI):
     """Prints the final metrics, so a run ends with the number it was for."""
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the model's class path from the checkpoint and jsonargparse imports it: read the file with
+        # weights_only=True first and import only this package's classes or the one the config names.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():  # Lightning also takes "last", "best", ...
+            from sparse_lightning.export import module_class_for, read_checkpoint
+
+            named = read_checkpoint(ckpt_path).get("hyper_parameters", {}).get("_class_path")
+            configured = self.config[subcommand].get("model.class_path")
+            if named is not None:
+                module_class_for(ckpt_path, named, trusted=configured if named == configured else None)
+        super()._parse_ckpt_path()
 
     def _report(self) -> None:
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()
@@ -47,12 +64,50 @@ def export_main(argv: list[str]) -> None:
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by sparse-lightning fit")
     parser.add_argument("--output", required=True, help="directory for delta.safetensors + delta_config.json")
     parser.add_argument("--merged", type=bool, default=False, help="also write a merged plain HF model to OUTPUT/merged")
+    parser.add_argument("--module_class", type=str, default=None,
+                        help="LightningModule class to rebuild the checkpoint with, when it is not one of "
+                             "sparse_lightning's (a class a checkpoint names is imported only from sparse_lightning)")
     args = parser.parse_args(argv)
-    for kind, path in export_checkpoint(args.ckpt_path, args.output, merged=args.merged).items():
+    written = export_checkpoint(args.ckpt_path, args.output, merged=args.merged, module_class=args.module_class)
+    for kind, path in written.items():
         print(f"wrote {kind}: {path}")
 
 
+#: Errors that mean "change your input", reported as one line; anything else keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, pickle.UnpicklingError)
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The sentence to show for a bad input: the innermost user error in the chain (jsonargparse wraps a class's own
+    ValueError into "Does not validate against any of the Union subtypes"), or None for a bug."""
+    found = None
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, USER_ERRORS):
+            found = error
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    if found is None:
+        return None
+    return str(found).strip() or type(found).__name__
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The `sparse-lightning` command. From the command line (argv None) a bad input ends with one line on stderr and
+    exit status 1 (`SPARSE_LIGHTNING_TRACEBACK=1` shows the traceback); from Python, errors are raised."""
+    if argv is not None:
+        return _run(argv)
+    try:
+        _run(None)
+    except Exception as error:
+        message = user_error_message(error)
+        if message is None or os.environ.get("SPARSE_LIGHTNING_TRACEBACK"):
+            raise
+        print(f"sparse-lightning: error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _run(argv: list[str] | None) -> None:
     command = sys.argv[1:] if argv is None else argv
     if command and command[0] == "export":
         export_main(command[1:])

@@ -3,19 +3,27 @@
 The delta file holds, per target weight, flat row-major `indices` and fp32 `values` in the HF
 model's own parameter names (S2FT: the original-layout `columns` or `rows` and a dense fp32 `block`,
 already un-permuted), plus every densely trained parameter (e.g. the classifier) in full.
-`apply_delta` adds such a file onto a freshly loaded base model.
+`apply_delta` checks such a file completely, then adds it onto a freshly loaded base model.
+
+Nothing read here runs code: checkpoints load with `torch.load(weights_only=True)`, delta files are
+safetensors and JSON, and the module class a checkpoint names is imported only from this package
+(or a class the caller names explicitly).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from sparse_lightning.sparse import merge_and_unwrap, sparse_delta_layers
 from sparse_lightning.sparse.block import block_delta_layers
@@ -23,7 +31,23 @@ from sparse_lightning.structure import restore_original_layout
 
 DELTA_WEIGHTS = "delta.safetensors"
 DELTA_CONFIG = "delta_config.json"
-FORMAT = "sparse_lightning.delta/1"
+FORMAT_NAME = "sparse_lightning.delta"
+FORMAT_VERSION = 1
+FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
+#: Module classes a checkpoint may name without the caller vouching for them: this package's own.
+TRUSTED_MODULE_PACKAGE = "sparse_lightning"
+_DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is refused: unreadable, needing code to load, foreign, or holding non-finite deltas."""
+
+
+class DeltaFileError(ValueError):
+    """A delta directory that fails validation; nothing was changed."""
+
+
+# ------------------------------------------------------------------------------------------------- writing
 
 
 def delta_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -45,56 +69,259 @@ def delta_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
 def export_delta(model: nn.Module, output: str | Path, metadata: dict[str, Any], dense: list[str]) -> Path:
     """Write `delta.safetensors` and `delta_config.json`; `dense` names fully trained HF parameters."""
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
     tensors, targets = delta_tensors(model)
     params = dict(model.named_parameters())
     for name in dense:
         tensors[name] = params[name].detach().cpu().contiguous()
+    _require_finite(tensors, f"the delta for {output}")
+    output.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(output / DELTA_WEIGHTS))
     config = {"format": FORMAT, **metadata, "targets": targets, "dense": dense}
     (output / DELTA_CONFIG).write_text(json.dumps(config, indent=2))
+    _readable_by_all(output / DELTA_WEIGHTS, output / DELTA_CONFIG)
     return output
+
+
+def _require_finite(tensors: dict[str, Tensor], what: str) -> None:
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"refusing to write {what}: {name} holds {bad} non-finite value(s) (NaN/Inf); "
+                             "the run diverged: train again with a lower learning rate")
+
+
+def _readable_by_all(*paths: Path) -> None:
+    """The mode a plainly created file gets (0644 under the usual umask 022): safetensors and some writers use 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in paths:
+        os.chmod(path, 0o666 & ~umask)
+
+
+# ------------------------------------------------------------------------------------------------- applying
 
 
 @torch.no_grad()
 def apply_delta(model: nn.Module, delta_dir: str | Path) -> nn.Module:
-    """Add an exported delta onto a plain base model in place (the model then equals the merged one)."""
-    delta_dir = Path(delta_dir)
-    config = json.loads((delta_dir / DELTA_CONFIG).read_text())
-    tensors = load_file(str(delta_dir / DELTA_WEIGHTS))
-    params = dict(model.named_parameters())
-    for name, target in config["targets"].items():
-        weight = params.get(target["weight"])
-        if weight is None or list(weight.shape) != target["shape"]:
-            raise ValueError(f"{delta_dir}: target {target['weight']} of shape {target['shape']} does not exist in "
-                             f"this model; was the delta trained on {config.get('base_model')}?")
-        kind = target.get("kind", "entries")
-        if kind == "entries":
-            flat = weight.view(-1)
-            flat.index_add_(0, tensors[f"{name}.indices"].to(flat.device), tensors[f"{name}.values"].to(flat))
-        else:  # an S2FT block on original-layout columns or rows
-            index = tensors[f"{name}.{kind}"].to(weight.device)
-            weight.index_add_(1 if kind == "columns" else 0, index, tensors[f"{name}.block"].to(weight))
-    for name in config["dense"]:
-        params[name].copy_(tensors[name])
+    """Add an exported delta onto a plain base model in place (the model then equals the merged one).
+
+    The whole directory is checked first (format and version, every target weight and its shape, index range,
+    uniqueness and count, finite values, the dense parameters); any problem raises `DeltaFileError` naming the file,
+    the tensor and the problem, and leaves the model untouched. Low-precision weights get the delta added in fp32 and
+    rounded once.
+    """
+    updates = _checked_updates(model, Path(delta_dir))
+    for weight, dim, index, delta in updates:
+        if dim is None:  # a dense parameter, replaced
+            weight.copy_(delta)
+        else:
+            _add_rounding_once(weight, dim, index, delta)
     return model
 
 
-def load_trained_module(ckpt_path: str | Path):
-    """Rebuild the LightningModule a sparse-lightning checkpoint was saved from (on CPU)."""
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+def _add_rounding_once(weight: Tensor, dim: int, index: Tensor, delta: Tensor) -> None:
+    """`weight[index along dim] += delta`, summed in fp32 and rounded to weight's dtype once (index is unique)."""
+    target = weight.view(-1) if dim == -1 else weight
+    along = 0 if dim == -1 else dim
+    index = index.to(device=target.device, dtype=torch.long)
+    summed = target.index_select(along, index).float() + delta.to(device=target.device, dtype=torch.float32)
+    target.index_copy_(along, index, summed.to(target.dtype))
+
+
+def _checked_updates(model: nn.Module, delta_dir: Path) -> list[tuple[Tensor, int | None, Tensor | None, Tensor]]:
+    """Everything `apply_delta` will do, as (weight, dim or None, index, delta), after checking all of it."""
+    config_path, weights_path = delta_dir / DELTA_CONFIG, delta_dir / DELTA_WEIGHTS
+
+    def fail(where: Path, problem: str) -> DeltaFileError:
+        return DeltaFileError(f"{where}: {problem}; the model was not changed")
+
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise fail(path, "no such file (a delta directory holds delta_config.json and delta.safetensors)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise fail(config_path, f"not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise fail(config_path, f"expected a JSON object, got {type(config).__name__}")
+    fmt = config.get("format")
+    if not isinstance(fmt, str) or not fmt.startswith(FORMAT_NAME + "/"):
+        raise fail(config_path, f"format {fmt!r} is not a sparse-lightning delta (expected {FORMAT!r})")
+    if fmt != FORMAT:
+        raise fail(config_path, f"format version {fmt.rpartition('/')[2]!r} is not supported (this version reads "
+                                f"{FORMAT!r})")
+    targets, dense = config.get("targets"), config.get("dense", [])
+    if not isinstance(targets, dict):
+        raise fail(config_path, "'targets' must be an object of target weights")
+    if not isinstance(dense, list) or not all(isinstance(name, str) for name in dense):
+        raise fail(config_path, "'dense' must be a list of parameter names")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise fail(weights_path, f"not a readable safetensors file ({error})") from None
+
+    params = dict(model.named_parameters())
+    base = config.get("base_model")
+    expected_keys: set[str] = set()
+    updates: list[tuple[Tensor, int | None, Tensor | None, Tensor]] = []
+
+    def tensor(key: str, *, integer: bool, ndim: int) -> Tensor:
+        if key not in tensors:
+            raise fail(weights_path, f"tensor {key!r} is missing")
+        value = tensors[key]
+        expected_keys.add(key)
+        kind_ok = not value.is_floating_point() and value.dtype != torch.bool if integer else value.is_floating_point()
+        if not kind_ok or value.dim() != ndim:
+            want = "integer" if integer else "floating-point"
+            raise fail(weights_path, f"tensor {key!r} must be a {ndim}-D {want} tensor, got {value.dim()}-D "
+                                     f"{value.dtype}")
+        if not integer and not bool(torch.isfinite(value).all()):
+            raise fail(weights_path, f"tensor {key!r} holds {int((~torch.isfinite(value)).sum())} non-finite value(s)")
+        return value
+
+    def positions(key: str, size: int) -> Tensor:
+        index = tensor(key, integer=True, ndim=1)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
+            raise fail(weights_path, f"tensor {key!r} has an index outside [0, {size}) (min {int(index.min())}, "
+                                     f"max {int(index.max())})")
+        if index.unique().numel() != index.numel():
+            raise fail(weights_path, f"tensor {key!r} repeats an index ({index.numel() - index.unique().numel()} "
+                                     "duplicate(s))")
+        return index
+
+    for name, target in targets.items():
+        if not isinstance(target, dict) or not isinstance(target.get("weight"), str):
+            raise fail(config_path, f"target {name!r} must be an object with a 'weight' name")
+        weight_name, shape, kind = target["weight"], target.get("shape"), target.get("kind", "entries")
+        weight = params.get(weight_name)
+        if weight is None:
+            raise fail(config_path, f"target {name!r}: this model has no parameter {weight_name!r}; was the delta "
+                                    f"trained on {base}?")
+        if not isinstance(shape, list) or list(weight.shape) != shape:
+            raise fail(config_path, f"target {name!r}: {weight_name} has shape {list(weight.shape)} in this model, "
+                                    f"the delta says {shape}; was the delta trained on {base}?")
+        if kind == "entries":
+            index = positions(f"{name}.indices", weight.numel())
+            values = tensor(f"{name}.values", integer=False, ndim=1)
+            if values.numel() != index.numel():
+                raise fail(weights_path, f"tensor {name + '.values'!r} holds {values.numel()} values for "
+                                         f"{index.numel()} indices")
+            if "k" in target and target["k"] != index.numel():
+                raise fail(weights_path, f"target {name!r}: {index.numel()} indices, the config says k={target['k']}")
+            updates.append((weight, -1, index, values))
+        elif kind in ("columns", "rows"):
+            dim = 1 if kind == "columns" else 0
+            index = positions(f"{name}.{kind}", weight.shape[dim])
+            block = tensor(f"{name}.block", integer=False, ndim=2)
+            expected = list(weight.shape)
+            expected[dim] = index.numel()
+            if list(block.shape) != expected:
+                raise fail(weights_path, f"tensor {name + '.block'!r} has shape {list(block.shape)}, expected "
+                                         f"{expected} for {index.numel()} {kind}")
+            updates.append((weight, dim, index, block))
+        else:
+            raise fail(config_path, f"target {name!r}: unknown kind {kind!r} (entries, columns or rows)")
+    for name in dense:
+        if name not in params:
+            raise fail(config_path, f"dense parameter {name!r} does not exist in this model; was the delta trained "
+                                    f"on {base}?")
+        value = tensor(name, integer=False, ndim=params[name].dim())
+        if value.shape != params[name].shape:
+            raise fail(weights_path, f"tensor {name!r} has shape {list(value.shape)}, the model's parameter "
+                                     f"{list(params[name].shape)}")
+        updates.append((params[name], None, None, value))
+    unexpected = sorted(set(tensors) - expected_keys)
+    if unexpected:
+        raise fail(weights_path, f"tensor {unexpected[0]!r} is not described by {DELTA_CONFIG} "
+                                 f"({len(unexpected)} such tensor(s))")
+    touched = [id(weight) for weight, *_ in updates]
+    if len(set(touched)) != len(touched):
+        raise fail(config_path, "two entries change the same parameter")
+    return updates
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+
+
+def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    """A checkpoint's contents via `torch.load(weights_only=True)`: tensors and plain containers, never code."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if found:
+            raise CheckpointError(f"{path}: refused: loading it would run code (it asks for {found.group(1)}); "
+                                  "sparse-lightning reads checkpoints with torch.load(weights_only=True) only") from None
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: expected a checkpoint dictionary, got {type(checkpoint).__name__}")
+    return checkpoint
+
+
+def sparse_lightning_info(checkpoint: dict[str, Any], ckpt_path: str | Path) -> dict[str, Any]:
+    """The checkpoint's `sparse_lightning` entry (what export needs to describe the delta)."""
     info = checkpoint.get("sparse_lightning")
-    if info is None:
-        raise ValueError(f"{ckpt_path} was not written by a sparse-lightning module (no 'sparse_lightning' entry)")
-    module_path, _, class_name = info["module_class"].rpartition(".")
-    cls = getattr(importlib.import_module(module_path), class_name)
-    return cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False), info
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{ckpt_path} was not written by a sparse-lightning module (no 'sparse_lightning' entry)")
+    return info
 
 
-def export_checkpoint(ckpt_path: str | Path, output: str | Path, merged: bool = False) -> dict[str, Path]:
+def module_class_for(ckpt_path: str | Path, named: Any, trusted: str | None = None) -> type:
+    """The LightningModule class to rebuild: `trusted` when the caller names one, else the checkpoint's `named`
+    class, which is imported only from this package."""
+    from sparse_lightning.modules import SparseFineTuningModule
+
+    path = trusted or named
+    if not isinstance(path, str) or not _DOTTED_NAME.fullmatch(path):
+        raise CheckpointError(f"{ckpt_path}: the module class {path!r} is not a dotted class path")
+    if trusted is None and path.partition(".")[0] != TRUSTED_MODULE_PACKAGE:
+        raise CheckpointError(f"{ckpt_path}: names the module class {path!r}, outside {TRUSTED_MODULE_PACKAGE}; "
+                              f"classes named by a checkpoint are imported only from {TRUSTED_MODULE_PACKAGE}. If you "
+                              f"trust it, name it yourself: --module_class {path}")
+    module_path, _, class_name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_path), class_name)
+    except (ImportError, AttributeError) as error:
+        raise CheckpointError(f"{ckpt_path}: cannot import the module class {path!r} ({error})") from None
+    if not (isinstance(cls, type) and issubclass(cls, SparseFineTuningModule)):
+        raise CheckpointError(f"{ckpt_path}: {path!r} is not a SparseFineTuningModule subclass")
+    return cls
+
+
+def require_finite_deltas(checkpoint: dict[str, Any], ckpt_path: str | Path) -> None:
+    """Refuse a checkpoint whose trained tensors hold NaN or Inf (a diverged run)."""
+    state = checkpoint.get("state_dict", {})
+    trainable = checkpoint.get("sparse_lightning", {}).get("trainable", [])
+    for name in trainable:
+        value = state.get(name)
+        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"{ckpt_path}: refusing to export: {name} holds {bad} non-finite value(s) (NaN/Inf); "
+                                  "the run diverged: train again with a lower learning rate")
+
+
+def load_trained_module(ckpt_path: str | Path, module_class: str | None = None):
+    """Rebuild the LightningModule a sparse-lightning checkpoint was saved from (on CPU), reading it with
+    `weights_only=True`; `module_class` names a class of your own to rebuild it with."""
+    checkpoint = read_checkpoint(ckpt_path)
+    info = sparse_lightning_info(checkpoint, ckpt_path)
+    cls = module_class_for(ckpt_path, info.get("module_class"), module_class)
+    require_finite_deltas(checkpoint, ckpt_path)
+    del checkpoint
+    return cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True), info
+
+
+def export_checkpoint(ckpt_path: str | Path, output: str | Path, merged: bool = False,
+                      module_class: str | None = None) -> dict[str, Path]:
     """Export a checkpoint's delta to `output` (sparse methods) and, if `merged`, a plain HF model to
     `output/merged` that vanilla transformers loads."""
-    module, info = load_trained_module(ckpt_path)
+    module, info = load_trained_module(ckpt_path, module_class)
     model = module.model
     written: dict[str, Path] = {}
     hf_trainable = [name.removeprefix("model.") for name in info["trainable"]]
@@ -110,6 +337,7 @@ def export_checkpoint(ckpt_path: str | Path, output: str | Path, merged: bool = 
         merged_dir = Path(output) / "merged"
         restore_original_layout(merge_and_unwrap(model)).save_pretrained(merged_dir)
         _save_tokenizer(info["base_model"], merged_dir)
+        _readable_by_all(*(path for path in merged_dir.rglob("*") if path.is_file()))
         written["merged"] = merged_dir
     return written
 
