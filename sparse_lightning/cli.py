@@ -9,7 +9,7 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
 from sparse_lightning.modules import SparseFineTuningModule
@@ -24,8 +24,40 @@ class SaveConfigToRunDirectory(SaveConfigCallback):
             super().setup(trainer, pl_module, stage)
 
 
+#: (source, target): the datamodule's tokenizer is the model's (every datamodule in `datamodules/` takes
+#: `tokenizer_name_or_path`; for a datamodule class without that parameter jsonargparse skips the link).
+TOKENIZER_LINK = ("model.init_args.model_name_or_path", "data.init_args.tokenizer_name_or_path")
+
+
+def _flag_values(args: list[str], name: str) -> list[str]:
+    """Values given on the command line for `--data.NAME` / `--data.init_args.NAME` (both spellings, `=` or not)."""
+    flags = (f"--data.{name}", f"--data.init_args.{name}")
+    values = []
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag in flags:
+            values.append(value if eq else (args[i + 1] if i + 1 < len(args) else ""))
+    return values
+
+
 class SparseLightningCLI(LightningCLI):
-    """Prints the final metrics, so a run ends with the number it was for."""
+    """Links the tokenizer to the model and prints the final metrics, so a run ends with the number it was for."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments(*TOKENIZER_LINK)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        # jsonargparse replaces a value given for a subclass's linked init argument without a word; refuse a
+        # command-line tokenizer that the link would silently drop (the same one as the model is harmless).
+        if args is not None and not isinstance(args, list):
+            return
+        subcommand = self.config.get("subcommand")
+        model = (self.config[subcommand] if subcommand else self.config).get(TOKENIZER_LINK[0])
+        for given in _flag_values(sys.argv[1:] if args is None else args, "tokenizer_name_or_path"):
+            if model is not None and given != model:
+                parser.error(f"--data.tokenizer_name_or_path {given} would be ignored: the tokenizer follows "
+                             f"--model.model_name_or_path ({model}); give the model path only")
 
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the model's class path from the checkpoint and jsonargparse imports it: read the file with

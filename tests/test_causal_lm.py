@@ -259,7 +259,7 @@ def test_batches_must_say_what_to_evaluate(tiny_lm_dir):
         CausalLMModule(str(tiny_lm_dir), dtype="fp33")
 
 
-@pytest.mark.parametrize("config", [f"{method}/{task}.yaml" for method in ("sift", "full")
+@pytest.mark.parametrize("config", [f"experiments/{task}/{method}.yaml" for method in ("sift", "full")
                                     for task in ("alpaca", "math", "commonsense")] + ["eval/math.yaml", "eval/commonsense.yaml"])
 def test_committed_configs_parse(config, capsys):
     command = "validate" if config.startswith("eval/") else "fit"

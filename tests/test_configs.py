@@ -1,0 +1,300 @@
+"""Every shipped config parses, alone or in the compositions the README documents, and means what it says.
+
+Compositions stack fragments with repeated `--config` (model, then task, then method, then strategy/precision):
+`configs/model/<model>.yaml`, `configs/task/<task>.yaml`, `configs/method/<model>/<method>.yaml`. Parsing uses the
+CLI's own parser (its tokenizer link included) without instantiating anything; a few representative compositions
+are also instantiated (Trainer, callbacks, module, datamodule; no weights are loaded) to check that the parsed values
+reach the objects.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from sparse_lightning import cli
+from sparse_lightning.modules import SparseFineTuningModule
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+GLUE_EPOCHS = {"cola": 3, "mrpc": 5, "qnli": 3, "qqp": 1, "rte": 10, "stsb": 5, "wnli": 3, "mnli": 1}
+GLUE_TASKS = [*GLUE_EPOCHS, "sst2"]
+LM_TASKS = {"math": "datamodules.reasoning.MathDataModule",
+            "commonsense": "datamodules.reasoning.CommonsenseDataModule",
+            "alpaca": "datamodules.instruction.AlpacaDataModule"}
+MODELS = {"minilm": ("sparse_lightning.modules.SequenceClassificationModule", "all-MiniLM-L6-v2", GLUE_TASKS),
+          "smollm2": ("sparse_lightning.modules.CausalLMModule", "SmolLM2-135M-Instruct", list(LM_TASKS))}
+ADAMW, SM3 = "torch.optim.AdamW", "sparse_lightning.sparse.optim.SM3"
+# method -> (callback class or None, optimizer, {model: learning rate})
+METHODS = {
+    "full": (None, ADAMW, {"minilm": 5e-5, "smollm2": 2e-5}),
+    "lora": (None, ADAMW, {"minilm": 1e-3, "smollm2": 1e-3}),
+    "sift": ("GradientTopKCallback", ADAMW, {"minilm": 5e-3, "smollm2": 1e-3}),
+    "spiel_ag": ("PruneRegrowCallback", ADAMW, {"minilm": 5e-3, "smollm2": 3e-4}),
+    "spiel_ma": ("PruneRegrowCallback", SM3, {"minilm": 1e-2, "smollm2": 3e-4}),
+    "s2ft": ("S2FTStructureCallback", ADAMW, {"minilm": 5e-3, "smollm2": 1e-3}),
+    "random_mask": ("RandomMaskCallback", ADAMW, {"minilm": 5e-3, "smollm2": 1e-3}),
+}
+COMPOSITIONS = [(model, task, method) for model, (_, _, tasks) in MODELS.items() for task in tasks for method in METHODS]
+EXPERIMENTS = sorted(str(p.relative_to(CONFIGS)) for p in (CONFIGS / "experiments").rglob("*.yaml"))
+STANDALONE = EXPERIMENTS + ["eval/math.yaml", "eval/commonsense.yaml"]
+# (base configs, fragment, what the fragment must set)
+STACKED = [
+    (["experiments/sst2/sift.yaml"], "strategy/ddp.yaml", {"trainer.strategy": "ddp", "trainer.devices": 2}),
+    (["model/minilm.yaml", "task/cola.yaml", "method/minilm/sift.yaml"], "strategy/ddp.yaml",
+     {"trainer.strategy": "ddp", "trainer.devices": 2}),
+    (["model/smollm2.yaml", "task/alpaca.yaml", "method/smollm2/spiel_ag.yaml"], "strategy/fsdp2.yaml",
+     {"trainer.strategy.class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+      "trainer.strategy.init_args.data_parallel_size": 2, "trainer.devices": 2}),
+    (["experiments/alpaca/sift.yaml"], "strategy/fsdp2_bf16.yaml",
+     {"trainer.strategy.class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+      "model.init_args.fsdp_param_dtype": "bfloat16"}),
+    (["model/minilm.yaml", "task/sst2.yaml", "method/minilm/spiel_ma.yaml"], "precision/bf16_mixed.yaml",
+     {"trainer.precision": "bf16-mixed"}),
+]
+
+
+INSTANTIATED = [("minilm", "stsb", "sift"), ("minilm", "sst2", "random_mask"), ("smollm2", "math", "spiel_ma"),
+                ("smollm2", "alpaca", "s2ft"), ("minilm", "mrpc", "lora")]
+
+
+def composition(model: str, task: str, method: str) -> list[str]:
+    return [f"model/{model}.yaml", f"task/{task}.yaml", f"method/{model}/{method}.yaml"]
+
+
+def skip_unless_importable(method: str) -> None:
+    """RandomMaskCallback is new; without it the fragment cannot resolve its class_path."""
+    if method == "random_mask":
+        try:
+            from sparse_lightning.callbacks import RandomMaskCallback  # noqa: F401
+        except ImportError as error:
+            pytest.skip(f"sparse_lightning.callbacks.RandomMaskCallback is not importable yet: {error}")
+
+
+class ParseOnly(cli.SparseLightningCLI):
+    """The CLI's parser (links included) without building a Trainer, module or datamodule."""
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def parser():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["sparse-lightning"])
+        return ParseOnly(SparseFineTuningModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+                         auto_configure_optimizers=False,
+                         args=["--config", str(CONFIGS / "experiments/sst2/sift.yaml")]).parser
+
+
+@pytest.fixture(scope="module")
+def parse(parser):
+    """configs (relative to configs/) + extra arguments -> the merged config as a plain dict."""
+    def _parse(configs: list[str], *extra: str) -> dict[str, Any]:
+        cfg = parser.parse_args([a for c in configs for a in ("--config", str(CONFIGS / c))] + list(extra))
+        merged = yaml.safe_load(parser.dump(cfg, skip_link_targets=False))
+        merged.pop("config", None)
+        return merged
+    return _parse
+
+
+def get(config: dict[str, Any], dotted: str) -> Any:
+    for key in dotted.split("."):
+        config = config[int(key)] if isinstance(config, list) else config[key]
+    return config
+
+
+def check_model_and_method(config: dict[str, Any], model: str, method: str) -> None:
+    module_class, model_name, _ = MODELS[model]
+    callback, optimizer, lrs = METHODS[method]
+    assert config["model"]["class_path"] == module_class
+    init = config["model"]["init_args"]
+    assert init["model_name_or_path"] == model_name
+    assert config["data"]["init_args"]["tokenizer_name_or_path"] == model_name  # the link
+    assert init["optimizer"]["class_path"] == optimizer
+    assert init["optimizer"]["init_args"]["lr"] == pytest.approx(lrs[model])
+    assert init["optimizer"]["init_args"]["weight_decay"] == 0.0  # the model's, kept through the method's merge
+    assert init["warmup_ratio"] == (0.06 if model == "minilm" else 0.03) and init["lr_schedule"] == "linear"
+    callbacks = config["trainer"].get("callbacks") or []
+    if callback is None:
+        assert not callbacks
+    else:
+        assert [c["class_path"] for c in callbacks] == [f"sparse_lightning.callbacks.{callback}"]
+    assert (init.get("lora") is not None) == (method == "lora")
+    if method.startswith("spiel"):
+        assert callbacks[0]["init_args"]["regrowth"] == {"spiel_ag": "gradient", "spiel_ma": "momentum"}[method]
+    if method == "s2ft":
+        assert callbacks[0]["init_args"]["select_by"] == "random"
+
+
+@pytest.mark.parametrize(("model", "task", "method"), COMPOSITIONS, ids=["-".join(c) for c in COMPOSITIONS])
+def test_compositions_parse_to_what_each_fragment_says(parse, model, task, method):
+    skip_unless_importable(method)
+    config = parse(composition(model, task, method))
+    check_model_and_method(config, model, method)
+    data, trainer = config["data"], config["trainer"]
+    assert config["seed_everything"] == 42
+    if model == "minilm":
+        assert data["class_path"] == "datamodules.glue.GLUEDataModule" and data["init_args"]["task"] == task
+        assert config["model"]["init_args"].get("num_labels") is None  # follows the task in setup
+        if task == "sst2":
+            assert (trainer["max_steps"], trainer["val_check_interval"], data["init_args"]["data_dir"]) == (900, 300, "bundled")
+            assert config["model"]["init_args"]["model_kwargs"]["hidden_dropout_prob"] == 0.0
+        else:
+            assert trainer["max_epochs"] == GLUE_EPOCHS[task] and not config["model"]["init_args"].get("model_kwargs")
+    else:
+        assert data["class_path"] == LM_TASKS[task] and trainer["max_steps"] == 200
+        logger = trainer["logger"]["init_args"]
+        assert (logger["save_dir"], logger["name"]) == (f"runs/{task}", method)
+
+
+@pytest.mark.parametrize("config_file", STANDALONE)
+def test_standalone_configs_parse(parse, config_file):
+    config = parse([config_file])
+    model = "minilm" if "sst2" in config_file else "smollm2"
+    if config_file.startswith("experiments/"):
+        method = Path(config_file).stem
+        if model == "smollm2":
+            check_model_and_method(config, model, method)
+        else:
+            check_sst2_experiment(config, method)
+    else:
+        assert config["model"]["class_path"] == MODELS["smollm2"][0]
+        assert config["data"]["init_args"]["tokenizer_name_or_path"] == "SmolLM2-135M-Instruct"
+        assert config["data"]["init_args"]["val_fraction"] == 0.0  # evaluation only
+
+
+def check_sst2_experiment(config: dict[str, Any], method: str) -> None:
+    """The README's SST-2 table: one schedule for every method, only the method's own settings differ."""
+    init, trainer = config["model"]["init_args"], config["trainer"]
+    assert (trainer["max_steps"], trainer["val_check_interval"]) == (900, 300)
+    assert config["data"]["init_args"]["data_dir"] == "bundled" and config["data"]["init_args"]["task"] == "sst2"
+    assert config["data"]["init_args"]["tokenizer_name_or_path"] == "all-MiniLM-L6-v2"
+    assert init["model_kwargs"] == {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    assert init["warmup_ratio"] == 0.06 and init["lr_schedule"] == "linear"
+    lr = {"full": 5e-5, "lora": 1e-3, "spiel_ma": 1e-2}.get(method, 2e-3)
+    assert init["optimizer"]["init_args"]["lr"] == pytest.approx(lr)
+    callbacks = trainer.get("callbacks") or []
+    if method not in ("full", "lora"):
+        assert len(callbacks) == 1 and callbacks[0]["init_args"]["dense_modules"] == ["classifier", "pooler"]
+
+
+@pytest.mark.parametrize("task", list(LM_TASKS))
+@pytest.mark.parametrize("method", ["sift", "full"])
+def test_the_causal_lm_experiments_are_their_compositions(parse, task, method):
+    """The files behind the README's SmolLM2 results equal the composition, except where the run logs."""
+    experiment = parse([f"experiments/{task}/{method}.yaml"])
+    composed = parse(composition("smollm2", task, method))
+    assert get(experiment, "trainer.logger.init_args.name") == f"{method}-{task}"
+    for config in (experiment, composed):
+        del config["trainer"]["logger"]["init_args"]["name"], config["trainer"]["logger"]["init_args"]["save_dir"]
+    assert experiment == composed
+
+
+@pytest.mark.parametrize(("configs", "fragment", "expected"), STACKED,
+                         ids=[f"{Path(c[-1]).parent}/{Path(c[-1]).stem}+{f}" for c, f, _ in STACKED])
+def test_strategy_and_precision_fragments_stack_last(parse, configs, fragment, expected):
+    base, stacked = parse(configs), parse([*configs, fragment])
+    for key, value in expected.items():
+        assert get(stacked, key) == value
+    assert stacked["trainer"].get("callbacks") == base["trainer"].get("callbacks")  # the method is untouched
+    assert stacked["data"] == base["data"]
+
+
+def test_every_shipped_config_is_covered():
+    used = {c for combo in COMPOSITIONS for c in composition(*combo)} | set(STANDALONE)
+    used |= {fragment for _, fragment, _ in STACKED}
+    shipped = {str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")}
+    assert used == shipped
+
+
+def readme_commands() -> list[list[str]]:
+    """The `--config` lists of every `sparse-lightning` command in README.md (continuation lines joined)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8").replace("\\\n", " ")
+    commands = [line for line in text.splitlines() if "sparse-lightning " in line and "--config" in line]
+    return [re.findall(r"--config\s+configs/(\S+\.yaml)", line) for line in commands]
+
+
+@pytest.mark.parametrize("configs", readme_commands(), ids=["+".join(c) for c in readme_commands()])
+def test_readme_commands_parse(parse, configs):
+    assert all((CONFIGS / c).is_file() for c in configs)
+    config = parse(configs)
+    assert config["model"]["class_path"] in {class_path for class_path, _, _ in MODELS.values()}
+    assert config["data"]["init_args"]["tokenizer_name_or_path"] == config["model"]["init_args"]["model_name_or_path"]
+
+
+def test_the_readme_documents_the_composition_and_the_quick_start():
+    configs = readme_commands()
+    assert configs[0] == ["experiments/sst2/sift.yaml"]  # the quick start comes first
+    assert ["model/minilm.yaml", "task/cola.yaml", "method/minilm/sift.yaml"] in configs
+    assert ["model/smollm2.yaml", "task/math.yaml", "method/smollm2/sift.yaml"] in configs
+
+
+@pytest.mark.parametrize("model_dir", ["path/to/a/model", "out/merged"])
+@pytest.mark.parametrize("combo", [("minilm", "qnli", "full"), ("smollm2", "math", "sift"),
+                                   ("smollm2", "commonsense", "full"), ("smollm2", "alpaca", "sift")], ids=str)
+def test_the_tokenizer_follows_the_model_for_every_datamodule(parse, combo, model_dir):
+    config = parse(composition(*combo), "--model.model_name_or_path", model_dir)
+    assert config["data"]["init_args"]["tokenizer_name_or_path"] == model_dir
+
+
+def test_a_different_tokenizer_on_the_command_line_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["sparse-lightning"])
+    args = [a for c in composition("minilm", "rte", "sift") for a in ("--config", str(CONFIGS / c))]
+    with pytest.raises(SystemExit):
+        ParseOnly(SparseFineTuningModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+                  auto_configure_optimizers=False, args=[*args, "--data.tokenizer_name_or_path", "bert-base-uncased"])
+    assert "the tokenizer follows --model.model_name_or_path (all-MiniLM-L6-v2)" in capsys.readouterr().err
+    same = ParseOnly(SparseFineTuningModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+                     auto_configure_optimizers=False, args=[*args, "--model.model_name_or_path=x",
+                                                            "--data.init_args.tokenizer_name_or_path=x"])
+    assert same.config.data.init_args.tokenizer_name_or_path == "x"
+
+
+def test_print_config_through_the_entry_point(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["sparse-lightning"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", *[a for c in composition("smollm2", "commonsense", "spiel_ma") for a in
+                           ("--config", str(CONFIGS / c))], "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["optimizer"] == {
+        "class_path": SM3, "init_args": {"lr": 3e-4, "momentum": 0.9, "weight_decay": 0.0, "eps": 1e-8}}
+    assert printed["trainer"]["callbacks"][0]["init_args"]["regrowth"] == "momentum"
+
+
+@pytest.mark.parametrize(("model", "task", "method"), INSTANTIATED, ids=["-".join(c) for c in INSTANTIATED])
+def test_representative_compositions_instantiate(model, task, method, tmp_path, monkeypatch):
+    """Trainer, callback, module and datamodule built from the composition (no weights loaded, nothing run)."""
+    skip_unless_importable(method)
+    monkeypatch.chdir(tmp_path)  # relative logger directories land here
+    monkeypatch.setattr(sys, "argv", ["sparse-lightning"])
+    args = [a for c in composition(model, task, method) for a in ("--config", str(CONFIGS / c))]
+    built = cli.SparseLightningCLI(SparseFineTuningModule, subclass_mode_model=True, subclass_mode_data=True,
+                                   run=False, args=[*args, "--trainer.accelerator", "cpu"])
+    callback_class, optimizer_class, lrs = METHODS[method]
+    found = [type(c).__name__ for c in built.trainer.callbacks if type(c).__module__.startswith("sparse_lightning")]
+    assert found == ([callback_class] if callback_class else [])
+    optimizer = built.model.optimizer_factory([torch.nn.Parameter(torch.zeros(2))])
+    assert f"{type(optimizer).__module__}.{type(optimizer).__name__}".endswith(optimizer_class.rsplit(".", 1)[1])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(lrs[model])
+    assert type(built.model).__name__ == MODELS[model][0].rsplit(".", 1)[1]
+    assert built.model.hparams.model_name_or_path == MODELS[model][1]
+    assert built.datamodule.hparams.tokenizer_name_or_path == MODELS[model][1]
+    if model == "minilm":
+        assert built.datamodule.task.name == task and built.datamodule.num_labels == (1 if task == "stsb" else 2)
+        assert built.trainer.max_epochs == GLUE_EPOCHS.get(task, built.trainer.max_epochs)
+    else:
+        assert built.trainer.max_steps == 200 and built.trainer.logger.log_dir.startswith(f"runs/{task}/{method}")
+    if method == "lora":
+        assert built.model.hparams.lora["r"] == 3
