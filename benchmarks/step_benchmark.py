@@ -15,9 +15,10 @@ interleave the methods (on a shared machine, load drifts; interleaving spreads i
   there). On GPU it is `torch.cuda.max_memory_allocated` above the allocation after setup.
 
 LoRA's rank is chosen so its trainable count is as close as possible to SIFT's, on the same target
-modules. SIFT's indices are random unique positions (`SparseDeltaLinear.set_indices`) rather than a
-calibration top-k: a step costs the same whichever k entries are chosen, and random indices keep a
-model-sized score buffer out of the memory measurement.
+modules. Every method is built by the library's own functions (callbacks' `attach`, and the algorithms in
+`sparse_lightning.methods`: SIFT selects with `select_by_gradient` on the first batch, SpIEL's cycle is
+`PruneRegrow` run before every step as its callback runs it); selection happens before the memory mark
+is reset, so its score buffers are not counted.
 
     python benchmarks/step_benchmark.py --model minilm --output benchmarks/results/cpu_minilm.md
 
@@ -161,6 +162,8 @@ class Budget:
     notes: dict[str, Any] = field(default_factory=dict)
     optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW
     before_step: Callable[[int, torch.optim.Optimizer], None] | None = None
+    calibration_batches: list[dict[str, Tensor]] = field(default_factory=list)  # what SIFT selects from
+    loss_fn: LossFn | None = None
 
 
 def target_shapes(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[int, int]]:
@@ -197,29 +200,37 @@ def setup_lora(model: nn.Module, spec: ModelSpec, heads: tuple[str, ...], budget
 
 
 def setup_sift(model: nn.Module, spec: ModelSpec, heads: tuple[str, ...], budget: Budget) -> nn.Module:
-    """`GradientTopKCallback.attach` + `freeze_except(heads)`, then random unique indices (see module docstring)."""
+    """`GradientTopKCallback.attach` + `freeze_except(heads)`, then the real selection
+    (`sparse_lightning.methods.select_by_gradient`) on one batch, outside the timed steps."""
     from sparse_lightning.callbacks import GradientTopKCallback
-    from sparse_lightning.sparse import freeze_except, sparse_delta_layers
+    from sparse_lightning.methods import select_by_gradient
+    from sparse_lightning.sparse import freeze_except
 
     callback = GradientTopKCallback(density=None if budget.sift_lora_rank else budget.density,
                                     lora_rank=budget.sift_lora_rank, target_modules=list(spec.targets))
     callback.attach(model)
     freeze_except(model, heads)
-    generator = torch.Generator().manual_seed(0)
-    for layer in sparse_delta_layers(model).values():
-        numel = layer.weight_shape.numel()
-        chosen = torch.randperm(numel, generator=generator)[: layer.k].sort().values
-        layer.set_indices(chosen.to(layer.delta_indices.device, layer.delta_indices.dtype))
+    select_by_gradient(model, budget.calibration_batches, budget.loss_fn)
+    return model
+
+
+def setup_random_mask(model: nn.Module, spec: ModelSpec, heads: tuple[str, ...], budget: Budget) -> nn.Module:
+    """`RandomMaskCallback.attach` (SIFT's count, fixed random entries) + `freeze_except(heads)`."""
+    from sparse_lightning.callbacks import RandomMaskCallback
+    from sparse_lightning.sparse import freeze_except
+
+    RandomMaskCallback(density=None if budget.sift_lora_rank else budget.density, lora_rank=budget.sift_lora_rank,
+                       target_modules=list(spec.targets)).attach(model)
+    freeze_except(model, heads)
     return model
 
 
 def setup_spiel(model: nn.Module, spec: ModelSpec, heads: tuple[str, ...], budget: Budget, regrowth: str) -> nn.Module:
-    """`PruneRegrowCallback` with SIFT's count and the published cycle (S=20, A=5), driven step by step as the
-    Trainer drives it: a run of `warmup + steps` >= 25 steps holds the statistics windows and a reselection."""
-    from types import SimpleNamespace
-
+    """`PruneRegrowCallback` with SIFT's count and the published cycle (S=20, A=5); its algorithm
+    (`sparse_lightning.methods.PruneRegrow`) runs before every timed step as the callback runs it: a run of
+    `warmup + steps` >= 25 steps holds the statistics windows and a reselection."""
     from sparse_lightning.callbacks import PruneRegrowCallback
-    from sparse_lightning.sparse import allocate_budget, freeze_except
+    from sparse_lightning.sparse import allocate_budget, freeze_except, sparse_delta_layers
     from sparse_lightning.sparse.optim import SM3
 
     shapes = target_shapes(model, spec.targets)
@@ -231,13 +242,12 @@ def setup_spiel(model: nn.Module, spec: ModelSpec, heads: tuple[str, ...], budge
     freeze_except(model, heads)
     if regrowth == "momentum":
         budget.optimizer = SM3
+    layers = sparse_delta_layers(model)
 
     def before_step(step: int, optimizer: torch.optim.Optimizer) -> None:
-        trainer = SimpleNamespace(global_step=step, optimizers=[optimizer], accumulate_grad_batches=1,
-                                  estimated_stepping_batches=10**6)
         if step == 0:
-            callback.on_train_start(trainer, model)
-        callback.on_train_batch_start(trainer, model, None, step)
+            callback.cycle.start(layers, optimizer, next(model.parameters()).device)
+        callback.cycle.before_step(layers, step, optimizer)
 
     budget.before_step = before_step
     return model
@@ -266,6 +276,7 @@ METHODS: dict[str, Callable[[nn.Module, ModelSpec, tuple[str, ...], Budget], nn.
     "full": setup_full,
     "lora": setup_lora,
     "sift": setup_sift,
+    "random_mask": setup_random_mask,
     "spiel_ag": lambda *args: setup_spiel(*args, regrowth="gradient"),
     "spiel_ma": lambda *args: setup_spiel(*args, regrowth="momentum"),
     "s2ft": setup_s2ft,
@@ -300,7 +311,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     batches = [{k: v.to(device) for k, v in batch.items()} for batch in spec.batches(spec, args.warmup + args.steps)]
 
     model, heads, loss_for = spec.load(spec, getattr(torch, args.dtype))
-    budget = Budget(args.density, args.sift_lora_rank)
+    model = model.to(device)
+    budget = Budget(args.density, args.sift_lora_rank, calibration_batches=batches[:1], loss_fn=loss_for(model))
     model = METHODS[args.method](model, spec, heads, budget).to(device)
     loss_fn = loss_for(model)
     model.train()
