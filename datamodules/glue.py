@@ -18,9 +18,10 @@ from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from datamodules.sampling import ResumableTrainPosition, resumable_train_loader
 from sparse_lightning.models import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -338,7 +339,7 @@ class _PadCollator:
         return {**self.tokenizer.pad(inputs, return_tensors="pt"), "labels": labels}
 
 
-class GLUEDataModule(pl.LightningDataModule):
+class GLUEDataModule(ResumableTrainPosition, pl.LightningDataModule):
     """One GLUE task: train split plus its validation set(s) (two for MNLI: matched, mismatched).
 
     Sources, per split: `train_file` / `validation_files`; else `data_dir` (GLUE folder layout, or "bundled" for the
@@ -404,15 +405,12 @@ class GLUEDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise RuntimeError("call setup('fit') before train_dataloader()")
-        trainer = self.trainer
-        sampler = None
-        if trainer is not None and trainer.world_size > 1:
-            # Lightning would inject DistributedSampler(shuffle=True), ignoring `shuffle`/`seed`; it keeps ours.
-            sampler = DistributedSampler(self.train_dataset, shuffle=self.hparams.shuffle, seed=self.hparams.seed,
-                                         **trainer.strategy.distributed_sampler_kwargs)
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return self._loader(self.train_dataset, self.hparams.batch_size, sampler is None and self.hparams.shuffle,
-                            generator, sampler)
+        # The order of epoch e is a function of (seed, e), split over ranks, and the position is checkpointed, so a
+        # resumed run sees the batches the uninterrupted one would (Lightning keeps this DistributedSampler subclass).
+        loader = resumable_train_loader(self.train_dataset, batch_size=self.hparams.batch_size,
+                                        shuffle=self.hparams.shuffle, seed=self.hparams.seed, trainer=self.trainer,
+                                        **self._loader_kwargs())
+        return self._resume_position(loader)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         """One loader, or one per validation set in `val_set_names` order (MNLI)."""
@@ -457,16 +455,10 @@ class GLUEDataModule(pl.LightningDataModule):
             for i, (_, label) in enumerate(examples)
         ]
 
-    def _loader(self, dataset: list[dict[str, Any]], batch_size: int, shuffle: bool = False,
-                generator: torch.Generator | None = None, sampler: DistributedSampler | None = None) -> DataLoader:
+    def _loader(self, dataset: list[dict[str, Any]], batch_size: int) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, **self._loader_kwargs())
+
+    def _loader_kwargs(self) -> dict[str, Any]:
         label_dtype = torch.float if self.task.num_labels == 1 else torch.long
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            sampler=sampler,
-            collate_fn=_PadCollator(self._load_tokenizer(), label_dtype),
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
+        return {"collate_fn": _PadCollator(self._load_tokenizer(), label_dtype), "num_workers": self.hparams.num_workers,
+                "persistent_workers": self.hparams.num_workers > 0}

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from datamodules.prompts import TEMPLATES, build_prompt
+from datamodules.sampling import ResumableTrainPosition, resumable_train_loader
 from sparse_lightning.models import resolve_model_path
 
 IGNORE_INDEX = -100
@@ -262,7 +263,7 @@ def collate_for_generation(examples: Sequence[Mapping[str, Any]], pad_token_id: 
 # ---------------------------------------------------------------------------------------------- datamodules
 
 
-class InstructionDataModule(LightningDataModule):
+class InstructionDataModule(ResumableTrainPosition, LightningDataModule):
     """Fine-tune a causal LM on instruction records {instruction, input, output} from local files or the hub.
 
     Training batches: right-padded `input_ids`, `attention_mask`, `labels` (-100 on prompt and padding).
@@ -315,14 +316,18 @@ class InstructionDataModule(LightningDataModule):
             self._setup_training_data()
 
     def train_dataloader(self) -> DataLoader:
-        return self._loss_loader(self.train_examples, self.batch_size, shuffle=True)
+        """Shuffled by (seed, epoch), split over ranks, its position checkpointed (see `datamodules.sampling`)."""
+        collate = partial(collate_for_training, pad_token_id=self.tokenizer.pad_token_id)
+        loader = resumable_train_loader(self.train_examples, batch_size=self.batch_size, shuffle=True, seed=self.seed,
+                                        trainer=self.trainer, collate_fn=collate, num_workers=self.num_workers)
+        return self._resume_position(loader)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._loss_loader(self.heldout_examples, self.eval_batch_size)] if self.val_fraction > 0 else []
 
-    def _loss_loader(self, examples: list[dict[str, list[int]]], batch_size: int, shuffle: bool = False) -> DataLoader:
+    def _loss_loader(self, examples: list[dict[str, list[int]]], batch_size: int) -> DataLoader:
         collate = partial(collate_for_training, pad_token_id=self.tokenizer.pad_token_id)
-        return DataLoader(examples, batch_size, shuffle=shuffle, collate_fn=collate, num_workers=self.num_workers)
+        return DataLoader(examples, batch_size, collate_fn=collate, num_workers=self.num_workers)
 
     def _train_sources(self) -> list[str]:
         """Files or hub names the training records come from."""
