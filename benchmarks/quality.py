@@ -1,0 +1,632 @@
+"""Quality benchmark (issue 14): every method against LoRA and full fine-tuning on GLUE, resumable.
+
+For each (task, method, seed, overrides) the driver writes one self-contained YAML config into
+`benchmarks/results/quality/runs/<name>/quality_config.yaml` (built here from Python dicts: method fragment +
+task fragment + schedule; nothing under `configs/` is read), runs the real CLI
+
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/sparse-lightning fit --config <that yaml>
+
+as a child process (log in `train.log`, CSVLogger metrics in `metrics.csv`), and writes `result.json`: the
+metrics at every validation, the final ones, the trainable count the module printed, the child's CPU time
+(getrusage of the child: user + sys) and the wall time. A run whose `result.json` exists is skipped, so the
+driver can be killed at any moment and started again; an interrupted run is restarted from scratch.
+Only one training job runs at a time per lock file (`--lock`, default `benchmarks/results/quality/.lock`); the
+lock is inherited by the child, so it stays held even if the driver is killed while the child runs.
+
+Usage:
+    .venv/bin/python benchmarks/quality.py run --plan mrpc-sweep              # the MRPC tuning sweep, in order
+    .venv/bin/python benchmarks/quality.py run --tasks mrpc,rte --methods lora,sift --seeds 42,43,44 \
+        [--lr sift=2e-3 --lr lora=1e-3] [--steps 300] [--tag NAME --set dotted.key=value ...]
+    .venv/bin/python benchmarks/quality.py run --plan glue                    # 7 methods x 5 tasks x 3 seeds
+    .venv/bin/python benchmarks/quality.py list --plan mrpc-sweep             # what is done / queued
+    .venv/bin/python benchmarks/quality.py table                              # -> benchmarks/results/quality/*.md|json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import fcntl
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "benchmarks" / "results" / "quality"
+RUNS = OUT / "runs"
+DATA_DIR = (REPO.parent / "shared" / "data" / "glue").resolve()
+CLI = REPO / ".venv" / "bin" / "sparse-lightning"
+PYTHON = REPO / ".venv" / "bin" / "python"
+
+# The library under test is being refactored in this working tree while the benchmark runs: every run imports a
+# pinned commit, extracted with `git archive` into SNAPSHOTS (PYTHONPATH wins over the venv's editable finder),
+# so all runs of a table train the same code. `--code worktree` uses the live tree instead.
+CODE_COMMIT = "7875a9aa0c819bda1732fc51a421560a3fccc516"
+SNAPSHOTS = Path(os.environ.get("QUALITY_SNAPSHOTS", "/tmp/sparse_lightning_quality"))
+
+MODEL = "all-MiniLM-L6-v2"
+TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+DENSE = ["classifier", "pooler"]
+# The SST-2 recipe's budget: 0.5% of every encoder Linear = 53,112 sparse entries, plus pooler and classifier
+# dense (148,610 with 2 labels): 201,722 trainable. LoRA r=5 on the same Linears: 207,360 + classifier = 208,130.
+SPARSE_ENTRIES = 53_112
+DENSITY = 0.005
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Schedule (the same for every method and task)
+
+SCHEDULE = {
+    "max_steps": 300,
+    "batch_size": 32,
+    "val_every": 100,        # optimizer steps (= batches, no accumulation); the whole dev set each time
+    "warmup_ratio": 0.06,
+    "lr_schedule": "linear",
+    "dropout": 0.0,
+}
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tasks
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    max_length: int
+    metrics: tuple[str, ...]        # reported, the first is the headline metric
+    main: str
+
+
+TASKS: dict[str, Task] = {
+    "mrpc": Task("mrpc", 128, ("accuracy", "f1"), "accuracy"),
+    "rte": Task("rte", 128, ("accuracy",), "accuracy"),
+    "stsb": Task("stsb", 128, ("pearson", "spearman"), "pearson"),
+    "sst2": Task("sst2", 64, ("accuracy",), "accuracy"),
+    "cola": Task("cola", 64, ("matthews",), "matthews"),
+}
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Methods: default learning rate and the config fragment
+
+
+DEFAULT_LR = {
+    "full": 5e-5, "lora": 1e-3, "sift": 2e-3, "spiel_ag": 2e-3, "spiel_ma": 1e-2, "s2ft": 2e-3, "random_mask": 2e-3,
+}
+METHODS = tuple(DEFAULT_LR)
+
+
+def _adamw(lr: float) -> dict[str, Any]:
+    return {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr, "weight_decay": 0.0}}
+
+
+def _spiel(regrowth: str) -> dict[str, Any]:
+    return {"class_path": "sparse_lightning.callbacks.PruneRegrowCallback",
+            "init_args": {"num_params": SPARSE_ENTRIES, "target_modules": TARGETS, "dense_modules": DENSE,
+                          "regrowth": regrowth, "reselection_interval": 20, "accumulation_steps": 5,
+                          "regrow_fraction": 0.2}}
+
+
+def method_fragment(method: str, lr: float, seed: int, snapshot: Path | None = None) -> dict[str, Any]:
+    """{'callbacks': [...], 'model': {extra init_args}} for one method."""
+    model: dict[str, Any] = {"optimizer": _adamw(lr)}
+    callbacks: list[dict[str, Any]] = []
+    if method == "full":
+        pass
+    elif method == "lora":
+        model["lora"] = {"r": 5, "alpha": 10, "target_modules": TARGETS}
+    elif method == "sift":
+        callbacks.append({"class_path": "sparse_lightning.callbacks.GradientTopKCallback",
+                          "init_args": {"density": DENSITY, "target_modules": TARGETS, "calibration_batches": 1,
+                                        "dense_modules": DENSE}})
+    elif method == "spiel_ag":
+        callbacks.append(_spiel("gradient"))
+    elif method == "spiel_ma":
+        callbacks.append(_spiel("momentum"))
+        model["optimizer"] = {"class_path": "sparse_lightning.sparse.optim.SM3",
+                              "init_args": {"lr": lr, "weight_decay": 0.0}}
+    elif method == "s2ft":
+        # 23 co-permuted down-projection (output.dense) input channels per layer, random (seeded): 201,602 trainable.
+        callbacks.append({"class_path": "sparse_lightning.callbacks.S2FTStructureCallback",
+                          "init_args": {"train": ["down"], "num_channels": 23, "strategy": "random", "seed": seed,
+                                        "dense_modules": DENSE}})
+    elif method == "random_mask":
+        callbacks.append({"class_path": "sparse_lightning.callbacks.RandomMaskCallback",
+                          "init_args": random_mask_args(snapshot)})
+    else:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    return {"callbacks": callbacks, "model": model}
+
+
+def random_mask_args(snapshot: Path | None = None) -> dict[str, Any]:
+    """RandomMaskCallback is being added by the refactor; pass the budget arguments its signature accepts."""
+    wanted = {"density": DENSITY, "target_modules": TARGETS, "dense_modules": DENSE}
+    params = _random_mask_signature(snapshot)
+    if params is None:
+        return wanted
+    return {k: v for k, v in wanted.items() if k in params}
+
+
+_RM_CACHE: dict[str, Any] = {}
+
+
+def _random_mask_signature(snapshot: Path | None = None) -> list[str] | None:
+    """Checked in the venv's interpreter (a child process: the driver itself imports no torch)."""
+    if _RM_CACHE.get("snapshot", "unset") != snapshot:
+        _RM_CACHE.clear()
+        _RM_CACHE["snapshot"] = snapshot
+    if "params" not in _RM_CACHE:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        if snapshot is not None:
+            env["PYTHONPATH"] = str(snapshot)
+        code = ("import inspect, json; from sparse_lightning.callbacks import RandomMaskCallback as C; "
+                "print(json.dumps(list(inspect.signature(C.__init__).parameters)))")
+        proc = subprocess.run([str(PYTHON), "-c", code], cwd="/", capture_output=True, text=True, env=env)
+        _RM_CACHE["params"] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
+        _RM_CACHE["error"] = proc.stderr.strip().splitlines()[-1] if proc.returncode else ""
+    return _RM_CACHE["params"]
+
+
+def random_mask_available(snapshot: Path | None = None) -> tuple[bool, str]:
+    params = _random_mask_signature(snapshot)
+    return params is not None, _RM_CACHE.get("error", "")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One run
+
+
+@dataclass
+class RunSpec:
+    task: str
+    method: str
+    seed: int
+    lr: float | None = None                                  # None: the method's default
+    steps: int | None = None                                 # None: SCHEDULE["max_steps"]
+    tag: str = ""                                            # names an override set
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted config keys -> values
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+    @property
+    def max_steps(self) -> int:
+        return self.steps or SCHEDULE["max_steps"]
+
+    @property
+    def name(self) -> str:
+        parts = [self.task, self.method, f"lr{self.learning_rate:g}"]
+        if self.max_steps != SCHEDULE["max_steps"]:
+            parts.append(f"steps{self.max_steps}")
+        if self.tag:
+            parts.append(self.tag)
+        parts.append(f"s{self.seed}")
+        return "-".join(parts)
+
+    @property
+    def run_dir(self) -> Path:
+        return RUNS / self.name
+
+
+def _set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
+    node = config
+    *path, last = key.split(".")
+    for part in path:
+        if isinstance(node, list):
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _rel(path: Path) -> str:
+    """Paths in the config are relative to the repository root (the child runs there)."""
+    return os.path.relpath(Path(path).resolve(), REPO)
+
+
+def build_config(spec: RunSpec, data_dir: Path = DATA_DIR, snapshot: Path | None = None) -> dict[str, Any]:
+    task = TASKS[spec.task]
+    fragment = method_fragment(spec.method, spec.learning_rate, spec.seed, snapshot)
+    run_dir = spec.run_dir
+    config: dict[str, Any] = {
+        "seed_everything": spec.seed,
+        "trainer": {
+            "max_steps": spec.max_steps,
+            "val_check_interval": SCHEDULE["val_every"],
+            "check_val_every_n_epoch": None,   # val_check_interval counts optimizer steps across epochs
+            "num_sanity_val_steps": 0,
+            "log_every_n_steps": 10,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                       "init_args": {"save_dir": _rel(run_dir), "name": "", "version": ""}},
+            "callbacks": fragment["callbacks"],
+        },
+        "model": {
+            "class_path": "sparse_lightning.modules.SequenceClassificationModule",
+            "init_args": {
+                "model_name_or_path": MODEL,
+                "warmup_ratio": SCHEDULE["warmup_ratio"],
+                "lr_schedule": SCHEDULE["lr_schedule"],
+                "model_kwargs": {"hidden_dropout_prob": SCHEDULE["dropout"],
+                                 "attention_probs_dropout_prob": SCHEDULE["dropout"]},
+                **fragment["model"],
+            },
+        },
+        "data": {
+            "class_path": "datamodules.glue.GLUEDataModule",
+            "init_args": {
+                "task": task.name,
+                "tokenizer_name_or_path": MODEL,
+                "data_dir": _rel(data_dir),
+                "batch_size": SCHEDULE["batch_size"],
+                "max_length": task.max_length,
+                "seed": spec.seed,
+            },
+        },
+    }
+    if not config["trainer"]["callbacks"]:
+        del config["trainer"]["callbacks"]
+    for key, value in spec.overrides.items():
+        _set_dotted(config, key, value)
+    return config
+
+
+_TRAINABLE = re.compile(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+)")
+
+
+def _read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(validations, train losses) from the CSVLogger's metrics.csv."""
+    path = run_dir / "metrics.csv"
+    validations: dict[int, dict[str, Any]] = {}
+    train: list[dict[str, Any]] = []
+    if not path.exists():
+        return [], []
+    with path.open() as handle:
+        for row in csv.DictReader(handle):
+            step = int(row["step"]) if row.get("step") else None
+            vals = {k[len("val/"):]: float(v) for k, v in row.items() if k.startswith("val/") and v not in ("", None)}
+            if vals and step is not None:
+                # Lightning's CSVLogger writes validation rows at global_step - 1: store optimizer steps taken.
+                validations.setdefault(step + 1, {"step": step + 1}).update(vals)
+            if row.get("train/loss"):
+                train.append({"step": step, "loss": float(row["train/loss"])})
+    return [validations[step] for step in sorted(validations)], train
+
+
+def code_snapshot(code: str) -> tuple[Path | None, str]:
+    """(directory to put first on PYTHONPATH, or None for the live tree; the full commit hash or 'worktree')."""
+    if code == "worktree":
+        return None, "worktree"
+    commit = subprocess.run(["git", "rev-parse", "--verify", f"{code}^{{commit}}"], cwd=REPO, check=True,
+                            capture_output=True, text=True).stdout.strip()
+    target = SNAPSHOTS / commit
+    if not (target / ".complete").exists():
+        partial = SNAPSHOTS / f".{commit}.{os.getpid()}"
+        partial.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", commit], cwd=REPO, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(partial)], input=archive, check=True)
+        (partial / ".complete").write_text(commit + "\n")
+        try:
+            partial.rename(target)
+        except OSError:  # another driver made it first
+            subprocess.run(["rm", "-rf", str(partial)], check=True)
+    return target, commit
+
+
+def run_one(spec: RunSpec, lock_path: Path, data_dir: Path, driver_command: str, code: str) -> dict[str, Any] | None:
+    run_dir = spec.run_dir
+    result_path = run_dir / "result.json"
+    if result_path.exists():
+        return None
+    snapshot, commit = code_snapshot(code)
+    if spec.method == "random_mask":
+        ok, error = random_mask_available(snapshot)
+        if not ok:
+            print(f"[quality] skip {spec.name}: sparse_lightning.callbacks.RandomMaskCallback does not import yet "
+                  f"({error})", flush=True)
+            return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.csv", "hparams.yaml", "config.yaml", "error.json"):
+        (run_dir / stale).unlink(missing_ok=True)
+    config = build_config(spec, data_dir, snapshot)
+    config_path = run_dir / "quality_config.yaml"
+    header = (f"# issue 14 quality benchmark: {spec.name}\n"
+              f"# written by: {driver_command}\n"
+              f"# library code: {commit} (PYTHONPATH={snapshot or 'the working tree'})\n"
+              f"# run: OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/sparse-lightning fit --config {config_path.relative_to(REPO)}\n")
+    config_path.write_text(header + yaml.safe_dump(config, sort_keys=False))
+    command = [str(CLI), "fit", "--config", str(config_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    if snapshot is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(snapshot), os.environ.get("PYTHONPATH")]))
+
+    with lock_path.open("a+") as lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[quality] waiting for {lock_path} (another training job holds it)", flush=True)
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        print(f"[quality] start {spec.name} ({time.strftime('%H:%M:%S')})", flush=True)
+        start = time.time()
+        with (run_dir / "train.log").open("w") as log:
+            child = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     pass_fds=(lock.fileno(),))   # the child keeps the lock if the driver dies
+
+            def forward(signum, _frame):  # stop the child with the driver
+                child.send_signal(signum)
+                raise KeyboardInterrupt
+
+            old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+            try:
+                _, status, usage = os.wait4(child.pid, 0)
+            except KeyboardInterrupt:
+                child.wait()
+                print(f"[quality] interrupted {spec.name}; it will run again next time", flush=True)
+                raise
+            finally:
+                for s, handler in old.items():
+                    signal.signal(s, handler)
+            child.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.time() - start
+    cpu = usage.ru_utime + usage.ru_stime
+    log_text = (run_dir / "train.log").read_text(errors="replace")
+    match = _TRAINABLE.search(log_text)
+    validations, train = _read_metrics(run_dir)
+    record = {
+        "name": spec.name, "task": spec.task, "method": spec.method, "seed": spec.seed, "lr": spec.learning_rate,
+        "max_steps": spec.max_steps, "tag": spec.tag, "overrides": spec.overrides,
+        "schedule": {**SCHEDULE, "max_steps": spec.max_steps, "max_length": TASKS[spec.task].max_length},
+        "trainable_params": int(match.group(1).replace(",", "")) if match else None,
+        "all_params": int(match.group(2).replace(",", "")) if match else None,
+        "validations": validations,
+        "final": validations[-1] if validations else {},
+        "train_loss": train,
+        "cpu_seconds": round(cpu, 1), "wall_seconds": round(wall, 1), "max_rss_mib": round(usage.ru_maxrss / 1024, 1),
+        "threads": 1, "returncode": child.returncode, "code_commit": commit,
+        "command": "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 " + " ".join(
+            shlex.quote(str(Path(c).relative_to(REPO)) if c.startswith(str(REPO)) else c) for c in command),
+        "driver_command": driver_command,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if child.returncode != 0 or not validations:
+        record["log_tail"] = log_text[-3000:]
+        (run_dir / "error.json").write_text(json.dumps(record, indent=1))
+        print(f"[quality] FAILED {spec.name} (rc {child.returncode}); see {run_dir / 'train.log'}", flush=True)
+        return record
+    result_path.write_text(json.dumps(record, indent=1))
+    final = ", ".join(f"{k}={v:.4f}" for k, v in record["final"].items() if k != "step")
+    print(f"[quality] done {spec.name}: {final}; cpu {cpu:.0f} s, wall {wall:.0f} s", flush=True)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plans
+
+
+def plan_runs(name: str) -> list[RunSpec]:
+    if name == "mrpc-sweep":
+        # issue 14's MRPC tuning sweep (seed 42), in priority order.
+        order = [("lora", 1e-3), ("sift", 2e-3), ("sift", 5e-3), ("spiel_ag", 2e-3), ("spiel_ag", 5e-3),
+                 ("s2ft", 2e-3), ("s2ft", 5e-3), ("full", 5e-5), ("lora", 2e-3), ("sift", 1e-3), ("spiel_ma", 1e-2)]
+        return [RunSpec("mrpc", method, 42, lr) for method, lr in order]
+    if name == "glue":
+        return [RunSpec(task, method, seed) for seed in (42, 43, 44) for task in TASKS for method in METHODS]
+    raise SystemExit(f"unknown plan {name!r}; known: mrpc-sweep, glue")
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def specs_from_args(args: argparse.Namespace) -> list[RunSpec]:
+    if args.plan:
+        specs = plan_runs(args.plan)
+    else:
+        tasks = args.tasks.split(",")
+        methods = args.methods.split(",")
+        seeds = [int(s) for s in args.seeds.split(",")]
+        lrs: dict[str, list[float]] = {}
+        for item in args.lr or []:
+            method, _, values = item.partition("=")
+            lrs[method] = [float(v) for v in values.split(",")]
+        specs = [RunSpec(task, method, seed, lr) for seed in seeds for task in tasks for method in methods
+                 for lr in lrs.get(method, [None])]
+    overrides = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        overrides[key] = _parse_value(value)
+    for spec in specs:
+        if args.steps:
+            spec.steps = args.steps
+        if args.tag:
+            spec.tag = args.tag
+        spec.overrides.update(overrides)
+    for spec in specs:
+        if spec.task not in TASKS:
+            raise SystemExit(f"unknown task {spec.task!r}; known: {', '.join(TASKS)}")
+        if spec.method not in METHODS:
+            raise SystemExit(f"unknown method {spec.method!r}; known: {', '.join(METHODS)}")
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.4f}"
+    return f"{mean:.4f} ± {statistics.stdev(values):.4f}"
+
+
+def load_results() -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(RUNS.glob("*/result.json"))]
+
+
+def make_tables(table_command: str) -> list[Path]:
+    results = load_results()
+    written = []
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_task.setdefault(r["task"], []).append(r)
+    summary: dict[str, Any] = {"command": table_command, "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
+                               "schedule": SCHEDULE, "tasks": {}}
+    for task_name, rows in sorted(by_task.items()):
+        task = TASKS[task_name]
+        groups: dict[tuple, list[dict[str, Any]]] = {}
+        for r in rows:
+            key = (r["method"], r["lr"], r["max_steps"], r.get("tag", ""), json.dumps(r.get("overrides", {}), sort_keys=True))
+            groups.setdefault(key, []).append(r)
+        order = {m: i for i, m in enumerate(METHODS)}
+        keys = sorted(groups, key=lambda k: (order.get(k[0], 99), k[1], k[2], k[3], k[4]))
+        cpu = sum(r["cpu_seconds"] for r in rows)
+        wall = sum(r["wall_seconds"] for r in rows)
+        drivers = sorted({r["driver_command"] for r in rows})
+        steps_seen = sorted({v["step"] for r in rows for v in r["validations"]})
+        entries = []
+        lines = [
+            f"# {task_name.upper()}: quality benchmark (issue 14)",
+            "",
+            f"all-MiniLM-L6-v2, GLUE {task_name} dev set (whole), batch {SCHEDULE['batch_size']}, max_length "
+            f"{task.max_length}, AdamW (SM3 for SpIEL-MA), warmup {SCHEDULE['warmup_ratio']:.0%}, linear decay, "
+            f"dropout off, validation every {SCHEDULE['val_every']} steps; one thread per run (OMP_NUM_THREADS=1), "
+            f"one run at a time on a 2-core CPU. Final = the last validation (no best-checkpoint selection).",
+            "",
+            f"Runs: {len(rows)}; CPU time {cpu / 3600:.2f} core-hours (child getrusage, user+sys), "
+            f"wall {wall / 3600:.2f} h. Library code: "
+            + ", ".join(sorted({str(r.get("code_commit", "?"))[:10] for r in rows})) + ".",
+            "",
+            "Made by:",
+            "",
+            "```bash",
+            *drivers,
+            table_command,
+            "```",
+            "",
+        ]
+        metric_cols = " | ".join(f"{m} (final)" for m in task.metrics)
+        lines += [f"| method | lr | steps | tag | trainable | seeds | {metric_cols} | {task.main} at each validation "
+                  f"| CPU min/run |",
+                  "|---|---:|---:|---|---:|---|" + "---:|" * len(task.metrics) + "---|---:|"]
+        for key in keys:
+            group = sorted(groups[key], key=lambda r: r["seed"])
+            method, lr, steps, tag, overrides = key
+            trainable = sorted({r["trainable_params"] for r in group if r["trainable_params"]})
+            finals = {m: [r["final"][m] for r in group if m in r["final"]] for m in task.metrics}
+            per_step: dict[int, list[float]] = {}
+            per_step_all: dict[int, dict[str, list[float]]] = {}
+            for r in group:
+                for v in r["validations"]:
+                    if task.main in v:
+                        per_step.setdefault(v["step"], []).append(v[task.main])
+                    for m in task.metrics:
+                        if m in v:
+                            per_step_all.setdefault(v["step"], {}).setdefault(m, []).append(v[m])
+            curve = " / ".join(f"{statistics.fmean(per_step[s]):.3f}" for s in sorted(per_step))
+            cpu_run = statistics.fmean(r["cpu_seconds"] for r in group) / 60
+            tag_text = tag + (f" {overrides}" if overrides != "{}" else "")
+            lines.append(
+                f"| {method} | {lr:g} | {steps} | {tag_text} | {', '.join(f'{t:,}' for t in trainable)} | "
+                f"{','.join(str(r['seed']) for r in group)} | "
+                + " | ".join(_fmt(finals[m]) for m in task.metrics)
+                + f" | {curve} | {cpu_run:.1f} |")
+            entries.append({
+                "method": method, "lr": lr, "max_steps": steps, "tag": tag, "overrides": json.loads(overrides),
+                "trainable_params": trainable, "seeds": [r["seed"] for r in group],
+                "final": {m: {"mean": statistics.fmean(finals[m]) if finals[m] else None,
+                              "std": statistics.stdev(finals[m]) if len(finals[m]) > 1 else None,
+                              "values": finals[m]} for m in task.metrics},
+                "per_validation": {str(s): {m: statistics.fmean(v) for m, v in ms.items()}
+                                   for s, ms in sorted(per_step_all.items())},
+                "cpu_seconds": [r["cpu_seconds"] for r in group], "wall_seconds": [r["wall_seconds"] for r in group],
+                "runs": [r["name"] for r in group],
+            })
+        lines += ["", f"Validation steps (as logged by Lightning): {', '.join(map(str, steps_seen))}.", ""]
+        lines += ["Per run (every validation, all metrics):", "",
+                  "| run | trainable | " + " | ".join(f"{m} @ each validation" for m in task.metrics)
+                  + " | CPU s | wall s |",
+                  "|---|---:|" + "---|" * len(task.metrics) + "---:|---:|"]
+        for r in sorted(rows, key=lambda r: (order.get(r["method"], 99), r["lr"], r["seed"], r["name"])):
+            cells = [" / ".join(f"{v[m]:.4f}" for v in r["validations"] if m in v) for m in task.metrics]
+            lines.append(f"| {r['name']} | {r['trainable_params']:,} | " + " | ".join(cells)
+                         + f" | {r['cpu_seconds']:.0f} | {r['wall_seconds']:.0f} |")
+        md = OUT / f"{task_name}.md"
+        md.write_text("\n".join(lines) + "\n")
+        written.append(md)
+        summary["tasks"][task_name] = {"runs": len(rows), "core_hours": cpu / 3600, "wall_hours": wall / 3600,
+                                       "driver_commands": drivers, "metrics": list(task.metrics),
+                                       "entries": entries}
+    js = OUT / "quality.json"
+    js.write_text(json.dumps(summary, indent=1))
+    written.append(js)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["run", "list", "table", "config"])
+    parser.add_argument("--plan", help="mrpc-sweep | glue")
+    parser.add_argument("--tasks", default="mrpc")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seeds", default="42")
+    parser.add_argument("--lr", action="append", help="METHOD=LR[,LR...] (repeatable); default: DEFAULT_LR")
+    parser.add_argument("--steps", type=int, help=f"max optimizer steps (default {SCHEDULE['max_steps']})")
+    parser.add_argument("--tag", default="", help="names the override set in the run name")
+    parser.add_argument("--set", action="append", help="dotted.config.key=YAML value (repeatable), e.g. "
+                        "trainer.callbacks.0.init_args.calibration_batches=4; use with --tag")
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    parser.add_argument("--lock", type=Path, default=OUT / ".lock")
+    parser.add_argument("--code", default=CODE_COMMIT, help="library commit to train with (git archive into "
+                        f"{SNAPSHOTS}), or 'worktree' for the live tree; default {CODE_COMMIT[:10]}")
+    args = parser.parse_args(argv)
+    command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+
+    if args.mode == "table":
+        for path in make_tables(command):
+            print(f"wrote {path.relative_to(REPO)}")
+        return
+    specs = specs_from_args(args)
+    if args.mode == "list":
+        for spec in specs:
+            state = ("done" if (spec.run_dir / "result.json").exists() else
+                     "failed" if (spec.run_dir / "error.json").exists() else "queued")
+            print(f"{state:7s} {spec.name}")
+        return
+    if args.mode == "config":
+        for spec in specs:
+            snapshot, _ = code_snapshot(args.code)
+            print(f"# {spec.name}\n" + yaml.safe_dump(build_config(spec, args.data_dir, snapshot), sort_keys=False))
+        return
+    OUT.mkdir(parents=True, exist_ok=True)
+    args.lock.parent.mkdir(parents=True, exist_ok=True)
+    todo = [s for s in specs if not (s.run_dir / "result.json").exists()]
+    print(f"[quality] {len(specs)} runs in the plan, {len(specs) - len(todo)} done, {len(todo)} to run", flush=True)
+    for spec in todo:
+        run_one(spec, args.lock, args.data_dir, command, args.code)
+
+
+if __name__ == "__main__":
+    main()
