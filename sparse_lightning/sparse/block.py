@@ -46,7 +46,9 @@ class BlockDeltaLinear(FrozenLinearWithDelta):
         return self.base.weight.narrow(self.dim, 0, self.size)
 
     def add_delta_to_base(self) -> None:
-        self.covered_region().add_(self.delta_block.to(self.base.weight.dtype))
+        """Summed in fp32 and rounded to the base weight's dtype once."""
+        region = self.covered_region()
+        region.copy_(region.float() + self.delta_block.float())
 
     def restore_region(self, originals: Tensor) -> None:
         self.covered_region().copy_(originals)

@@ -122,7 +122,9 @@ class SparseDeltaLinear(FrozenLinearWithDelta):
         return self.base.weight.view(-1)[self.delta_indices]
 
     def add_delta_to_base(self) -> None:
-        self.base.weight.view(-1).index_add_(0, self.delta_indices, self.delta_values.to(self.base.weight.dtype))
+        """W[indices] += values, summed in fp32 and rounded to W's dtype once (the indices are unique)."""
+        flat = self.base.weight.view(-1)
+        flat[self.delta_indices] = (flat[self.delta_indices].float() + self.delta_values.float()).to(flat.dtype)
 
     def restore_region(self, originals: Tensor) -> None:
         self.base.weight.view(-1)[self.delta_indices] = originals

@@ -18,6 +18,18 @@ class FrozenLinearWithDelta(nn.Module):
         self.base.requires_grad_(False)
         self._merged_originals: Tensor | None = None
 
+    def _apply(self, fn, recurse: bool = True):
+        # `.to(torch.bfloat16)`, `.half()` and Trainer(precision="bf16-true") cast every floating tensor; the delta
+        # (and so its optimizer state) stays fp32 whatever the base's dtype: it only follows the device.
+        fp32 = {name: p.data for name, p in self._parameters.items() if name.startswith("delta_") and p is not None
+                and p.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for name, before in fp32.items():
+            param = self._parameters[name]
+            if param.dtype != torch.float32:
+                param.data = before.to(param.device) if not before.is_meta else param.data.float()
+        return self
+
     @property
     def weight_shape(self) -> torch.Size:
         return self.base.weight.shape

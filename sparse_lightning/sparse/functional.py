@@ -25,9 +25,14 @@ WeightGradObserver = Callable[[Tensor], None]
 
 
 def merged_weight(weight: Tensor, indices: Tensor, values: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """A fresh tensor equal to `weight + scatter(indices, values)` in `dtype` (weight's by default)."""
+    """A fresh tensor equal to `weight + scatter(indices, values)` in `dtype` (weight's by default). Below fp32 the
+    covered entries are summed in fp32 and rounded once, exactly as merging writes them (the indices are unique)."""
     merged = weight.to(dtype or weight.dtype, copy=True)
-    merged.view(-1).index_add_(0, indices, values.to(merged.dtype))
+    flat = merged.view(-1)
+    if merged.dtype in (torch.float32, torch.float64):
+        flat.index_add_(0, indices, values.to(merged.dtype))
+    else:
+        flat[indices] = (weight.view(-1)[indices].float() + values.float()).to(merged.dtype)
     return merged
 
 
