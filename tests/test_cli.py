@@ -175,7 +175,7 @@ def test_unknown_glue_task(tiny_bert_dir: Path, tmp_path: Path) -> None:
 
 def test_target_pattern_matching_nothing(tiny_bert_dir: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path, tiny_bert_dir, callback={"target_modules": ["q_proj"]})
-    with pytest.raises(ValueError, match=r"\['q_proj'\] matched no nn.Linear module.*query"):
+    with pytest.raises(ValueError, match=r"\['q_proj'\] matched no nn.Linear \(or Conv1D\) module.*query"):
         cli.main(["fit", "--config", str(config)])
 
 

@@ -112,5 +112,5 @@ def test_autocast_bf16_keeps_an_fp32_block_gradient(cls) -> None:
 
 
 def test_block_size_must_fit_the_weight() -> None:
-    with pytest.raises(ValueError, match=r"a block needs 1 to 10 positions along dim 1 of a \(12, 10\) weight, got 11"):
+    with pytest.raises(ValueError, match=r"a block needs 1 to 10 positions from 0 along dim 1 of a \(12, 10\) weight, got 11"):
         ColumnBlockLinear(nn.Linear(IN, OUT), torch.arange(11))

@@ -34,7 +34,7 @@ from sparse_lightning.distributed import all_reduce_sum_, broadcast_from_rank_ze
 from sparse_lightning.methods.calibration import Calibration, require
 from sparse_lightning.sparse.block import ColumnBlockLinear, RowBlockLinear, block_delta_layers
 from sparse_lightning.structure.families import COLUMN_ROLES, KV_ROLES, CoupledGroup, base_linear, find_groups
-from sparse_lightning.structure.permute import expand, permute_group, role_order
+from sparse_lightning.structure.permute import permute_group, role_order
 from sparse_lightning.structure.scores import activation_scores, gradient_scores, weight_scores
 from sparse_lightning.structure.select import GQAMode, allocate_global, choose_units, gqa_count_error, selection_order
 
@@ -163,6 +163,19 @@ class S2FTStructureCallback(SparseMethodCallback):
         if missing:
             raise ValueError(f"{model.config.model_type} blocks have no {missing} projection; choose train among "
                              f"{sorted(available & set(HEAD_ROLES + CHANNEL_ROLES))}")
+        for group in groups[:2]:
+            for role in self.roles(group):
+                spec = group.fused.get(role)
+                if spec is None:
+                    continue
+                if spec.interleaved:
+                    raise ValueError(f"{model.config.model_type} interleaves {'/'.join(spec.fused)} per head in "
+                                     f"{group.roles[role]}, so the selected {role} rows cannot form one block: "
+                                     f"train {role} is not offered here (train o, down or up)")
+                shared = [r for r in self.train if r != role and r in spec.fused]
+                if shared:
+                    raise ValueError(f"{role} and {shared[0]} share one fused weight ({group.roles[role]}) in "
+                                     f"{model.config.model_type}: train one of them")
 
     # ------------------------------------------------------------------------------------------ selection
 
@@ -259,9 +272,11 @@ class S2FTStructureCallback(SparseMethodCallback):
             for role in self.roles(group):
                 units = role_order(group, role, order)
                 count = math.ceil(len(selected) / group.group_size) if role in KV_ROLES else len(selected)
-                positions = expand(units[:count], group.unit_size)
+                positions = group.positions(role, units[:count])  # original layout, for export
+                start = int(group.positions(role, torch.zeros(1, dtype=torch.long))[0])  # the role's first row now
                 linear = base_linear(model, group.roles[role])
-                layer = (ColumnBlockLinear if role in COLUMN_ROLES else RowBlockLinear)(linear, positions)
+                layer = ColumnBlockLinear(linear, positions) if role in COLUMN_ROLES else \
+                    RowBlockLinear(linear, positions, start)
                 parent, _, child = group.roles[role].rpartition(".")
                 setattr(model.get_submodule(parent), child, layer)
                 added += layer.delta_block.numel()

@@ -14,20 +14,27 @@ from sparse_lightning.sparse.block_functional import column_block_linear, row_bl
 from sparse_lightning.sparse.frozen_delta import FrozenLinearWithDelta
 
 
+#: Buffer holding a row block's first row when it is not row 0.
+START_BUFFER = "delta_row_start"
+
+
 class BlockDeltaLinear(FrozenLinearWithDelta):
     """Base of the two block layers; `dim` is the weight dimension the block spans a prefix of."""
 
     dim: int
     index_name: str
 
-    def __init__(self, base: nn.Linear, index: Tensor) -> None:
+    def __init__(self, base: nn.Linear, index: Tensor, start: int = 0) -> None:
         size = base.weight.shape[self.dim]
-        if not 1 <= index.numel() <= size:
-            raise ValueError(f"a block needs 1 to {size} positions along dim {self.dim} of a "
+        if not 1 <= index.numel() <= size - start or start < 0:
+            raise ValueError(f"a block needs 1 to {size - start} positions from {start} along dim {self.dim} of a "
                              f"{tuple(base.weight.shape)} weight, got {index.numel()}")
         super().__init__(base)
         device = base.weight.device
         self.register_buffer(self.index_name, index.to(device=device, dtype=torch.long))
+        self.start = start
+        if start:  # inside a fused weight (Phi-3's v rows in qkv_proj): recorded, so a checkpoint rebuilds it
+            self.register_buffer(START_BUFFER, torch.tensor(start, dtype=torch.long, device=device))
         shape = list(base.weight.shape)
         shape[self.dim] = index.numel()
         self.delta_block = nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=device))
@@ -42,8 +49,8 @@ class BlockDeltaLinear(FrozenLinearWithDelta):
         return self.delta_block.shape[self.dim]
 
     def covered_region(self) -> Tensor:
-        """The block's prefix of the (permuted) base weight."""
-        return self.base.weight.narrow(self.dim, 0, self.size)
+        """The block's rows/columns of the (permuted) base weight: `size` of them from `start`."""
+        return self.base.weight.narrow(self.dim, self.start, self.size)
 
     def add_delta_to_base(self) -> None:
         """Summed in fp32 and rounded to the base weight's dtype once."""
@@ -77,7 +84,7 @@ class RowBlockLinear(BlockDeltaLinear):
     index_name = "delta_rows"
 
     def delta_forward(self, x: Tensor) -> Tensor:
-        return row_block_linear(x, self.base.weight, self.base.bias, self.delta_block)
+        return row_block_linear(x, self.base.weight, self.base.bias, self.delta_block, self.start)
 
 
 BLOCK_LAYERS: tuple[type[BlockDeltaLinear], ...] = (ColumnBlockLinear, RowBlockLinear)
@@ -98,8 +105,10 @@ def attach_blocks_from_state_dict(model: nn.Module, state_dict: dict[str, Tensor
             name = key[len(prefix):-len(suffix)]
             module = model.get_submodule(name)
             if not isinstance(module, BlockDeltaLinear):
+                start = state_dict.get(f"{prefix}{name}.{START_BUFFER}")
                 parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, cls(module, index))
+                setattr(model.get_submodule(parent) if parent else model, child,
+                        cls(module, index, 0 if start is None else int(start)))
 
 
 #: Buffers that record a co-permutation on the module owning the coupled weights (attention, MLP): the

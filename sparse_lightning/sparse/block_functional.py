@@ -53,28 +53,30 @@ class ColumnBlockLinearFunction(torch.autograd.Function):
 
 
 class RowBlockLinearFunction(torch.autograd.Function):
-    """`x W^T + b` with a trainable dense block B [s, in] added to the first s output rows of a frozen W.
+    """`x W^T + b` with a trainable dense block B [s, in] added to s output rows of a frozen W from row `start`
+    (0 after co-permutation; a fused weight's role starts later).
 
     B's gradient `grad_out[..., :s]^T x` needs the whole input (as LoRA does); W's gradient is never formed.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, block: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, block: Tensor, start: int = 0) -> Tensor:
         dtype = _compute_dtype(x)
         s = block.shape[0]
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)
             out = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
-            out[..., :s] += F.linear(x, block.to(dtype))
+            out[..., start:start + s] += F.linear(x, block.to(dtype))
         ctx.save_for_backward(x, weight, block)
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.start = start
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, weight, block = ctx.saved_tensors
         grad_out = grad_out.to(x.dtype)
-        grad_selected = grad_out[..., : block.shape[0]]
+        grad_selected = grad_out[..., ctx.start:ctx.start + block.shape[0]]
         grad_x = grad_bias = grad_block = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ weight.to(grad_out.dtype) + grad_selected @ block.to(grad_out.dtype)
@@ -83,7 +85,7 @@ class RowBlockLinearFunction(torch.autograd.Function):
             grad_block = (flat_selected.t() @ x.reshape(-1, x.shape[-1])).to(block.dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
-        return grad_x, None, grad_bias, grad_block
+        return grad_x, None, grad_bias, grad_block, None
 
 
 def column_block_linear(x: Tensor, weight: Tensor, bias: Tensor | None, block: Tensor) -> Tensor:
@@ -91,6 +93,6 @@ def column_block_linear(x: Tensor, weight: Tensor, bias: Tensor | None, block: T
     return ColumnBlockLinearFunction.apply(x, weight, bias, block)
 
 
-def row_block_linear(x: Tensor, weight: Tensor, bias: Tensor | None, block: Tensor) -> Tensor:
+def row_block_linear(x: Tensor, weight: Tensor, bias: Tensor | None, block: Tensor, start: int = 0) -> Tensor:
     """Functional form of `RowBlockLinearFunction` (see its docstring)."""
-    return RowBlockLinearFunction.apply(x, weight, bias, block)
+    return RowBlockLinearFunction.apply(x, weight, bias, block, start)

@@ -44,7 +44,15 @@ def allocate_budget(
     if density is not None:
         return [min(n, int(density * n) + 1) for n in numels]
     if lora_rank is not None:
-        return [min(out * inp, lora_rank * (out + inp)) for out, inp in shapes]
+        too_small = [(out, inp) for out, inp in shapes if lora_rank * (out + inp) > out * inp]
+        if too_small:  # never cap silently: the run would train every entry of these weights
+            out, inp = too_small[0]
+            largest = min(o * i // (o + i) for o, i in shapes)
+            raise ValueError(
+                f"lora_rank must be between 1 and {largest} for these {len(shapes)} target weights (r * (out + in) "
+                f"entries per weight, at most its out * in: a [{out}, {inp}] weight holds {out * inp}), got {lora_rank}"
+            )
+        return [lora_rank * (out + inp) for out, inp in shapes]
     assert num_params is not None
     total = sum(numels)
     if not len(shapes) <= num_params <= total:
@@ -107,7 +115,7 @@ class SparseDeltaLinear(FrozenLinearWithDelta):
 
     def delta_forward(self, x: Tensor) -> Tensor:
         return sparse_delta_linear(x, self.base.weight, self.base.bias, self.delta_indices, self.delta_values,
-                                   self.weight_grad_observer)
+                                   self.weight_grad_observer, self.transposed)
 
     @torch.no_grad()
     def set_indices(self, indices: Tensor) -> None:
@@ -130,5 +138,5 @@ class SparseDeltaLinear(FrozenLinearWithDelta):
         self.base.weight.view(-1)[self.delta_indices] = originals
 
     def extra_repr(self) -> str:
-        out, inp = self.weight_shape
+        out, inp = reversed(self.weight_shape) if self.transposed else self.weight_shape
         return f"in_features={inp}, out_features={out}, k={self.k} ({self.k / (out * inp):.4%})"

@@ -11,12 +11,24 @@ import torch
 from torch import Tensor, nn
 
 
+def is_transposed_linear(module: nn.Module) -> bool:
+    """A Linear that stores its weight [in, out] (GPT-2's `transformers.pytorch_utils.Conv1D`)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
+def is_linear(module: nn.Module) -> bool:
+    """What a delta can wrap: `nn.Linear`, or a transposed linear such as GPT-2's `Conv1D`."""
+    return isinstance(module, nn.Linear) or is_transposed_linear(module)
+
+
 class FrozenLinearWithDelta(nn.Module):
     def __init__(self, base: nn.Linear) -> None:
         super().__init__()
         self.base = base
         self.base.requires_grad_(False)
         self._merged_originals: Tensor | None = None
+        #: GPT-2's `Conv1D` stores its weight [in, out]; deltas address that stored layout (what HF saves).
+        self.transposed = is_transposed_linear(base)
 
     def _apply(self, fn, recurse: bool = True):
         # `.to(torch.bfloat16)`, `.half()` and Trainer(precision="bf16-true") cast every floating tensor; the delta

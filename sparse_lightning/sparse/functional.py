@@ -20,7 +20,8 @@ from torch import Tensor
 # The CSR mask below is a transient index structure for one kernel, not a user-facing sparse tensor.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
-#: Receives a layer's dense weight gradient ([out, in], compute dtype) during backward; must not keep it.
+#: Receives a layer's dense weight gradient (the weight's stored shape, compute dtype) during backward; must not
+#: keep it.
 WeightGradObserver = Callable[[Tensor], None]
 
 
@@ -65,17 +66,21 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
 
     `observer`, when given, is called in backward with the dense weight gradient: SIFT accumulates
     |gradient| scores from it, SpIEL picks and measures regrowth candidates; training alone never forms it.
+    `transposed` means the weight is stored [in, out] (GPT-2's `Conv1D`): indices, merging and the observed
+    gradient all stay in that stored layout.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor, values: Tensor,
-                observer: WeightGradObserver | None) -> Tensor:
+                observer: WeightGradObserver | None, transposed: bool = False) -> Tensor:
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)
-            out = F.linear(x, merged_weight(weight, indices, values, dtype), None if bias is None else bias.to(dtype))
+            merged = merged_weight(weight, indices, values, dtype)
+            out = F.linear(x, merged.t() if transposed else merged, None if bias is None else bias.to(dtype))
         ctx.save_for_backward(x, weight, indices, values)
         ctx.observer = observer
+        ctx.transposed = transposed
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
@@ -84,22 +89,25 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
         x, weight, indices, values = ctx.saved_tensors
         grad_out = grad_out.to(x.dtype)
         grad_x = grad_bias = grad_values = None
+        # In the stored layout the weight gradient is left^T @ right: grad_out^T x, or x^T grad_out if transposed.
+        left, right = (x, grad_out) if ctx.transposed else (grad_out, x)
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ merged_weight(weight, indices, values, x.dtype)
+            merged = merged_weight(weight, indices, values, x.dtype)
+            grad_x = grad_out @ (merged.t() if ctx.transposed else merged)
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.observer is not None:
-            dense_grad = flat_grad.t() @ x.reshape(-1, x.shape[-1])  # [out, in], freed on return
+            dense_grad = left.reshape(-1, left.shape[-1]).t() @ right.reshape(-1, right.shape[-1])  # freed on return
             ctx.observer(dense_grad)
             if ctx.needs_input_grad[4]:
                 grad_values = dense_grad.view(-1)[indices].to(values.dtype)
         elif ctx.needs_input_grad[4]:
-            grad_values = sampled_weight_grad(grad_out, x, indices, weight.shape).to(values.dtype)
+            grad_values = sampled_weight_grad(left, right, indices, weight.shape).to(values.dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = flat_grad.sum(0).to(ctx.bias_dtype)
-        return grad_x, None, grad_bias, None, grad_values, None
+        return grad_x, None, grad_bias, None, grad_values, None, None
 
 
 def sparse_delta_linear(x: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor, values: Tensor,
-                        observer: WeightGradObserver | None = None) -> Tensor:
+                        observer: WeightGradObserver | None = None, transposed: bool = False) -> Tensor:
     """Functional form of `SparseDeltaLinearFunction` (see its docstring)."""
-    return SparseDeltaLinearFunction.apply(x, weight, bias, indices, values, observer)
+    return SparseDeltaLinearFunction.apply(x, weight, bias, indices, values, observer, transposed)

@@ -8,18 +8,10 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from sparse_lightning.architectures import architecture_of
 from sparse_lightning.sparse.block import attach_blocks_from_state_dict, attach_orders_from_state_dict, block_delta_layers
 from sparse_lightning.sparse.delta import SparseDeltaLinear
-
-# Default targets per architecture family (`config.model_type`): SIFT's choice in ANCHORS.md section 1.
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "bert": ("query", "key", "value", "attention.output.dense"),
-    "roberta": ("query", "key", "value", "attention.output.dense"),
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-}
-
+from sparse_lightning.sparse.frozen_delta import is_linear
 
 def name_matches(name: str, pattern: str) -> bool:
     """PEFT-style matching: the full name, a dotted suffix of it, or a regular expression on the full name."""
@@ -27,29 +19,24 @@ def name_matches(name: str, pattern: str) -> bool:
 
 
 def default_targets(model: nn.Module) -> tuple[str, ...]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGETS:
-        raise ValueError(
-            f"no default target modules for model_type {model_type!r} (known: {sorted(DEFAULT_TARGETS)}); "
-            "pass target_modules explicitly, e.g. ['q_proj', 'v_proj']"
-        )
-    return DEFAULT_TARGETS[model_type]
+    """The architecture's default target projections (`sparse_lightning.architectures`)."""
+    return architecture_of(model, "default target modules").targets
 
 
 def _linear_suffixes(model: nn.Module) -> list[str]:
     """Distinct layer-independent names of Linear modules, for error messages."""
-    suffixes = {re.sub(r"(^|\.)\d+\.", r"\1", name) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    suffixes = {re.sub(r"(^|\.)\d+\.", r"\1", name) for name, m in model.named_modules() if is_linear(m)}
     return sorted(suffixes)
 
 
-def find_linear_targets(model: nn.Module, patterns: Sequence[str], exclude: Sequence[str] = ()) -> dict[str, nn.Linear]:
-    """All `nn.Linear` modules whose name matches a pattern; an unmatched pattern is an error."""
+def find_linear_targets(model: nn.Module, patterns: Sequence[str], exclude: Sequence[str] = ()) -> dict[str, nn.Module]:
+    """All `nn.Linear` (or GPT-2 `Conv1D`) modules whose name matches a pattern; an unmatched pattern is an error."""
     found: dict[str, nn.Linear] = {}
     unmatched = set(patterns)
     for name, module in model.named_modules():
         if isinstance(module, SparseDeltaLinear):
             module = module.base
-        elif not isinstance(module, nn.Linear) or name.endswith(".base"):
+        elif not is_linear(module) or name.endswith(".base"):
             continue
         hits = [p for p in patterns if name_matches(name, p)]
         if hits and not any(name_matches(name, e) for e in exclude):
@@ -57,7 +44,7 @@ def find_linear_targets(model: nn.Module, patterns: Sequence[str], exclude: Sequ
             unmatched.difference_update(hits)
     if unmatched:
         raise ValueError(
-            f"target pattern(s) {sorted(unmatched)} matched no nn.Linear module; "
+            f"target pattern(s) {sorted(unmatched)} matched no nn.Linear (or Conv1D) module; "
             f"the Linear modules in this model are: {', '.join(_linear_suffixes(model))}"
         )
     return found

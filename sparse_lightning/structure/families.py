@@ -5,14 +5,18 @@ h // G (G query heads per KV head, 1 without grouped-query attention) owns the s
 FFN: channel c owns row c of up (and gate) and input column c of down. Permuting heads (q/k/v rows and o
 columns together, never moving a query head away from its KV head) or channels (up/gate rows and down
 columns) leaves the block's output unchanged; rotary embeddings act within a head, so they do not care.
+A role may be part of a fused weight (`architectures.Role`): its rows are then found by `CoupledGroup.positions`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+
+from sparse_lightning.architectures import ARCHITECTURES, BERT_LIKE, LLAMA_LIKE, GroupLayout, Role
 
 #: Roles whose *input columns* hold the units; every other role holds them in its output rows.
 COLUMN_ROLES = ("o", "down")
@@ -20,30 +24,9 @@ COLUMN_ROLES = ("o", "down")
 KV_ROLES = ("k", "v")
 
 
-@dataclass(frozen=True)
-class GroupLayout:
-    """One coupled group inside a transformer block: the module owning it and its Linears by role
-    (paths relative to the block)."""
-
-    kind: Literal["heads", "channels"]
-    owner: str
-    roles: dict[str, str]
-
-
-DECODER = (
-    GroupLayout("heads", "self_attn", {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-                                       "o": "self_attn.o_proj"}),
-    GroupLayout("channels", "mlp", {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}),
-)
-ENCODER = (
-    GroupLayout("heads", "attention", {"q": "attention.self.query", "k": "attention.self.key",
-                                       "v": "attention.self.value", "o": "attention.output.dense"}),
-    GroupLayout("channels", "", {"up": "intermediate.dense", "down": "output.dense"}),
-)
-#: `config.model_type` -> the layouts of one transformer block.
-FAMILIES: dict[str, tuple[GroupLayout, ...]] = {
-    "llama": DECODER, "mistral": DECODER, "qwen2": DECODER, "bert": ENCODER, "roberta": ENCODER,
-}
+#: The layouts of `sparse_lightning.architectures`, per model type (those with a coupled structure).
+FAMILIES: dict[str, tuple[GroupLayout, ...]] = {name: arch.layouts for name, arch in ARCHITECTURES.items() if arch.layouts}
+DECODER, ENCODER = LLAMA_LIKE.layouts, BERT_LIKE.layouts
 
 
 @dataclass(frozen=True)
@@ -62,9 +45,33 @@ class CoupledGroup:
     unit_size: int = 1
     group_size: int = 1
 
+    fused: dict[str, Role] = field(default_factory=dict)  # roles that are part of a fused weight
+
     def units_of(self, role: str) -> int:
-        """How many units the role's weight holds (KV heads for k/v)."""
+        """How many units the role holds (KV heads for k/v)."""
         return self.num_units // self.group_size if role in KV_ROLES else self.num_units
+
+    def positions(self, role: str, units: Tensor) -> Tensor:
+        """Rows (or columns, for o/down) of the role's weight that the given units own, unit by unit."""
+        span = torch.arange(self.unit_size, device=units.device)
+        spec = self.fused.get(role)
+        if spec is None:
+            return (units[:, None] * self.unit_size + span).flatten()
+        before = spec.fused[: spec.fused.index(role)]
+        if spec.interleaved:  # each unit holds one slice per fused role, in order
+            stride = len(spec.fused) * self.unit_size
+            return (units[:, None] * stride + len(before) * self.unit_size + span).flatten()
+        offset = sum(self.units_of(r) * self.unit_size for r in before)
+        return (offset + units[:, None] * self.unit_size + span).flatten()
+
+    def all_positions(self, role: str) -> Tensor:
+        return self.positions(role, torch.arange(self.units_of(role)))
+
+    def weight_size(self, role: str) -> int:
+        """Rows (columns for o/down) the role's whole weight has: all of its fused roles' together."""
+        spec = self.fused.get(role)
+        roles = spec.fused if spec is not None else (role,)
+        return sum(self.units_of(r) * self.unit_size for r in roles)
 
 
 def _join(prefix: str, path: str) -> str:
@@ -86,7 +93,11 @@ def base_linear(model: nn.Module, path: str) -> nn.Linear:
 
 
 def _looked_for(layouts: tuple[GroupLayout, ...]) -> str:
-    return ", ".join(path for layout in layouts for path in layout.roles.values())
+    return ", ".join(dict.fromkeys(spec.path for layout in layouts for spec in layout.roles.values()))
+
+
+def _in_features(linear: nn.Module) -> int:
+    return linear.weight.shape[1]
 
 
 def find_groups(model: nn.Module) -> list[CoupledGroup]:
@@ -97,30 +108,35 @@ def find_groups(model: nn.Module) -> list[CoupledGroup]:
         raise ValueError(
             f"S2FT has no coupled structure for model_type {model_type!r} (known: {', '.join(sorted(FAMILIES))}); "
             f"it looks for LLaMA-style blocks ({_looked_for(DECODER)}) or BERT-style blocks ({_looked_for(ENCODER)}). "
-            "Use a supported model or add its layout to sparse_lightning.structure.families.FAMILIES"
+            "Use a supported model or add its layouts to sparse_lightning.architectures.ARCHITECTURES"
         )
     layouts = FAMILIES[model_type]
     blocks = [name for name, module in model.named_modules()
-              if name and all(_has(module, path) for layout in layouts for path in layout.roles.values())]
+              if name and all(_has(module, spec.path) for layout in layouts for spec in layout.roles.values())]
     if not blocks:
         raise ValueError(f"{type(model).__name__} (model_type {model_type!r}) has no transformer block with the "
                          f"modules S2FT looks for: {_looked_for(layouts)}")
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    architecture = ARCHITECTURES[model_type]
+    heads = getattr(config, architecture.heads_key)
+    kv_heads = getattr(config, architecture.kv_heads_key, None) or heads
     if heads % kv_heads:
         raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}: "
                          "grouped-query attention cannot be honoured for this config")
     groups = []
     for layer, block in enumerate(blocks):
         for layout in layouts:
-            roles = {role: _join(block, path) for role, path in layout.roles.items()}
+            roles = {role: _join(block, spec.path) for role, spec in layout.roles.items()}
+            fused = {role: spec for role, spec in layout.roles.items() if spec.fused}
             if layout.kind == "heads":
-                in_features = base_linear(model, roles["o"]).in_features
+                in_features = _in_features(base_linear(model, roles["o"]))
                 group = CoupledGroup("heads", layer, _join(block, layout.owner), roles, heads,
-                                     in_features // heads, heads // kv_heads)
+                                     in_features // heads, heads // kv_heads, fused)
+                if group.group_size > 1 and any(spec.interleaved for spec in fused.values()):
+                    raise ValueError(f"{roles['q']}: per-head interleaved q/k/v with grouped-query attention is not a "
+                                     "layout S2FT knows")
             else:
                 group = CoupledGroup("channels", layer, _join(block, layout.owner), roles,
-                                     base_linear(model, roles["down"]).in_features)
+                                     _in_features(base_linear(model, roles["down"])), fused=fused)
             _check_shapes(model, group)
             groups.append(group)
     return groups
@@ -130,7 +146,7 @@ def _check_shapes(model: nn.Module, group: CoupledGroup) -> None:
     for role, path in group.roles.items():
         weight = base_linear(model, path).weight
         size = weight.shape[1 if role in COLUMN_ROLES else 0]
-        expected = group.units_of(role) * group.unit_size
+        expected = group.weight_size(role)
         if size != expected:
             raise ValueError(f"{path}: expected {expected} {'input columns' if role in COLUMN_ROLES else 'rows'} "
-                             f"({group.units_of(role)} units of {group.unit_size}), found {size}")
+                             f"({group.units_of(role)} units of {group.unit_size} for {role}), found {size}")

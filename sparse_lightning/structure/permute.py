@@ -36,17 +36,15 @@ def role_order(group: CoupledGroup, role: str, order: Tensor) -> Tensor:
     return order
 
 
-def expand(units: Tensor, unit_size: int) -> Tensor:
-    """Unit indices -> row/column indices (each unit spans `unit_size` consecutive ones)."""
-    return (units[:, None] * unit_size + torch.arange(unit_size, device=units.device)).flatten()
-
-
 @torch.no_grad()
 def _apply(model: nn.Module, group: CoupledGroup, order: Tensor) -> None:
+    """Each role moves its own rows/columns; the rest of a fused weight (the other roles' part) stays put."""
     for role, path in group.roles.items():
         linear = base_linear(model, path)
-        index = expand(role_order(group, role, order), group.unit_size).to(linear.weight.device)
         dim = 1 if role in COLUMN_ROLES else 0
+        index = torch.arange(linear.weight.shape[dim])
+        index[group.all_positions(role)] = group.positions(role, role_order(group, role, order))
+        index = index.to(linear.weight.device)
         linear.weight.copy_(linear.weight.index_select(dim, index))
         if dim == 0 and linear.bias is not None:
             linear.bias.copy_(linear.bias[index])

@@ -35,8 +35,8 @@ def unit_norms_sq(group: CoupledGroup, tensors: dict[str, Tensor]) -> Tensor:
     counts for each of its query heads."""
     total = torch.zeros(group.num_units, dtype=torch.float64)
     for role, tensor in tensors.items():
-        per_slice = tensor.detach().double().pow(2).sum(0 if role in COLUMN_ROLES else 1)
-        per_unit = per_slice.view(group.units_of(role), group.unit_size).sum(1).cpu()
+        per_slice = tensor.detach().double().pow(2).sum(0 if role in COLUMN_ROLES else 1).cpu()
+        per_unit = per_slice[group.all_positions(role)].view(group.units_of(role), group.unit_size).sum(1)
         total += per_unit.repeat_interleave(group.group_size) if role in KV_ROLES else per_unit
     return total
 
