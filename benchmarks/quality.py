@@ -143,44 +143,52 @@ def method_fragment(method: str, lr: float, seed: int, snapshot: Path | None = N
                                         "dense_modules": DENSE}})
     elif method == "random_mask":
         callbacks.append({"class_path": "sparse_lightning.callbacks.RandomMaskCallback",
-                          "init_args": random_mask_args(snapshot)})
+                          "init_args": {"density": DENSITY, "target_modules": TARGETS, "dense_modules": DENSE}})
     else:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    return {"callbacks": callbacks, "model": model}
+    return {"callbacks": [adapt_callback(c, seed, snapshot) for c in callbacks], "model": model}
 
 
-def random_mask_args(snapshot: Path | None = None) -> dict[str, Any]:
-    """RandomMaskCallback is being added by the refactor; pass the budget arguments its signature accepts."""
-    wanted = {"density": DENSITY, "target_modules": TARGETS, "dense_modules": DENSE}
-    params = _random_mask_signature(snapshot)
-    if params is None:
-        return wanted
-    return {k: v for k, v in wanted.items() if k in params}
+_SIGNATURES: dict[tuple[str, str], list[str] | None] = {}
+_SIGNATURE_ERRORS: dict[tuple[str, str], str] = {}
 
 
-_RM_CACHE: dict[str, Any] = {}
+def init_params(class_path: str, snapshot: Path | None = None) -> list[str] | None:
+    """The `__init__` parameter names of a class in the library under test, or None if it does not import.
 
-
-def _random_mask_signature(snapshot: Path | None = None) -> list[str] | None:
-    """Checked in the venv's interpreter (a child process: the driver itself imports no torch)."""
-    if _RM_CACHE.get("snapshot", "unset") != snapshot:
-        _RM_CACHE.clear()
-        _RM_CACHE["snapshot"] = snapshot
-    if "params" not in _RM_CACHE:
+    Checked in the venv's interpreter with the run's PYTHONPATH (a child process: the driver imports no torch)."""
+    key = (class_path, str(snapshot))
+    if key not in _SIGNATURES:
+        module, _, name = class_path.rpartition(".")
+        code = (f"import inspect, json; from {module} import {name} as C; "
+                "print(json.dumps(list(inspect.signature(C.__init__).parameters)))")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         if snapshot is not None:
             env["PYTHONPATH"] = str(snapshot)
-        code = ("import inspect, json; from sparse_lightning.callbacks import RandomMaskCallback as C; "
-                "print(json.dumps(list(inspect.signature(C.__init__).parameters)))")
         proc = subprocess.run([str(PYTHON), "-c", code], cwd="/", capture_output=True, text=True, env=env)
-        _RM_CACHE["params"] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
-        _RM_CACHE["error"] = proc.stderr.strip().splitlines()[-1] if proc.returncode else ""
-    return _RM_CACHE["params"]
+        _SIGNATURES[key] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
+        _SIGNATURE_ERRORS[key] = (proc.stderr.strip().splitlines() or [""])[-1] if proc.returncode else ""
+    return _SIGNATURES[key]
+
+
+def adapt_callback(callback: dict[str, Any], seed: int, snapshot: Path | None) -> dict[str, Any]:
+    """Fit a callback fragment to the library version under test: S2FT's `strategy` became `select_by`; a
+    callback that takes a `seed` (SpIEL's random start, random mask, S2FT) gets the run's seed."""
+    params = init_params(callback["class_path"], snapshot)
+    if params is None:
+        return callback
+    args = dict(callback["init_args"])
+    if "strategy" in args and "select_by" in params:
+        args["select_by"] = args.pop("strategy")
+    if "seed" in params:
+        args["seed"] = seed
+    return {**callback, "init_args": args}
 
 
 def random_mask_available(snapshot: Path | None = None) -> tuple[bool, str]:
-    params = _random_mask_signature(snapshot)
-    return params is not None, _RM_CACHE.get("error", "")
+    class_path = "sparse_lightning.callbacks.RandomMaskCallback"
+    ok = init_params(class_path, snapshot) is not None
+    return ok, _SIGNATURE_ERRORS.get((class_path, str(snapshot)), "")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
