@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from datamodules.sampling import ResumableTrainPosition, resumable_train_loader
+from datamodules.sampling import ResumableTrainPosition, check_sample_limits, resumable_train_loader
 from sparse_lightning.models import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -363,6 +363,7 @@ class GLUEDataModule(ResumableTrainPosition, pl.LightningDataModule):
         seed: int = 42,
     ) -> None:
         super().__init__()
+        check_sample_limits(max_train_samples=max_train_samples, max_eval_samples=max_eval_samples)
         self.task = glue_task(task)
         if validation_files is not None and len(validation_files) != len(self.task.val_set_names):
             raise ValueError(

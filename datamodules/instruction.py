@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from datamodules.prompts import TEMPLATES, build_prompt
-from datamodules.sampling import ResumableTrainPosition, resumable_train_loader
+from datamodules.sampling import ResumableTrainPosition, check_sample_limits, resumable_train_loader
 from sparse_lightning.models import resolve_model_path
 
 IGNORE_INDEX = -100
@@ -288,6 +288,7 @@ class InstructionDataModule(ResumableTrainPosition, LightningDataModule):
             raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        check_sample_limits(max_train_samples=max_train_samples)
         self.save_hyperparameters()
         self.data_files = data_files
         self.tokenizer_name_or_path = tokenizer_name_or_path

@@ -22,6 +22,7 @@ from datamodules.instruction import (
     read_records,
     text_field,
 )
+from datamodules.sampling import check_sample_limits
 from sparse_lightning.eval import COMMONSENSE_DATASETS, MATH_DATASETS, canonical_dataset_name, normalize_answer
 
 EVAL_FIELDS = {"instruction": text_field, "input": text_field, "answer": normalize_answer}
@@ -75,6 +76,7 @@ class ReasoningDataModule(InstructionDataModule):
             max_train_samples=max_train_samples,
             seed=seed,
         )
+        check_sample_limits(max_eval_samples_per_dataset=max_eval_samples_per_dataset)
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.eval_datasets = self._canonical_eval_datasets(eval_datasets)
         self.max_eval_samples_per_dataset = max_eval_samples_per_dataset

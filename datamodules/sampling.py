@@ -14,6 +14,13 @@ from typing import Any
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
+def check_sample_limits(**limits: int | None) -> None:
+    """`max_*_samples` limits are None (all records) or positive: 0 would leave a split empty and fail far away."""
+    for name, value in limits.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive number of records (or null for all of them), got {value!r}")
+
+
 class ResumableSampler(DistributedSampler):
     """`DistributedSampler` (shuffled by seed + epoch, split over ranks; Lightning calls `set_epoch`) that can start
     an epoch part-way through. With one process it is a seeded per-epoch shuffle."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from jsonargparse import ArgumentParser
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sparse_lightning.modules import SparseFineTuningModule
 
@@ -79,6 +79,9 @@ class SparseLightningCLI(LightningCLI):
         if metrics:
             rank_zero_info("final metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
 
+    def before_fit(self) -> None:
+        warn_if_no_validation_before_the_end(self.trainer)
+
     def after_fit(self) -> None:
         self._report()
 
@@ -87,6 +90,20 @@ class SparseLightningCLI(LightningCLI):
 
     def after_test(self) -> None:
         self._report()
+
+
+def warn_if_no_validation_before_the_end(trainer: Trainer) -> None:
+    """A run whose max_steps ends before the first `val_check_interval` logs no validation metric, and a checkpoint
+    callback that monitors one saves nothing to export: say so before it trains."""
+    interval, steps = trainer.val_check_interval, trainer.max_steps
+    if not isinstance(interval, int) or steps is None or steps < 0 or trainer.limit_val_batches == 0:
+        return
+    batches = steps * trainer.accumulate_grad_batches
+    if batches < interval:
+        rank_zero_warn(f"max_steps={steps} ({batches} training batches) ends before the first validation "
+                       f"(val_check_interval={interval} batches): the run will log no validation metric and a "
+                       "checkpoint callback that monitors one saves nothing; lower val_check_interval or raise "
+                       "max_steps")
 
 
 def export_main(argv: list[str]) -> None:

