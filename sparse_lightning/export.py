@@ -12,6 +12,7 @@ safetensors and JSON, and the module class a checkpoint names is imported only f
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import os
@@ -21,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import LightningModule
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from sparse_lightning.sparse import merge_and_unwrap, sparse_delta_layers
-from sparse_lightning.sparse.block import block_delta_layers
+from sparse_lightning.sparse import delta_layers, merge_and_unwrap
+from sparse_lightning.sparse.frozen_delta import is_delta_parameter
 from sparse_lightning.structure import restore_original_layout
 
 DELTA_WEIGHTS = "delta.safetensors"
@@ -51,18 +53,13 @@ class DeltaFileError(ValueError):
 
 
 def delta_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The delta of an HF model with attached deltas: tensors to save and the per-target metadata."""
+    """The delta of an HF model with attached deltas: tensors to save and the per-target metadata (each layer
+    writes its own, in the base weight's original layout)."""
     tensors: dict[str, torch.Tensor] = {}
     targets: dict[str, Any] = {}
-    for name, layer in sparse_delta_layers(model).items():
-        tensors[f"{name}.indices"] = layer.delta_indices.detach().cpu().contiguous()
-        tensors[f"{name}.values"] = layer.delta_values.detach().float().cpu().contiguous()
-        targets[name] = {"shape": list(layer.weight_shape), "k": layer.k, "weight": f"{name}.weight"}
-    for name, layer in block_delta_layers(model).items():
-        kind = "columns" if layer.dim == 1 else "rows"
-        tensors[f"{name}.{kind}"] = layer.index.detach().cpu().contiguous()
-        tensors[f"{name}.block"] = layer.delta_block.detach().float().cpu().contiguous()
-        targets[name] = {"shape": list(layer.weight_shape), "kind": kind, "size": layer.size, "weight": f"{name}.weight"}
+    for name, layer in delta_layers(model).items():
+        layer_tensors, targets[name] = layer.export_tensors(name)
+        tensors.update(layer_tensors)
     return tensors, targets
 
 
@@ -322,21 +319,45 @@ def export_checkpoint(ckpt_path: str | Path, output: str | Path, merged: bool = 
     """Export a checkpoint's delta to `output` (sparse methods) and, if `merged`, a plain HF model to
     `output/merged` that vanilla transformers loads."""
     module, info = load_trained_module(ckpt_path, module_class)
-    model = module.model
-    written: dict[str, Path] = {}
     hf_trainable = [name.removeprefix("model.") for name in info["trainable"]]
-    if sparse_delta_layers(model) or block_delta_layers(model):
-        dense = [name for name in hf_trainable if not name.endswith(("delta_values", "delta_block"))]
-        metadata = {key: info[key] for key in ("method", "base_model", "callbacks")}
+    return _export(module.model, output, merged, {key: info[key] for key in ("method", "base_model", "callbacks")},
+                   hf_trainable, in_place=True)
+
+
+def export_model(model: nn.Module, output: str | Path, merged: bool = False, base_model: str | None = None) -> dict[str, Path]:
+    """Export a trained model without a checkpoint: `model` is a `SparseFineTuningModule` or an HF model with
+    deltas attached. Writes the delta (densely trained parameters included) and, if `merged`, a plain HF model to
+    `output/merged`; the model passed in is left as it was (the merge happens on a copy)."""
+    module = model if isinstance(model, LightningModule) else None
+    hf_model = module.model if module is not None else model
+    if module is not None:
+        callbacks = [cb.describe() for cb in module.sparse_callbacks()]
+        metadata = {"method": module.method, "base_model": module.hparams.model_name_or_path, "callbacks": callbacks}
+    else:
+        methods = sorted({type(layer).__name__ for layer in delta_layers(hf_model).values()})
+        metadata = {"method": "+".join(methods) or "full", "callbacks": [],
+                    "base_model": base_model or getattr(getattr(hf_model, "config", None), "_name_or_path", None)}
+    trainable = [name for name, param in hf_model.named_parameters() if param.requires_grad]
+    return _export(hf_model, output, merged, metadata, trainable, in_place=False)
+
+
+def _export(model: nn.Module, output: str | Path, merged: bool, metadata: dict[str, Any], trainable: list[str],
+            in_place: bool) -> dict[str, Path]:
+    written: dict[str, Path] = {}
+    if delta_layers(model):
+        dense = [name for name in trainable if not is_delta_parameter(name)]
         written["delta"] = export_delta(model, output, metadata, dense)
     elif not merged:
-        raise ValueError(f"{ckpt_path} holds a {info['method']} model, not a sparse delta: pass --merged true")
+        raise ValueError(f"the model is a {metadata['method']} model, not a sparse delta: export it merged "
+                         "(--merged true / merged=True)")
     if merged:
+        model = model if in_place else copy.deepcopy(model)
         if hasattr(model, "merge_and_unload"):  # the PEFT LoRA baseline
             model = model.merge_and_unload()
         merged_dir = Path(output) / "merged"
         restore_original_layout(merge_and_unwrap(model)).save_pretrained(merged_dir)
-        _save_tokenizer(info["base_model"], merged_dir)
+        if metadata.get("base_model"):
+            _save_tokenizer(metadata["base_model"], merged_dir)
         _readable_by_all(*(path for path in merged_dir.rglob("*") if path.is_file()))
         written["merged"] = merged_dir
     return written

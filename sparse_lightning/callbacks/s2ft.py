@@ -33,6 +33,7 @@ from sparse_lightning.callbacks.base import SparseMethodCallback
 from sparse_lightning.distributed import all_reduce_sum_, broadcast_from_rank_zero_, is_rank_zero
 from sparse_lightning.methods.calibration import Calibration, require
 from sparse_lightning.sparse.block import ColumnBlockLinear, RowBlockLinear, block_delta_layers
+from sparse_lightning.sparse.frozen_delta import replace_submodule
 from sparse_lightning.structure.families import COLUMN_ROLES, KV_ROLES, CoupledGroup, base_linear, find_groups
 from sparse_lightning.structure.permute import permute_group, role_order
 from sparse_lightning.structure.scores import activation_scores, gradient_scores, weight_scores
@@ -277,8 +278,7 @@ class S2FTStructureCallback(SparseMethodCallback):
                 linear = base_linear(model, group.roles[role])
                 layer = ColumnBlockLinear(linear, positions) if role in COLUMN_ROLES else \
                     RowBlockLinear(linear, positions, start)
-                parent, _, child = group.roles[role].rpartition(".")
-                setattr(model.get_submodule(parent), child, layer)
+                replace_submodule(model, group.roles[role], layer)
                 added += layer.delta_block.numel()
         return added
 

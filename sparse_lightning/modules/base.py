@@ -208,8 +208,9 @@ class SparseFineTuningModule(LightningModule):
         # Stop at the first non-finite loss (every rank agrees, so none waits in a collective), before it is logged
         # or stepped: a diverged run must not train on, checkpoint or export NaN deltas.
         finite = bool(torch.isfinite(loss.detach()).all())
-        if self._trainer is not None:
-            finite = self._trainer.strategy.reduce_boolean_decision(finite, all=True)
+        trainer = self.attached_trainer
+        if trainer is not None:
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if not finite:
             raise FloatingPointError(f"the training loss is {loss.item()} at step {self.global_step} (batch {batch_idx} "
                                      "of the epoch): training diverged; lower the learning rate (optimizer lr)")

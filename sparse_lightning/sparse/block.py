@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from sparse_lightning.sparse.block_functional import column_block_linear, row_block_linear
-from sparse_lightning.sparse.frozen_delta import FrozenLinearWithDelta
+from sparse_lightning.sparse.frozen_delta import FrozenLinearWithDelta, replace_submodule
 
 
 #: Buffer holding a row block's first row when it is not row 0.
@@ -47,6 +47,13 @@ class BlockDeltaLinear(FrozenLinearWithDelta):
     @property
     def size(self) -> int:
         return self.delta_block.shape[self.dim]
+
+    def export_tensors(self, name: str) -> tuple[dict[str, Tensor], dict]:
+        """Original-layout positions: export writes the block un-permuted."""
+        kind = "columns" if self.dim == 1 else "rows"
+        tensors = {f"{name}.{kind}": self.index.detach().cpu().contiguous(),
+                   f"{name}.block": self.delta_block.detach().float().cpu().contiguous()}
+        return tensors, {"shape": list(self.weight_shape), "kind": kind, "size": self.size, "weight": f"{name}.weight"}
 
     def covered_region(self) -> Tensor:
         """The block's rows/columns of the (permuted) base weight: `size` of them from `start`."""
@@ -106,21 +113,4 @@ def attach_blocks_from_state_dict(model: nn.Module, state_dict: dict[str, Tensor
             module = model.get_submodule(name)
             if not isinstance(module, BlockDeltaLinear):
                 start = state_dict.get(f"{prefix}{name}.{START_BUFFER}")
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child,
-                        cls(module, index, 0 if start is None else int(start)))
-
-
-#: Buffers that record a co-permutation on the module owning the coupled weights (attention, MLP): the
-#: original unit (query head, FFN channel) now at each position.
-ORDER_BUFFERS = ("s2ft_head_order", "s2ft_channel_order")
-
-
-def attach_orders_from_state_dict(model: nn.Module, state_dict: dict[str, Tensor], prefix: str = "") -> None:
-    """Register a checkpoint's order buffers on their modules, so the state dict fits a fresh model."""
-    for key, order in state_dict.items():
-        owner_name, _, buffer = key[len(prefix):].rpartition(".")
-        if key.startswith(prefix) and buffer in ORDER_BUFFERS:
-            owner = model.get_submodule(owner_name)
-            if not hasattr(owner, buffer):
-                owner.register_buffer(buffer, order.clone())
+                replace_submodule(model, name, cls(module, index, 0 if start is None else int(start)))

@@ -126,6 +126,11 @@ class SparseDeltaLinear(FrozenLinearWithDelta):
         self.delta_values.zero_()
         self.delta_selected.fill_(True)
 
+    def export_tensors(self, name: str) -> tuple[dict[str, Tensor], dict]:
+        tensors = {f"{name}.indices": self.delta_indices.detach().cpu().contiguous(),
+                   f"{name}.values": self.delta_values.detach().float().cpu().contiguous()}
+        return tensors, {"shape": list(self.weight_shape), "k": self.k, "weight": f"{name}.weight"}
+
     def covered_region(self) -> Tensor:
         return self.base.weight.view(-1)[self.delta_indices]
 

@@ -11,6 +11,20 @@ import torch
 from torch import Tensor, nn
 
 
+#: The trainable tensors of every delta layer: what freezing keeps trainable and export writes as the delta.
+DELTA_PARAMETERS = ("delta_values", "delta_block")
+
+
+def is_delta_parameter(name: str) -> bool:
+    return name.rpartition(".")[2] in DELTA_PARAMETERS
+
+
+def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted path `name` of `model` (how every delta layer goes in and comes out)."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 def is_transposed_linear(module: nn.Module) -> bool:
     """A Linear that stores its weight [in, out] (GPT-2's `transformers.pytorch_utils.Conv1D`)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
@@ -57,6 +71,10 @@ class FrozenLinearWithDelta(nn.Module):
         """`x @ (W + delta).T + b` without forming W + delta."""
         raise NotImplementedError
 
+    def export_tensors(self, name: str) -> tuple[dict[str, Tensor], dict]:
+        """The layer's delta as named CPU tensors (in the base weight's original layout) and its metadata entry."""
+        raise NotImplementedError
+
     def covered_region(self) -> Tensor:
         """The part of the base weight the delta adds into (read for the copy `unmerge` restores)."""
         raise NotImplementedError
@@ -88,3 +106,8 @@ class FrozenLinearWithDelta(nn.Module):
         self.merge()
         self._merged_originals = None
         return self.base
+
+
+def delta_layers(model: nn.Module) -> dict[str, FrozenLinearWithDelta]:
+    """Every delta layer of the model, whatever its shape, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, FrozenLinearWithDelta)}

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from sparse_lightning.architectures import architecture_of
-from sparse_lightning.sparse.block import attach_blocks_from_state_dict, attach_orders_from_state_dict, block_delta_layers
+from sparse_lightning.sparse.block import attach_blocks_from_state_dict
 from sparse_lightning.sparse.delta import SparseDeltaLinear
-from sparse_lightning.sparse.frozen_delta import is_linear
+from sparse_lightning.sparse.frozen_delta import delta_layers, is_delta_parameter, is_linear, replace_submodule
+from sparse_lightning.structure.records import attach_orders_from_state_dict
 
 def name_matches(name: str, pattern: str) -> bool:
     """PEFT-style matching: the full name, a dotted suffix of it, or a regular expression on the full name."""
@@ -50,11 +51,6 @@ def find_linear_targets(model: nn.Module, patterns: Sequence[str], exclude: Sequ
     return found
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def attach_sparse_deltas(model: nn.Module, ks: dict[str, int]) -> dict[str, SparseDeltaLinear]:
     """Wrap each named Linear with a `SparseDeltaLinear` of k slots; already wrapped ones are kept."""
     layers = {}
@@ -62,7 +58,7 @@ def attach_sparse_deltas(model: nn.Module, ks: dict[str, int]) -> dict[str, Spar
         module = model.get_submodule(name)
         if not isinstance(module, SparseDeltaLinear):
             module = SparseDeltaLinear(module, k)
-            _set_submodule(model, name, module)
+            replace_submodule(model, name, module)
         layers[name] = module
     return layers
 
@@ -82,15 +78,30 @@ def freeze_except(model: nn.Module, trainable_patterns: Iterable[str] = ()) -> N
     for name, param in model.named_parameters():
         owner = name.rpartition(".")[0]
         in_dense = any(owner == d or owner.startswith(d + ".") for d in dense)
-        param.requires_grad_(name.endswith(("delta_values", "delta_block")) or in_dense)
+        param.requires_grad_(is_delta_parameter(name) or in_dense)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Add every delta into its base weight in place (evaluation or export); `unmerge` restores the bases bit for
+    bit. While merged, each layer runs its plain base forward."""
+    for layer in delta_layers(model).values():
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo `merge`: every base weight exactly as before, deltas separate again (training resumes)."""
+    for layer in delta_layers(model).values():
+        layer.unmerge()
+    return model
 
 
 @torch.no_grad()
 def merge_and_unwrap(model: nn.Module) -> nn.Module:
     """Fold every delta into its base weight and put the plain Linear back: a plain HF model again (S2FT's
     weights stay co-permuted: `sparse_lightning.structure.restore_original_layout` undoes that)."""
-    for name, layer in {**sparse_delta_layers(model), **block_delta_layers(model)}.items():
-        _set_submodule(model, name, layer.fold())
+    for name, layer in delta_layers(model).items():
+        replace_submodule(model, name, layer.fold())
     return model
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sparse_lightning.sparse.block import ORDER_BUFFERS
+from sparse_lightning.structure.records import ORDER_BUFFERS
 from sparse_lightning.structure.families import COLUMN_ROLES, KV_ROLES, CoupledGroup, base_linear, find_groups
 
 

@@ -1,0 +1,18 @@
+"""S2FT's co-permutation records: a buffer on the module owning the coupled weights (attention, MLP) listing the
+original unit (query head, FFN channel) now at each position, so checkpoints carry it and export can undo it."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+ORDER_BUFFERS = ("s2ft_head_order", "s2ft_channel_order")
+
+
+def attach_orders_from_state_dict(model: nn.Module, state_dict: dict[str, Tensor], prefix: str = "") -> None:
+    """Register a checkpoint's order buffers on their modules, so the state dict fits a fresh model."""
+    for key, order in state_dict.items():
+        owner_name, _, buffer = key[len(prefix):].rpartition(".")
+        if key.startswith(prefix) and buffer in ORDER_BUFFERS:
+            owner = model.get_submodule(owner_name)
+            if not hasattr(owner, buffer):
+                owner.register_buffer(buffer, order.clone())
