@@ -19,8 +19,10 @@ from sparse_lightning.sparse import SparseDeltaLinear, allocate_budget, sparse_d
 
 
 class PruneRegrowCallback(ElementSparseCallback):
-    """SpIEL: drop the smallest deltas and regrow by accumulated gradient (SpIEL-AG) or by SM3 row x column
-    momentum (SpIEL-MA, needs `sparse_lightning.sparse.optim.SM3`).
+    """SpIEL: k trainable entries per weight, periodically dropping the smallest and regrowing new ones.
+
+    Regrowth by accumulated gradient (SpIEL-AG) or by SM3 row x column momentum (SpIEL-MA, needs
+    `sparse_lightning.sparse.optim.SM3`).
 
     Args:
         density: fraction of all the model's parameters (SpIEL's budget), split across the target weights in
