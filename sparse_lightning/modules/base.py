@@ -35,7 +35,20 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 class SparseFineTuningModule(LightningModule):
-    """Shared base: subclasses define `build_model`, `compute_loss` and their evaluation."""
+    """The base every task module stands on: load the HF model, attach the run's method, optimise.
+
+    Subclasses define `build_model`, `compute_loss` and their evaluation.
+
+    Args:
+        model_name_or_path: a local HF model directory, a built-in alias (`sparse_lightning.models`) or a hub id.
+        optimizer: the optimizer over trainable parameters only (e.g. AdamW with its lr; SM3 for SpIEL-MA).
+        warmup_ratio: share of the optimizer steps with a linear warm-up, in [0, 1).
+        lr_schedule: learning-rate decay after warm-up ("linear", "cosine" or "constant").
+        lora: PEFT LoRA settings for the LoRA baseline (instead of a sparse callback).
+        fsdp_param_dtype: parameter dtype under FSDP2 (e.g. bfloat16); deltas stay fp32.
+        gradient_checkpointing: recompute activations in backward to save memory.
+        model_kwargs: extra `from_pretrained` config overrides, e.g. `hidden_dropout_prob: 0.0`.
+    """
 
     #: Newly initialised task heads, trained densely by default (a callback's `dense_modules` overrides).
     head_modules: tuple[str, ...] = ()

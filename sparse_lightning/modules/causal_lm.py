@@ -30,6 +30,13 @@ class CausalLMModule(SparseFineTuningModule):
     Generation is greedy (`num_beams=1`) or beam search, never sampled, so evaluations repeat exactly.
     `save_predictions=N` writes the first N generations of each set to
     `<log_dir>/predictions_<stage>_step<global_step>.jsonl` (rank 0) for inspection.
+
+    Args:
+        model_name_or_path: the causal LM (default: the offline SmolLM2-135M-Instruct).
+        dtype: the dtype to load the model in (float32, bfloat16, float16); default: the checkpoint's.
+        max_new_tokens: the longest generated answer in evaluation.
+        num_beams: 1 for greedy decoding, more for beam search.
+        save_predictions: how many generations per evaluation set to write for inspection.
     """
 
     def __init__(

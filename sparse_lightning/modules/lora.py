@@ -9,7 +9,14 @@ from torch import nn
 
 @dataclass
 class LoRASettings:
-    """PEFT `LoraConfig` fields that matter for a matched comparison."""
+    """PEFT `LoraConfig` fields that matter for a matched comparison.
+
+    Args:
+        r: the adapter rank.
+        alpha: LoRA's scaling numerator (the update is scaled by alpha / r).
+        dropout: dropout on the adapter input.
+        target_modules: module-name patterns; default: the architecture's default targets.
+    """
 
     r: int = 8
     alpha: int = 16

@@ -30,8 +30,16 @@ def build_metrics(metric: Metric, num_labels: int) -> MetricCollection:
 
 
 class SequenceClassificationModule(SparseFineTuningModule):
-    """`num_labels == 1` is regression (STS-B, float labels); several validation loaders (MNLI matched
-    and mismatched) are reported separately under the datamodule's `val_set_names`."""
+    """Sequence classification or regression on any HF encoder, with the GLUE metric per task.
+
+    `num_labels == 1` is regression (STS-B, float labels); several validation loaders (MNLI matched
+    and mismatched) are reported separately under the datamodule's `val_set_names`.
+
+    Args:
+        model_name_or_path: the encoder (default: the offline all-MiniLM-L6-v2).
+        num_labels: classes (1 = regression); default: the datamodule's task.
+        metric: "accuracy", "accuracy_f1", "matthews" or "pearson_spearman"; default: the task's.
+    """
 
     head_modules = ("classifier", "score")
 

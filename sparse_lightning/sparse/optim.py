@@ -56,6 +56,13 @@ class SM3(Optimizer):
     the rows and the columns of the weight it lives in (out + in floats instead of k): SpIEL-MA
     scores every inactive entry (r, c) by row[r] * col[c] without storing its gradient. Other
     parameters (small dense heads) get one accumulator per entry (SM3 with singleton covers: Adagrad).
+
+    Args:
+        params: the trainable parameters.
+        lr: the learning rate.
+        momentum: momentum on the preconditioned gradient, in [0, 1).
+        weight_decay: L2 weight decay.
+        eps: added under the square root.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
