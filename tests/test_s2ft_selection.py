@@ -154,3 +154,23 @@ def test_a_selection_file_for_another_model_is_refused(tiny_llama_dir: Path, tmp
                                 "groups": {"encoder.layer.0": {"kind": "channels", "units": [1]}}}))
     with pytest.raises(ValueError, match="channels group 'encoder.layer.0' is not trained in this model"):
         channels_only(load_selection=str(path)).attach(load(tiny_llama_dir))
+
+
+def test_a_loaded_selection_must_match_the_configured_budget(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "selection.json"
+    first = load(tiny_llama_dir)
+    channels_only(num_channels=5, select_by="weight", save_selection=str(path)).attach(first)
+    with pytest.raises(ValueError, match="selects 5 FFN channels in model.layers.0.mlp but the budget asks for 3"):
+        channels_only(num_channels=3, load_selection=str(path)).attach(load(tiny_llama_dir))
+    channels_only(load_selection=str(path)).attach(load(tiny_llama_dir))  # no budget given: the file's counts
+
+
+def test_a_selection_file_with_a_unit_twice_is_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "selection.json"
+    path.write_text(json.dumps({"format": "sparse_lightning.s2ft_selection/1",
+                                "groups": {"model.layers.0.mlp": {"kind": "channels", "units": [3, 1, 3]}}}))
+    model = load(tiny_llama_dir)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match="selects some units twice"):
+        channels_only(load_selection=str(path)).attach(model)
+    assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())

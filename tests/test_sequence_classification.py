@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from datamodules.glue import GLUEDataModule
-from sparse_lightning import GradientTopKCallback, LoRASettings, SequenceClassificationModule
+from sparse_lightning import GradientTopKCallback, LoRASettings, PruneRegrowCallback, SequenceClassificationModule
 from sparse_lightning.modules.sequence_classification import build_metrics
 
 
@@ -74,6 +74,23 @@ def test_lora_and_sparse_callback_together_is_an_error(tiny_bert_dir):
     module = SequenceClassificationModule(str(tiny_bert_dir), num_labels=2, lora=LoRASettings(r=2))
     module.trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[GradientTopKCallback(density=0.05)])
     with pytest.raises(ValueError, match=r"choose LoRA \(model.lora\) or GradientTopKCallback, not both"):
+        module.configure_model()
+
+
+def test_two_sparse_methods_on_one_trainer_is_an_error(tiny_bert_dir):
+    module = SequenceClassificationModule(str(tiny_bert_dir), num_labels=2)
+    module.trainer = L.Trainer(accelerator="cpu", logger=False,
+                               callbacks=[GradientTopKCallback(density=0.05), PruneRegrowCallback(density=0.001)])
+    with pytest.raises(ValueError, match="one sparse method per run, got 2: GradientTopKCallback, PruneRegrowCallback"):
+        module.configure_model()
+    assert module.model is None
+
+
+def test_a_sparse_target_inside_a_dense_module_is_an_error(tiny_bert_dir):
+    module = SequenceClassificationModule(str(tiny_bert_dir), num_labels=2)
+    callback = GradientTopKCallback(density=0.05, target_modules=["query", "classifier"], dense_modules=["classifier"])
+    module.trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[callback])
+    with pytest.raises(ValueError, match="classifier has a sparse delta but sits inside the densely trained module"):
         module.configure_model()
 
 

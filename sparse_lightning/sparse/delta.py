@@ -119,7 +119,9 @@ class SparseDeltaLinear(FrozenLinearWithDelta):
 
     @torch.no_grad()
     def set_indices(self, indices: Tensor) -> None:
-        """Point the slots at new (unique, sorted) positions and zero their values."""
+        """Point the slots at new unique positions and zero their values. Methods that choose every slot at once
+        pass them sorted; SpIEL's reselections rewrite single slots, so its indices are unique but unsorted, and
+        every kernel, export and merge accepts either order."""
         if indices.shape != self.delta_indices.shape:
             raise ValueError(f"expected {self.k} indices, got {tuple(indices.shape)}")
         self.delta_indices.copy_(indices)

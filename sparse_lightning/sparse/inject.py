@@ -75,6 +75,11 @@ def freeze_except(model: nn.Module, trainable_patterns: Iterable[str] = ()) -> N
     if unmatched:
         names = sorted({re.sub(r"(^|\.)\d+\.", r"\1", n) for n, _ in model.named_modules() if n})
         raise ValueError(f"dense module pattern(s) {unmatched} matched no module; modules are: {', '.join(names)}")
+    inside = [(layer, d) for layer in delta_layers(model) for d in dense if layer == d or layer.startswith(d + ".")]
+    if inside:
+        layer, module = inside[0]
+        raise ValueError(f"{layer} has a sparse delta but sits inside the densely trained module {module!r}: take it "
+                         f"out of target_modules (exclude_modules) or {module!r} out of dense_modules")
     for name, param in model.named_parameters():
         owner = name.rpartition(".")[0]
         in_dense = any(owner == d or owner.startswith(d + ".") for d in dense)
