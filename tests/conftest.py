@@ -1,14 +1,30 @@
-"""Tiny randomly initialised models of both families, saved as HF directories, so tests stay fast."""
+"""Shared test fixtures: tiny randomly initialised models of both families saved as HF directories (so tests stay
+fast), the tiny SST-2 datamodule, and the contract matrix's method table and run (tests/distributed_scripts/
+contract_run.py, loaded once here). Test modules share helpers only through these fixtures, never by importing
+each other."""
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from sparse_lightning.models import resolve_model_path
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TESTS = Path(__file__).resolve().parent
+SHARED_DATA = TESTS.parents[1] / "shared" / "data"
+CONTRACT_SCRIPT = TESTS / "distributed_scripts" / "contract_run.py"
 
 
 def save_tiny_bert(path: Path, num_labels: int = 2) -> Path:
@@ -46,3 +62,54 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip("../shared/data is not beside this checkout")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_cls_dir(tiny_bert_dir: Path, tmp_path_factory) -> Path:
+    """Tiny BERT with its 2-label classifier saved too, so every run (in any process) starts from the same head
+    whatever the RNG did, and a fresh `from_pretrained` is exactly the base a delta applies to."""
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    path = tmp_path_factory.mktemp("tiny-bert-cls")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(path)
+    return path
+
+
+def save_tiny_lm(path: Path, tiny_llama_dir: Path) -> Path:
+    """The tiny GQA llama with a byte-level tokenizer (256 bytes + <eos>), embeddings resized to cover EOS."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={char: i for i, char in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+    tokenizer.save_pretrained(path)
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir)
+    model.resize_token_embeddings(len(tokenizer))
+    torch.manual_seed(0)
+    model.get_input_embeddings().weight.data.normal_(0.0, 0.2)  # tied: big enough for logits to fit the data
+    model.config.eos_token_id = model.config.pad_token_id = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tiny_llama_dir: Path, tmp_path_factory) -> Path:
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny-lm"), tiny_llama_dir)
+
+
+@pytest.fixture(scope="session")
+def contract() -> ModuleType:
+    """tests/distributed_scripts/contract_run.py: METHODS, build_method, make_datamodule, run, STEPS, ..."""
+    spec = importlib.util.spec_from_file_location("contract_run", CONTRACT_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def glue_datamodule(contract: ModuleType):
+    """A factory: `glue_datamodule(model_dir, batch_size=16, **GLUEDataModule kwargs)` over the tiny SST-2 file
+    (64 training rows, 16 dev rows) in file order."""
+    return contract.make_datamodule

@@ -15,7 +15,6 @@ from sparse_lightning.methods.reselection_schedule import ReselectionSchedule
 from sparse_lightning.modules import SequenceClassificationModule
 from sparse_lightning.sparse import sparse_delta_layers
 from sparse_lightning.sparse.optim import SM3, seed_slots_
-from tests.test_sift_callback import make_datamodule
 
 # -- schedule -----------------------------------------------------------------------------------------
 
@@ -174,8 +173,9 @@ class IndexLog(pl.Callback):
         self.sets.append({n: l.delta_indices.clone() for n, l in sparse_delta_layers(pl_module).items()})
 
 
-def fit_spiel(model_dir: Path, root: Path, callback: PruneRegrowCallback, optimizer, max_steps: int,
+def fit_spiel(datamodule, model_dir: Path, root: Path, callback: PruneRegrowCallback, optimizer, max_steps: int,
               accumulate: int = 1) -> tuple[SequenceClassificationModule, IndexLog]:
+    """`datamodule`: the conftest's `glue_datamodule` factory (batches of 8)."""
     pl.seed_everything(0, verbose=False)
     module = SequenceClassificationModule(str(model_dir), optimizer=optimizer)
     log = IndexLog()
@@ -183,7 +183,7 @@ def fit_spiel(model_dir: Path, root: Path, callback: PruneRegrowCallback, optimi
                          callbacks=[callback, log], accumulate_grad_batches=accumulate, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=str(root))
-    trainer.fit(module, make_datamodule(model_dir))
+    trainer.fit(module, datamodule(model_dir, batch_size=8))
     return module, log
 
 
@@ -192,10 +192,12 @@ def fit_spiel(model_dir: Path, root: Path, callback: PruneRegrowCallback, optimi
     ("gradient", lambda params: torch.optim.AdamW(params, lr=1e-2), 2),
     ("momentum", lambda params: SM3(params, lr=1e-2), 1),
 ])
-def test_runs_keep_indices_unique_and_counts_constant(tiny_bert_dir, tmp_path, regrowth, optimizer, accumulate):
+def test_runs_keep_indices_unique_and_counts_constant(glue_datamodule, tiny_bert_dir, tmp_path, regrowth, optimizer,
+                                                     accumulate):
     callback = PruneRegrowCallback(density=0.002, regrowth=regrowth, reselection_interval=3, accumulation_steps=1,
                                    regrow_fraction=0.5, plot_path=str(tmp_path / "indices.png"))
-    module, log = fit_spiel(tiny_bert_dir, tmp_path, callback, optimizer, max_steps=8, accumulate=accumulate)
+    module, log = fit_spiel(glue_datamodule, tiny_bert_dir, tmp_path, callback, optimizer, max_steps=8,
+                            accumulate=accumulate)
     assert [record["step"] for record in callback.history] == [1, 4, 7]
     assert [record["fraction"] for record in callback.history] == pytest.approx([1.0, 0.5 * (1 - 4 / 8), 0.5 * (1 - 7 / 8)])
     layers = sparse_delta_layers(module)
@@ -214,28 +216,9 @@ def test_runs_keep_indices_unique_and_counts_constant(tiny_bert_dir, tmp_path, r
     assert (tmp_path / "indices.png").stat().st_size > 10_000
 
 
-def test_momentum_regrowth_needs_sm3(tiny_bert_dir, tmp_path):
+def test_momentum_regrowth_needs_sm3(glue_datamodule, tiny_bert_dir, tmp_path):
     callback = PruneRegrowCallback(density=0.002, regrowth="momentum")
     with pytest.raises(ValueError, match="sparse_lightning.sparse.optim.SM3"):
-        fit_spiel(tiny_bert_dir, tmp_path, callback, lambda params: torch.optim.AdamW(params), max_steps=1)
+        fit_spiel(glue_datamodule, tiny_bert_dir, tmp_path, callback, lambda params: torch.optim.AdamW(params),
+                  max_steps=1)
 
-
-def test_trained_spiel_delta_exports_and_merges_exactly(tiny_bert_dir, tmp_path):
-    from transformers import AutoModelForSequenceClassification
-
-    from sparse_lightning.export import apply_delta, export_checkpoint
-
-    callback = PruneRegrowCallback(density=0.002, reselection_interval=3, accumulation_steps=1)
-    module, _ = fit_spiel(tiny_bert_dir, tmp_path, callback, lambda params: torch.optim.AdamW(params, lr=1e-2),
-                          max_steps=5)
-    module.trainer.save_checkpoint(tmp_path / "spiel.ckpt")
-    written = export_checkpoint(tmp_path / "spiel.ckpt", tmp_path / "export", merged=True)
-    merged = AutoModelForSequenceClassification.from_pretrained(written["merged"]).eval()
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
-    applied = apply_delta(base, written["delta"]).eval()
-    batch = {"input_ids": torch.randint(5, 100, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
-    module.eval()
-    with torch.no_grad():
-        trained = module.model(**batch).logits
-        assert torch.equal(merged(**batch).logits, trained)
-        torch.testing.assert_close(applied(**batch).logits, trained, rtol=0, atol=1e-6)
