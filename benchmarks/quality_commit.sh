@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Rewrite the quality tables and commit them with every finished run's result.json, config and metrics.csv
+# (only these paths; runs/ is git-ignored, so the run files are added with -f).
+# Usage: bash benchmarks/quality_commit.sh "commit message"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+.venv/bin/python benchmarks/quality.py table
+paths=(benchmarks/quality.py benchmarks/quality_commit.sh benchmarks/results/quality/README.md
+       benchmarks/results/quality/quality.json)
+for md in benchmarks/results/quality/*.md; do paths+=("$md"); done
+for result in benchmarks/results/quality/runs/*/result.json; do
+  [ -e "$result" ] || continue
+  dir=$(dirname "$result")
+  for f in result.json quality_config.yaml metrics.csv; do [ -e "$dir/$f" ] && paths+=("$dir/$f"); done
+done
+git add -f -- "${paths[@]}"
+git commit -q -m "${1:-quality benchmark: tables and finished runs}" -- "${paths[@]}" && git log --oneline -1 | cat
