@@ -67,10 +67,13 @@ class SparseLightningCLI(LightningCLI):
         if ckpt_path and Path(ckpt_path).is_file():  # Lightning also takes "last", "best", ...
             from sparse_lightning.export import module_class_for, read_checkpoint
 
-            named = read_checkpoint(ckpt_path).get("hyper_parameters", {}).get("_class_path")
+            hparams = read_checkpoint(ckpt_path).get("hyper_parameters", {})
+            named = hparams.get("_class_path")
             configured = self.config[subcommand].get("model.class_path")
             if named is not None:
                 module_class_for(ckpt_path, named, trusted=configured if named == configured else None)
+            _require_same_model(ckpt_path, hparams, named, configured,
+                                self.config[subcommand].get("model.init_args.model_name_or_path"))
         super()._parse_ckpt_path()
 
     def _report(self) -> None:
@@ -90,6 +93,21 @@ class SparseLightningCLI(LightningCLI):
 
     def after_test(self) -> None:
         self._report()
+
+
+def _require_same_model(ckpt_path: str, hparams: dict, named: str | None, configured: str | None,
+                        model: str | None) -> None:
+    """Lightning would silently rebuild the checkpoint's model in place of the configured one (and then fail on a
+    datamodule made for the other model): say what differs instead."""
+    trained = hparams.get("model_name_or_path")
+    differs = []
+    if model is not None and trained not in (None, model):
+        differs.append(f"model {trained!r} vs {model!r}")
+    if None not in (named, configured) and named != configured:
+        differs.append(f"module {named} vs {configured}")
+    if differs:
+        raise ValueError(f"{ckpt_path} was trained with another model than this config builds ({'; '.join(differs)}): "
+                         "pass the config it was trained with, or leave the model out of the config")
 
 
 def warn_if_no_validation_before_the_end(trainer: Trainer) -> None:

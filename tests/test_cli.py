@@ -115,6 +115,13 @@ def test_the_config_is_saved_in_the_run_directory_and_nowhere_without_a_logger(e
     assert saved["model"]["init_args"]["model_name_or_path"] == str(tiny_bert_dir)
 
 
+def test_validate_with_a_config_for_another_model_says_what_differs(exported, tiny_llama_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    config = write_config(tmp_path, tiny_llama_dir)
+    with pytest.raises(ValueError, match=r"was trained with another model than this config builds \(model '.*tiny-bert"):
+        cli.main(["validate", "--config", str(config), "--ckpt_path", str(exported["checkpoint"])])
+
+
 def test_export_writes_the_delta_and_its_config(exported, tiny_bert_dir: Path) -> None:
     output, module = exported["output"], exported["module"]
     assert f"wrote delta: {output}" in exported["stdout"] and "wrote merged:" in exported["stdout"]
