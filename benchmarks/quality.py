@@ -434,9 +434,20 @@ def plan_runs(name: str) -> list[RunSpec]:
         order = [("lora", 1e-3), ("sift", 2e-3), ("sift", 5e-3), ("spiel_ag", 2e-3), ("spiel_ag", 5e-3),
                  ("s2ft", 2e-3), ("s2ft", 5e-3), ("full", 5e-5), ("lora", 2e-3), ("sift", 1e-3), ("spiel_ma", 1e-2)]
         return [RunSpec("mrpc", method, 42, lr) for method, lr in order]
+    if name == "mrpc-followup":
+        # Diagnostics queued after the sweep: is it the split of the budget? The sparse methods spend 148,610 of
+        # their 201,722 on the pooler and classifier (53,112 encoder entries) while LoRA r=5 puts 207,360 in the
+        # encoder. "enc": all ~201k in the encoder Linears, pooler frozen as under LoRA. "calib8": SIFT scores
+        # |gradient| over 8 batches instead of 1.
+        enc = {"trainer.callbacks.0.init_args.density": None, "trainer.callbacks.0.init_args.num_params": 200_952,
+               "trainer.callbacks.0.init_args.dense_modules": ["classifier"]}
+        return [RunSpec("mrpc", "sift", 42, 2e-3, tag="enc", overrides=dict(enc)),
+                RunSpec("mrpc", "spiel_ag", 42, 2e-3, tag="enc", overrides=dict(enc)),
+                RunSpec("mrpc", "sift", 42, 2e-3, tag="calib8",
+                        overrides={"trainer.callbacks.0.init_args.calibration_batches": 8})]
     if name == "glue":
         return [RunSpec(task, method, seed) for seed in (42, 43, 44) for task in TASKS for method in METHODS]
-    raise SystemExit(f"unknown plan {name!r}; known: mrpc-sweep, glue")
+    raise SystemExit(f"unknown plan {name!r}; known: mrpc-sweep, mrpc-followup, glue")
 
 
 def _parse_value(text: str) -> Any:
@@ -596,7 +607,7 @@ def make_tables(table_command: str) -> list[Path]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["run", "list", "table", "config"])
-    parser.add_argument("--plan", help="mrpc-sweep | glue")
+    parser.add_argument("--plan", help="mrpc-sweep | mrpc-followup | glue")
     parser.add_argument("--tasks", default="mrpc")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", default="42")
@@ -620,7 +631,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.mode == "list":
         for spec in specs:
             state = ("done" if (spec.run_dir / "result.json").exists() else
-                     "failed" if (spec.run_dir / "error.json").exists() else "queued")
+                     "failed" if (spec.run_dir / "error.json").exists() else
+                     "started" if (spec.run_dir / "train.log").exists() else "queued")
             print(f"{state:7s} {spec.name}")
         return
     if args.mode == "config":
