@@ -25,6 +25,7 @@ from sparse_lightning.modules.fsdp2 import fully_shard_model
 from sparse_lightning.modules.lora import LoRASettings, apply_lora
 from sparse_lightning.modules.schedules import Schedule, warmup_then_decay
 from sparse_lightning.sparse import default_targets, freeze_except
+from sparse_lightning.sparse.frozen_delta import is_delta_parameter
 from sparse_lightning.sparse.inject import attach_deltas_from_state_dict
 
 
@@ -201,6 +202,7 @@ class SparseFineTuningModule(LightningModule):
             attach_deltas_from_state_dict(self.model, checkpoint["state_dict"], prefix="model.")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._require_finite_deltas()
         # Kept with the weights (also under save_weights_only): what export needs to describe the delta.
         checkpoint["sparse_lightning"] = {
             "method": self.method,
@@ -209,6 +211,17 @@ class SparseFineTuningModule(LightningModule):
             "callbacks": [cb.describe() for cb in self.sparse_callbacks()],
             "trainable": [name for name, p in self.named_parameters() if p.requires_grad],
         }
+
+    def _require_finite_deltas(self) -> None:
+        """A step can turn deltas non-finite after its (finite) loss; such a checkpoint would only spread NaN."""
+        bad = [name for name, p in self.named_parameters()
+               if is_delta_parameter(name) and not bool(torch.isfinite(getattr(p, "to_local", lambda: p)()).all())]
+        trainer = self.attached_trainer
+        finite = not bad if trainer is None else trainer.strategy.reduce_boolean_decision(not bad, all=True)
+        if not finite:
+            where = f" ({bad[0]})" if bad else " (on another rank)"
+            raise FloatingPointError(f"not saving a checkpoint at step {self.global_step}: deltas are not finite"
+                                     f"{where}; training diverged, lower the learning rate (optimizer lr)")
 
     def on_fit_start(self) -> None:
         trainable, total = count_parameters(self)
