@@ -1,6 +1,6 @@
 """Kill -9 tiny runs right after a checkpoint (mid-epoch, and at an epoch boundary), resume them, save final states.
 
-usage: kill_and_resume.py OUT MODEL_DIR METHOD [METHOD ...]   (methods: sift, spiel, lora, full)
+usage: kill_and_resume.py OUT MODEL_DIR METHOD [METHOD ...]   (methods: sift, spiel, spiel_ma, s2ft, random_mask, lora, full)
 
 The killed runs are forked children that SIGKILL themselves, forked before this process computes anything (so no
 thread pool is inherited half-used); this process then runs each method uninterrupted and resumed from both
@@ -23,7 +23,13 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from datamodules.glue import GLUEDataModule  # noqa: E402
-from sparse_lightning.callbacks import GradientTopKCallback, PruneRegrowCallback  # noqa: E402
+from sparse_lightning.callbacks import (  # noqa: E402
+    GradientTopKCallback,
+    PruneRegrowCallback,
+    RandomMaskCallback,
+    S2FTStructureCallback,
+)
+from sparse_lightning.sparse.optim import SM3  # noqa: E402
 from sparse_lightning.modules import LoRASettings, SequenceClassificationModule  # noqa: E402
 
 DATA = REPO / "tests" / "data" / "sst2_tiny"
@@ -46,17 +52,23 @@ class KillAt(Callback):
 def fit(method: str, model_dir: str, root: Path, ckpt_path: Path | None = None, kill_at: int | None = None):
     pl.seed_everything(0, verbose=False)
     lora = LoRASettings(r=2) if method == "lora" else None
-    module = SequenceClassificationModule(model_dir, lora=lora,
-                                          optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
+    optimizer = (lambda params: SM3(params, lr=1e-2)) if method == "spiel_ma" else \
+        (lambda params: torch.optim.AdamW(params, lr=1e-2))
+    module = SequenceClassificationModule(model_dir, lora=lora, optimizer=optimizer)
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=root, filename="mid-{step}", every_n_train_steps=3, save_top_k=-1),
         ModelCheckpoint(dirpath=root, filename="{epoch}", every_n_epochs=1, save_top_k=-1),
     ]
     if method == "sift":
         callbacks.append(GradientTopKCallback(density=0.05, calibration_batches=2))
-    if method == "spiel":
+    if method in ("spiel", "spiel_ma"):
         callbacks.append(PruneRegrowCallback(density=0.002, reselection_interval=3, accumulation_steps=1,
-                                             regrow_fraction=0.5))
+                                             regrow_fraction=0.5,
+                                             regrowth="momentum" if method == "spiel_ma" else "gradient"))
+    if method == "s2ft":  # data-driven: the resumed run selects again from the same calibration batch
+        callbacks.append(S2FTStructureCallback(num_heads=1, num_channels=4, select_by="gradient", calibration_batches=1))
+    if method == "random_mask":
+        callbacks.append(RandomMaskCallback(density=0.05, seed=3))
     if kill_at is not None:
         callbacks.append(KillAt(kill_at))
     datamodule = GLUEDataModule(task="sst2", tokenizer_name_or_path=model_dir, train_file=str(DATA / "train.tsv"),
