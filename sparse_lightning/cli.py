@@ -126,16 +126,26 @@ def warn_if_no_validation_before_the_end(trainer: Trainer) -> None:
 
 def export_main(argv: list[str]) -> None:
     from sparse_lightning.export import export_checkpoint
+    from sparse_lightning.peft_interop import export_checkpoint_peft
 
     parser = ArgumentParser(prog="sparse-lightning export", description="Export a trained delta and/or a merged HF model")
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by sparse-lightning fit")
-    parser.add_argument("--output", required=True, help="directory for delta.safetensors + delta_config.json")
+    parser.add_argument("--output", required=True, help="directory for the delta (its format: --format) and a "
+                                                        "README.md model card")
+    parser.add_argument("--format", choices=["delta", "peft", "peft-supertuning"], default="delta",
+                        help="delta: this library's delta.safetensors + delta_config.json; peft: a PEFT SHiRA adapter "
+                             "(peft>=0.17 loads it with PeftModel.from_pretrained); peft-supertuning: a PEFT "
+                             "Super-Tuning adapter (peft>=0.21)")
     parser.add_argument("--merged", type=bool, default=False, help="also write a merged plain HF model to OUTPUT/merged")
     parser.add_argument("--module_class", type=str, default=None,
                         help="LightningModule class to rebuild the checkpoint with, when it is not one of "
                              "sparse_lightning's (a class a checkpoint names is imported only from sparse_lightning)")
     args = parser.parse_args(argv)
-    written = export_checkpoint(args.ckpt_path, args.output, merged=args.merged, module_class=args.module_class)
+    if args.format == "delta":
+        written = export_checkpoint(args.ckpt_path, args.output, merged=args.merged, module_class=args.module_class)
+    else:
+        written = export_checkpoint_peft(args.ckpt_path, args.output, format=args.format, merged=args.merged,
+                                         module_class=args.module_class)
     for kind, path in written.items():
         print(f"wrote {kind}: {path}")
 

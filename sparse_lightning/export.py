@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from sparse_lightning.sparse import delta_layers, merge_and_unwrap
 from sparse_lightning.sparse.frozen_delta import is_delta_parameter
+from sparse_lightning.sparse.quantized import dequantize_model
 from sparse_lightning.structure import restore_original_layout
 
 DELTA_WEIGHTS = "delta.safetensors"
@@ -105,8 +106,13 @@ def apply_delta(model: nn.Module, delta_dir: str | Path) -> nn.Module:
     The whole directory is checked first (format and version, every target weight and its shape, index range,
     uniqueness and count, finite values, the dense parameters); any problem raises `DeltaFileError` naming the file,
     the tensor and the problem, and leaves the model untouched. Low-precision weights get the delta added in fp32 and
-    rounded once.
+    rounded once. A PEFT SHiRA or Super-Tuning adapter directory (`adapter_config.json`) is read the same way
+    (`sparse_lightning.peft_interop.apply_peft_adapter`).
     """
+    if (Path(delta_dir) / "adapter_config.json").is_file():
+        from sparse_lightning.peft_interop import apply_peft_adapter
+
+        return apply_peft_adapter(model, delta_dir)
     updates = _checked_updates(model, Path(delta_dir))
     for weight, dim, index, delta in updates:
         if dim is None:  # a dense parameter, replaced
@@ -318,10 +324,15 @@ def export_checkpoint(ckpt_path: str | Path, output: str | Path, merged: bool = 
                       module_class: str | None = None) -> dict[str, Path]:
     """Export a checkpoint's delta to `output` (sparse methods) and, if `merged`, a plain HF model to
     `output/merged` that vanilla transformers loads."""
+    from sparse_lightning.model_card import run_facts, write_model_cards
+
     module, info = load_trained_module(ckpt_path, module_class)
     hf_trainable = [name.removeprefix("model.") for name in info["trainable"]]
-    return _export(module.model, output, merged, {key: info[key] for key in ("method", "base_model", "callbacks")},
-                   hf_trainable, in_place=True)
+    metadata = {key: info[key] for key in ("method", "base_model", "callbacks")}
+    facts = run_facts(module.model, hf_trainable, checkpoint=ckpt_path)  # before the in-place merge
+    written = _export(module.model, output, merged, metadata, hf_trainable, in_place=True)
+    write_model_cards(written, metadata, facts)  # a README.md model card in every directory written
+    return written
 
 
 def export_model(model: nn.Module, output: str | Path, merged: bool = False, base_model: str | None = None) -> dict[str, Path]:
@@ -338,7 +349,11 @@ def export_model(model: nn.Module, output: str | Path, merged: bool = False, bas
         metadata = {"method": "+".join(methods) or "full", "callbacks": [],
                     "base_model": base_model or getattr(getattr(hf_model, "config", None), "_name_or_path", None)}
     trainable = [name for name, param in hf_model.named_parameters() if param.requires_grad]
-    return _export(hf_model, output, merged, metadata, trainable, in_place=False)
+    from sparse_lightning.model_card import run_facts, write_model_cards
+
+    written = _export(hf_model, output, merged, metadata, trainable, in_place=False)
+    write_model_cards(written, metadata, run_facts(hf_model, trainable, module=module))  # README.md in each
+    return written
 
 
 def _export(model: nn.Module, output: str | Path, merged: bool, metadata: dict[str, Any], trainable: list[str],
@@ -355,7 +370,7 @@ def _export(model: nn.Module, output: str | Path, merged: bool, metadata: dict[s
         if hasattr(model, "merge_and_unload"):  # the PEFT LoRA baseline
             model = model.merge_and_unload()
         merged_dir = Path(output) / "merged"
-        restore_original_layout(merge_and_unwrap(model)).save_pretrained(merged_dir)
+        restore_original_layout(dequantize_model(merge_and_unwrap(model))).save_pretrained(merged_dir)
         if metadata.get("base_model"):
             _save_tokenizer(metadata["base_model"], merged_dir)
         _readable_by_all(*(path for path in merged_dir.rglob("*") if path.is_file()))
