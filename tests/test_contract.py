@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from sparse_lightning.export import export_checkpoint
+from sparse_lightning.export import apply_delta, export_checkpoint
 from sparse_lightning.methods import Calibration
 from sparse_lightning.modules import CausalLMModule, SequenceClassificationModule
 
@@ -108,8 +108,6 @@ def test_merged_export_predicts_what_the_trained_module_predicts(trained, export
 
 
 def test_apply_delta_on_a_fresh_base_equals_the_merged_model(trained, exported, tiny_bert_cls_dir: Path) -> None:
-    from sparse_lightning.export import apply_delta
-
     merged = AutoModelForSequenceClassification.from_pretrained(exported["merged"]).state_dict()
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_cls_dir)
     before = {name: tensor.clone() for name, tensor in base.state_dict().items()}
@@ -239,8 +237,6 @@ def lm_logits(model, batch) -> torch.Tensor:
 
 
 def test_lm_merged_export_and_apply_delta(lm_trained, tiny_lm_dir: Path) -> None:
-    from sparse_lightning.export import apply_delta
-
     merged = AutoModelForCausalLM.from_pretrained(lm_trained.written["merged"]).eval()
     expected, got = lm_logits(lm_trained.module.model, lm_trained.batch), lm_logits(merged, lm_trained.batch)
     assert_same_predictions(lm_trained.method, got, expected)
