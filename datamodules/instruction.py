@@ -266,7 +266,9 @@ def collate_for_generation(examples: Sequence[Mapping[str, Any]], pad_token_id: 
 class InstructionDataModule(ResumableTrainPosition, LightningDataModule):
     """Fine-tune a causal LM on instruction records {instruction, input, output} from local files or the hub.
 
-    Training batches: right-padded `input_ids`, `attention_mask`, `labels` (-100 on prompt and padding).
+    Training batches: right-padded `input_ids`, `attention_mask`, `labels` (-100 on prompt and padding). With
+    `packing=True` each training row holds several examples (up to `max_length` tokens; `batch_size` counts rows)
+    and batches add `position_ids` restarting per example (see `datamodules.packing`); evaluation is never packed.
     Validation: one loader over a held-out fraction of the records, same batch format (`val_set_names`).
     """
 
@@ -282,6 +284,7 @@ class InstructionDataModule(ResumableTrainPosition, LightningDataModule):
         num_workers: int = 0,
         max_train_samples: int | None = None,
         seed: int = 42,
+        packing: bool = False,
     ) -> None:
         super().__init__()
         if template not in TEMPLATES:
@@ -300,8 +303,10 @@ class InstructionDataModule(ResumableTrainPosition, LightningDataModule):
         self.num_workers = num_workers
         self.max_train_samples = max_train_samples
         self.seed = seed
+        self.packing = packing
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.train_examples: list[dict[str, list[int]]] | None = None
+        self._packed_rows: list[dict[str, list[int]]] | None = None
         self.heldout_examples: list[dict[str, list[int]]] = []
 
     @property
@@ -317,10 +322,19 @@ class InstructionDataModule(ResumableTrainPosition, LightningDataModule):
             self._setup_training_data()
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled by (seed, epoch), split over ranks, its position checkpointed (see `datamodules.sampling`)."""
-        collate = partial(collate_for_training, pad_token_id=self.tokenizer.pad_token_id)
-        loader = resumable_train_loader(self.train_examples, batch_size=self.batch_size, shuffle=True, seed=self.seed,
-                                        trainer=self.trainer, collate_fn=collate, num_workers=self.num_workers)
+        """Shuffled by (seed, epoch), split over ranks, its position checkpointed (see `datamodules.sampling`);
+        with `packing`, the packed rows are what is shuffled (packed once, so the order stays a function of the seed)."""
+        dataset, collate = self.train_examples, collate_for_training
+        if self.packing:
+            from datamodules.packing import collate_packed, pack_examples  # packing imports this module
+
+            if self._packed_rows is None:
+                self._packed_rows, stats = pack_examples(self.train_examples, self.max_length)
+                rank_zero_info(stats.summary(f"{type(self).__name__} train"))
+            dataset, collate = self._packed_rows, collate_packed
+        loader = resumable_train_loader(dataset, batch_size=self.batch_size, shuffle=True, seed=self.seed,
+                                        trainer=self.trainer, num_workers=self.num_workers,
+                                        collate_fn=partial(collate, pad_token_id=self.tokenizer.pad_token_id))
         return self._resume_position(loader)
 
     def val_dataloader(self) -> list[DataLoader]:

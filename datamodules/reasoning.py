@@ -63,6 +63,7 @@ class ReasoningDataModule(InstructionDataModule):
         num_workers: int = 0,
         max_train_samples: int | None = None,
         seed: int = 42,
+        packing: bool = False,
     ) -> None:
         super().__init__(
             data_files=train_files,
@@ -75,6 +76,7 @@ class ReasoningDataModule(InstructionDataModule):
             num_workers=num_workers,
             max_train_samples=max_train_samples,
             seed=seed,
+            packing=packing,
         )
         check_sample_limits(max_eval_samples_per_dataset=max_eval_samples_per_dataset)
         self.data_dir = Path(data_dir) if data_dir is not None else None

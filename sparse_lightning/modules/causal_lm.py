@@ -2,7 +2,8 @@
 
 Validation and test batches come in two kinds, told apart by their keys: `labels` (held-out loss, as
 in training) and `answers` (left-padded prompts from a generation loader: the model generates, the
-dataset's extraction rule scores, and per-set accuracy plus its mean is logged at epoch end).
+dataset's extraction rule scores, or `exact_match` when the batch says `scoring: exact_match`, and per-set
+accuracy plus its mean is logged at epoch end). Training batches with `position_ids` are packed rows.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from sparse_lightning.modes import eval_mode
 from sparse_lightning.modules.base import SparseFineTuningModule
 
 STAGES = ("val", "test")
+
+
+def exact_match(generation: str, gold: str) -> bool:
+    """Equal after collapsing whitespace and case-folding."""
+    return " ".join(generation.split()).casefold() == " ".join(gold.split()).casefold()
 
 
 class CausalLMModule(SparseFineTuningModule):
@@ -67,6 +73,10 @@ class CausalLMModule(SparseFineTuningModule):
         return AutoModelForCausalLM.from_pretrained(resolve_model_path(self.hparams.model_name_or_path), **kwargs)
 
     def forward(self, batch: dict[str, Any]) -> Any:
+        if "position_ids" in batch:  # packed rows (datamodules.packing): positions restart per example, and with no
+            # attention mask and no cache transformers builds the block-diagonal causal mask from them
+            return self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
+                              use_cache=False, labels=batch["labels"])
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
 
     def compute_loss(self, batch: dict[str, Any]) -> Tensor:
@@ -144,7 +154,10 @@ class CausalLMModule(SparseFineTuningModule):
     def _score_generations(self, stage: str, batch: dict[str, Any]) -> None:
         dataset = batch["dataset"]
         generations = self.generate(batch["input_ids"], batch["attention_mask"])
-        correct = [is_correct(dataset, text, gold) for text, gold in zip(generations, batch["answers"])]
+        if batch.get("scoring") == "exact_match":  # free text (datamodules.chat): the whole answer, normalised
+            correct = [exact_match(text, gold) for text, gold in zip(generations, batch["answers"])]
+        else:
+            correct = [is_correct(dataset, text, gold) for text, gold in zip(generations, batch["answers"])]
         counts = self._counts[stage].setdefault(dataset, [0, 0])
         counts[0] += sum(correct)
         counts[1] += len(correct)
