@@ -27,6 +27,7 @@ from sparse_lightning.modules.schedules import Schedule, warmup_then_decay
 from sparse_lightning.sparse import default_targets, freeze_except
 from sparse_lightning.sparse.frozen_delta import is_delta_parameter
 from sparse_lightning.sparse.inject import attach_deltas_from_state_dict
+from sparse_lightning.sparse.quantized import QUANTIZE, Quantize, quantize_frozen_linears, quantized_shells_from_state_dict
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -49,6 +50,7 @@ class SparseFineTuningModule(LightningModule):
         fsdp_param_dtype: parameter dtype under FSDP2 (e.g. bfloat16); deltas stay fp32.
         gradient_checkpointing: recompute activations in backward to save memory.
         model_kwargs: extra `from_pretrained` config overrides, e.g. `hidden_dropout_prob: 0.0`.
+        quantize: store the frozen base in "nf4", "fp4" or "int8" (bitsandbytes); deltas stay fp32.
     """
 
     #: Newly initialised task heads, trained densely by default (a callback's `dense_modules` overrides).
@@ -64,10 +66,15 @@ class SparseFineTuningModule(LightningModule):
         fsdp_param_dtype: str | None = None,
         gradient_checkpointing: bool = False,
         model_kwargs: dict[str, Any] | None = None,
+        quantize: Quantize | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        if quantize is not None and quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {list(QUANTIZE)} (or unset), got {quantize!r}")
+        if quantize is not None and lora is not None:
+            raise ValueError("quantize with the LoRA baseline (QLoRA) is not supported yet: use a sparse method")
         self.save_hyperparameters(ignore=["optimizer", "lora"])
         # A plain dict, so checkpoints load with torch.load(weights_only=True).
         self.hparams["lora"] = asdict(lora) if lora is not None else None
@@ -138,6 +145,8 @@ class SparseFineTuningModule(LightningModule):
         self.model = model  # compute_loss reads self.model, and calibration may run during attach
         if method is not None and fitting:
             self._attach(method)
+        if self.hparams.quantize and fitting and trainer is not None:  # a reload gets its shells from the checkpoint
+            self._quantize_base(method)
         if self.hparams.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if self.device_mesh is not None:
@@ -150,6 +159,17 @@ class SparseFineTuningModule(LightningModule):
         method.attach(self.model, self.calibration())
         freeze_except(self.model, method.dense_modules if method.dense_modules is not None else self.head_modules)
         self._sparse_attached = True
+
+    def _quantize_base(self, method: SparseMethodCallback | None) -> None:
+        """After the method attached (S2FT permutes full-precision weights first), every frozen Linear but the
+        heads is stored quantized."""
+        if method is None:
+            raise ValueError(f"quantize={self.hparams.quantize!r} needs a frozen base: add a sparse method callback "
+                             "(full fine-tuning trains every weight)")
+        if self.device_mesh is not None:
+            raise ValueError("quantized bases are not supported under FSDP2 yet: use one device or DDP")
+        keep = [*self.head_modules, *(method.dense_modules or []), "lm_head"]
+        quantize_frozen_linears(self.model, self.hparams.quantize, keep)
 
     def _attach_late(self, method: SparseMethodCallback) -> None:
         """The model was built by an earlier validate/test without the method (a baseline evaluation, say);
@@ -200,6 +220,8 @@ class SparseFineTuningModule(LightningModule):
         # itself and passes on a checkpoint without "state_dict".)
         if self.model is not None and "state_dict" in checkpoint:
             attach_deltas_from_state_dict(self.model, checkpoint["state_dict"], prefix="model.")
+            if self.hparams.quantize:
+                quantized_shells_from_state_dict(self.model, checkpoint["state_dict"], self.hparams.quantize, "model.")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._require_finite_deltas()

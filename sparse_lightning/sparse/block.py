@@ -25,17 +25,17 @@ class BlockDeltaLinear(FrozenLinearWithDelta):
     index_name: str
 
     def __init__(self, base: nn.Linear, index: Tensor, start: int = 0) -> None:
-        size = base.weight.shape[self.dim]
+        super().__init__(base)
+        shape = list(self.weight_shape)
+        size = shape[self.dim]
         if not 1 <= index.numel() <= size - start or start < 0:
             raise ValueError(f"a block needs 1 to {size - start} positions from {start} along dim {self.dim} of a "
-                             f"{tuple(base.weight.shape)} weight, got {index.numel()}")
-        super().__init__(base)
+                             f"{tuple(shape)} weight, got {index.numel()}")
         device = base.weight.device
         self.register_buffer(self.index_name, index.to(device=device, dtype=torch.long))
         self.start = start
         if start:  # inside a fused weight (Phi-3's v rows in qkv_proj): recorded, so a checkpoint rebuilds it
             self.register_buffer(START_BUFFER, torch.tensor(start, dtype=torch.long, device=device))
-        shape = list(base.weight.shape)
         shape[self.dim] = index.numel()
         self.delta_block = nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=device))
 
@@ -81,7 +81,7 @@ class ColumnBlockLinear(BlockDeltaLinear):
     index_name = "delta_columns"
 
     def delta_forward(self, x: Tensor) -> Tensor:
-        return column_block_linear(x, self.base.weight, self.base.bias, self.delta_block)
+        return column_block_linear(x, self.frozen_weight(), self.base.bias, self.delta_block)
 
 
 class RowBlockLinear(BlockDeltaLinear):
@@ -91,7 +91,7 @@ class RowBlockLinear(BlockDeltaLinear):
     index_name = "delta_rows"
 
     def delta_forward(self, x: Tensor) -> Tensor:
-        return row_block_linear(x, self.base.weight, self.base.bias, self.delta_block, self.start)
+        return row_block_linear(x, self.frozen_weight(), self.base.bias, self.delta_block, self.start)
 
 
 BLOCK_LAYERS: tuple[type[BlockDeltaLinear], ...] = (ColumnBlockLinear, RowBlockLinear)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparse_lightning.sparse.functional import _compute_dtype
+from sparse_lightning.sparse.functional import FrozenWeight, _compute_dtype, frozen
 
 
 class ColumnBlockLinearFunction(torch.autograd.Function):
@@ -23,21 +23,23 @@ class ColumnBlockLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, block: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, weight: FrozenWeight, bias: Tensor | None, block: Tensor) -> Tensor:
         dtype = _compute_dtype(x)
+        ctx.weight_fn, weight = frozen(weight)
         s = block.shape[1]
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)
             out = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
             x_selected = x[..., :s].contiguous()
             out += F.linear(x_selected, block.to(dtype))
-        ctx.save_for_backward(x_selected, weight, block)
+        ctx.save_for_backward(x_selected, None if ctx.weight_fn else weight, block)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x_selected, weight, block = ctx.saved_tensors
+        weight = ctx.weight_fn() if ctx.weight_fn else weight
         grad_out = grad_out.to(x_selected.dtype)
         s = block.shape[1]
         grad_x = grad_bias = grad_block = None
@@ -60,14 +62,15 @@ class RowBlockLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, block: Tensor, start: int = 0) -> Tensor:
+    def forward(ctx, x: Tensor, weight: FrozenWeight, bias: Tensor | None, block: Tensor, start: int = 0) -> Tensor:
         dtype = _compute_dtype(x)
+        ctx.weight_fn, weight = frozen(weight)
         s = block.shape[0]
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)
             out = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
             out[..., start:start + s] += F.linear(x, block.to(dtype))
-        ctx.save_for_backward(x, weight, block)
+        ctx.save_for_backward(x, None if ctx.weight_fn else weight, block)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.start = start
         return out
@@ -75,6 +78,7 @@ class RowBlockLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, weight, block = ctx.saved_tensors
+        weight = ctx.weight_fn() if ctx.weight_fn else weight
         grad_out = grad_out.to(x.dtype)
         grad_selected = grad_out[..., ctx.start:ctx.start + block.shape[0]]
         grad_x = grad_bias = grad_block = None

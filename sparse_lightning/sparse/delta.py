@@ -114,7 +114,7 @@ class SparseDeltaLinear(FrozenLinearWithDelta):
         return self.delta_values.shape[0]
 
     def delta_forward(self, x: Tensor) -> Tensor:
-        return sparse_delta_linear(x, self.base.weight, self.base.bias, self.delta_indices, self.delta_values,
+        return sparse_delta_linear(x, self.frozen_weight(), self.base.bias, self.delta_indices, self.delta_values,
                                    self.weight_grad_observer, self.transposed)
 
     @torch.no_grad()

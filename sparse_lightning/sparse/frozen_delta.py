@@ -7,8 +7,12 @@ good. Subclasses say which region the delta covers and how the unmerged forward 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
+
+from sparse_lightning.sparse.quantized import QUANTIZE
 
 
 #: The trainable tensors of every delta layer: what freezing keeps trainable and export writes as the delta.
@@ -58,7 +62,14 @@ class FrozenLinearWithDelta(nn.Module):
 
     @property
     def weight_shape(self) -> torch.Size:
+        if getattr(self.base, "kind", None) in QUANTIZE:  # de-quantizing just to read a shape would be a waste
+            return torch.Size((self.base.out_features, self.base.in_features))
         return self.base.weight.shape
+
+    def frozen_weight(self) -> Tensor | Callable[[], Tensor]:
+        """What the autograd Functions read W from: the weight, or for a quantized base the function that
+        de-quantizes it (called in forward and again in backward, so no full copy is kept in between)."""
+        return self.base.dense_weight if getattr(self.base, "kind", None) in QUANTIZE else self.base.weight
 
     @property
     def merged(self) -> bool:
@@ -90,6 +101,9 @@ class FrozenLinearWithDelta(nn.Module):
         """Add the delta into the base weight in place; `unmerge` restores the base bit for bit."""
         if self.merged:
             return
+        if getattr(self.base, "kind", None) in QUANTIZE:
+            raise ValueError("a quantized base cannot take a delta in place (it would be re-quantized and small "
+                             "deltas would vanish): export it merged, which de-quantizes first")
         self._merged_originals = self.covered_region().clone()
         self.add_delta_to_base()
 
@@ -102,7 +116,10 @@ class FrozenLinearWithDelta(nn.Module):
 
     @torch.no_grad()
     def fold(self) -> nn.Linear:
-        """Merge for good and hand back the plain Linear: inference then costs what the base model costs."""
+        """Merge for good and hand back the plain Linear: inference then costs what the base model costs. A quantized
+        base is de-quantized first and never re-quantized."""
+        if getattr(self.base, "kind", None) in QUANTIZE:
+            self.base = self.base.dequantized()
         self.merge()
         self._merged_originals = None
         return self.base

@@ -53,6 +53,15 @@ def sampled_weight_grad(grad_out: Tensor, x: Tensor, indices: Tensor, shape: tor
     return torch.empty_like(sampled).scatter_(0, order, sampled)
 
 
+#: A frozen weight, or a function rebuilding it (a quantized base de-quantizes in forward and again in backward).
+FrozenWeight = Tensor | Callable[[], Tensor]
+
+
+def frozen(weight: FrozenWeight) -> tuple[Callable[[], Tensor] | None, Tensor]:
+    """(the rebuilding function or None, the weight now)."""
+    return (weight, weight()) if callable(weight) else (None, weight)
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype a plain nn.Linear would compute in: autocast's when active, else the input's."""
     device_type = x.device.type
@@ -74,11 +83,12 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor, values: Tensor,
                 observer: WeightGradObserver | None, transposed: bool = False) -> Tensor:
         dtype = _compute_dtype(x)
+        ctx.weight_fn, weight = frozen(weight)
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)
             merged = merged_weight(weight, indices, values, dtype)
             out = F.linear(x, merged.t() if transposed else merged, None if bias is None else bias.to(dtype))
-        ctx.save_for_backward(x, weight, indices, values)
+        ctx.save_for_backward(x, None if ctx.weight_fn else weight, indices, values)
         ctx.observer = observer
         ctx.transposed = transposed
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -87,6 +97,7 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, weight, indices, values = ctx.saved_tensors
+        weight = ctx.weight_fn() if ctx.weight_fn else weight
         grad_out = grad_out.to(x.dtype)
         grad_x = grad_bias = grad_values = None
         # In the stored layout the weight gradient is left^T @ right: grad_out^T x, or x^T grad_out if transposed.

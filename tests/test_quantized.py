@@ -1,0 +1,115 @@
+"""Quantized frozen bases (nf4 / fp4 / int8 through bitsandbytes): every method trains its fp32 delta on them, the
+base is never trained or re-quantized, checkpoints reload, and the merged export is a plain de-quantized model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from transformers import AutoModelForSequenceClassification
+
+pytest.importorskip("bitsandbytes")
+
+from datamodules.glue import GLUEDataModule  # noqa: E402
+from sparse_lightning import (  # noqa: E402
+    GradientTopKCallback,
+    PruneRegrowCallback,
+    RandomMaskCallback,
+    S2FTStructureCallback,
+    SequenceClassificationModule,
+)
+from sparse_lightning.export import export_checkpoint  # noqa: E402
+from sparse_lightning.sparse import delta_layers  # noqa: E402
+from sparse_lightning.sparse.quantized import FrozenWeightLinear, QuantizedLinear  # noqa: E402
+
+DATA = Path(__file__).resolve().parent / "data" / "sst2_tiny"
+CALLBACKS = {
+    "sift": lambda: GradientTopKCallback(density=0.05),
+    "spiel": lambda: PruneRegrowCallback(density=0.002, reselection_interval=2, accumulation_steps=1),
+    "s2ft": lambda: S2FTStructureCallback(num_heads=1, num_channels=4, select_by="weight"),
+    "random_mask": lambda: RandomMaskCallback(density=0.05),
+}
+
+
+@pytest.mark.parametrize("kind, tolerance", [("nf4", 0.15), ("fp4", 0.2), ("int8", 0.02)])
+def test_a_quantized_linear_computes_with_its_dequantized_weight(kind: str, tolerance: float) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    layer = QuantizedLinear.from_linear(linear, kind)
+    assert not list(p for p in layer.parameters() if p.requires_grad)
+    assert layer.qweight.element_size() * layer.qweight.numel() <= linear.weight.numel()  # <= 1 byte per weight
+    x = torch.randn(5, 64, requires_grad=True)
+    out = layer(x)
+    weight = layer.dense_weight()
+    assert (weight - linear.weight).abs().max() < tolerance
+    torch.testing.assert_close(out, nn.functional.linear(x, weight, linear.bias))
+    out.square().sum().backward()
+    reference = x.detach().clone().requires_grad_(True)
+    nn.functional.linear(reference, weight, linear.bias).square().sum().backward()
+    torch.testing.assert_close(x.grad, reference.grad)
+
+
+def test_the_frozen_weight_function_keeps_nothing_weight_sized_for_backward() -> None:
+    calls = []
+
+    def weight_fn() -> torch.Tensor:
+        calls.append(1)
+        return torch.ones(3, 4)
+
+    x = torch.randn(2, 4, requires_grad=True)
+    FrozenWeightLinear.apply(x, weight_fn, None).sum().backward()
+    assert len(calls) == 2  # once in forward, once in backward: rebuilt, not saved
+
+
+def fit(model_dir: Path, root: Path, method: str, kind: str = "nf4"):
+    pl.seed_everything(0, verbose=False)
+    module = SequenceClassificationModule(str(model_dir), quantize=kind,
+                                          optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
+    data = GLUEDataModule(task="sst2", tokenizer_name_or_path=str(model_dir), train_file=str(DATA / "train.tsv"),
+                          validation_files=[str(DATA / "dev.tsv")], batch_size=16, max_length=32)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=4, limit_val_batches=0, logger=False,
+                         callbacks=[CALLBACKS[method](), ModelCheckpoint(dirpath=root, filename="last")],
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root))
+    trainer.fit(module, data)
+    return module, data
+
+
+@pytest.mark.parametrize("method", list(CALLBACKS))
+def test_every_method_trains_on_an_nf4_base_and_exports_dequantized(method: str, tiny_bert_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    module, data = fit(tiny_bert_dir, tmp_path, method)
+    layers = delta_layers(module.model)
+    assert layers and all(isinstance(layer.base, QuantizedLinear) for layer in layers.values())
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in trainable)
+    assert all(p.abs().max() > 0 for name, p in module.named_parameters() if name.endswith(("values", "block")))
+    assert not any(isinstance(m, nn.Linear) and not m.weight.requires_grad and "classifier" not in name
+                   for name, m in module.model.named_modules())  # every frozen Linear is stored quantized
+
+    written = export_checkpoint(tmp_path / "last.ckpt", tmp_path / "out", merged=True)
+    merged = AutoModelForSequenceClassification.from_pretrained(written["merged"]).eval()
+    batch = next(iter(data.val_dataloader()))
+    module.eval()
+    with torch.no_grad():
+        expected = module.model(**batch).logits
+        torch.testing.assert_close(merged(**batch).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_quantize_needs_a_frozen_base(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    module = SequenceClassificationModule(str(tiny_bert_dir), num_labels=2, quantize="nf4")
+    module.trainer = pl.Trainer(accelerator="cpu", logger=False)
+    with pytest.raises(ValueError, match="quantize='nf4' needs a frozen base: add a sparse method callback"):
+        module.configure_model()
+    with pytest.raises(ValueError, match=r"quantize must be one of \['nf4', 'fp4', 'int8'\]"):
+        SequenceClassificationModule(str(tiny_bert_dir), quantize="int4")
+
+
+def test_a_quantized_base_cannot_be_merged_in_place(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    module, _ = fit(tiny_bert_dir, tmp_path, "sift", kind="int8")
+    layer = next(iter(delta_layers(module.model).values()))
+    with pytest.raises(ValueError, match="a quantized base cannot take a delta in place"):
+        layer.merge()
