@@ -44,6 +44,9 @@ METHODS = {
     "random_mask": ("RandomMaskCallback", ADAMW, {"minilm": 5e-3, "smollm2": 1e-3}),
 }
 COMPOSITIONS = [(model, task, method) for model, (_, _, tasks) in MODELS.items() for task in tasks for method in METHODS]
+# Tasks on the user's own files (README "Your own data"): task -> (model, datamodule class)
+OWN_DATA_TASKS = {"csv_classification": ("minilm", "datamodules.text_classification.TextClassificationDataModule")}
+OWN_DATA_COMPOSITIONS = [(model, task, method) for task, (model, _) in OWN_DATA_TASKS.items() for method in METHODS]
 EXPERIMENTS = sorted(str(p.relative_to(CONFIGS)) for p in (CONFIGS / "experiments").rglob("*.yaml"))
 STANDALONE = EXPERIMENTS + ["eval/math.yaml", "eval/commonsense.yaml"]
 # (base configs, fragment, what the fragment must set)
@@ -212,8 +215,17 @@ def test_strategy_and_precision_fragments_stack_last(parse, configs, fragment, e
     assert stacked["data"] == base["data"]
 
 
+@pytest.mark.parametrize(("model", "task", "method"), OWN_DATA_COMPOSITIONS, ids=["-".join(c) for c in OWN_DATA_COMPOSITIONS])
+def test_own_data_compositions_parse(parse, model, task, method):
+    skip_unless_importable(method)
+    config = parse(composition(model, task, method))
+    check_model_and_method(config, model, method)
+    assert config["data"]["class_path"] == OWN_DATA_TASKS[task][1]
+    assert all((ROOT / config["data"]["init_args"][key]).is_file() for key in ("train_file", "validation_file"))
+
+
 def test_every_shipped_config_is_covered():
-    used = {c for combo in COMPOSITIONS for c in composition(*combo)} | set(STANDALONE)
+    used = {c for combo in COMPOSITIONS + OWN_DATA_COMPOSITIONS for c in composition(*combo)} | set(STANDALONE)
     used |= {fragment for _, fragment, _ in STACKED}
     shipped = {str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")}
     assert used == shipped

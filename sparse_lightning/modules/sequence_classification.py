@@ -39,12 +39,14 @@ class SequenceClassificationModule(SparseFineTuningModule):
         model_name_or_path: the encoder (default: the offline all-MiniLM-L6-v2).
         num_labels: classes (1 = regression); default: the datamodule's task.
         metric: "accuracy", "accuracy_f1", "matthews" or "pearson_spearman"; default: the task's.
+        label_names: class names in id order, written into the model config's id2label (and so the exported
+            model's); default: the datamodule's `label_names` when it has them.
     """
 
     head_modules = ("classifier", "score")
 
     def __init__(self, model_name_or_path: str = "all-MiniLM-L6-v2", num_labels: int | None = None,
-                 metric: Metric | None = None, **kwargs: Any) -> None:
+                 metric: Metric | None = None, label_names: list[str] | None = None, **kwargs: Any) -> None:
         super().__init__(model_name_or_path=model_name_or_path, **kwargs)
         if num_labels is not None and num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {num_labels}")
@@ -57,12 +59,18 @@ class SequenceClassificationModule(SparseFineTuningModule):
         for name, default in (("num_labels", 2), ("metric", "accuracy")):
             if self.hparams[name] is None:
                 self.hparams[name] = getattr(datamodule, name, None) or default
+        if self.hparams.get("label_names") is None and self.hparams.num_labels > 1:
+            self.hparams["label_names"] = getattr(datamodule, "label_names", None)
 
     def build_model(self) -> nn.Module:
         self._task_from_datamodule()
+        names = self.hparams.get("label_names")
+        if names is not None and len(names) != self.hparams.num_labels:
+            raise ValueError(f"label_names has {len(names)} names for num_labels={self.hparams.num_labels}")
+        labels = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}} if names else {}
         model = AutoModelForSequenceClassification.from_pretrained(
             resolve_model_path(self.hparams.model_name_or_path), num_labels=self.hparams.num_labels,
-            **self.from_pretrained_kwargs)
+            **labels, **self.from_pretrained_kwargs)
         self.head_modules = tuple(name for name in type(self).head_modules if hasattr(model, name))
         return model
 
