@@ -23,6 +23,7 @@ from sparse_lightning import (  # noqa: E402
     SequenceClassificationModule,
 )
 from sparse_lightning.export import export_checkpoint  # noqa: E402
+from sparse_lightning.modules.base import count_parameters  # noqa: E402
 from sparse_lightning.sparse import delta_layers  # noqa: E402
 from sparse_lightning.sparse.quantized import FrozenWeightLinear, QuantizedLinear  # noqa: E402
 
@@ -82,6 +83,9 @@ def fit(model_dir: Path, root: Path, method: str, kind: str = "nf4"):
 def test_every_method_trains_on_an_nf4_base_and_exports_dequantized(method: str, tiny_bert_dir: Path,
                                                                     tmp_path: Path) -> None:
     module, data = fit(tiny_bert_dir, tmp_path, method)
+    base = sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).parameters())
+    deltas = sum(p.numel() for name, p in module.named_parameters() if name.endswith(("values", "block")))
+    assert count_parameters(module)[1] == base + deltas  # a packed weight counts its entries, not its bytes
     layers = delta_layers(module.model)
     assert layers and all(isinstance(layer.base, QuantizedLinear) for layer in layers.values())
     trainable = [p for p in module.parameters() if p.requires_grad]

@@ -27,13 +27,21 @@ from sparse_lightning.modules.schedules import Schedule, warmup_then_decay
 from sparse_lightning.sparse import default_targets, freeze_except
 from sparse_lightning.sparse.frozen_delta import is_delta_parameter
 from sparse_lightning.sparse.inject import attach_deltas_from_state_dict
-from sparse_lightning.sparse.quantized import QUANTIZE, Quantize, quantize_frozen_linears, quantized_shells_from_state_dict
+from sparse_lightning.sparse.quantized import (
+    QUANTIZE,
+    QuantizedLinear,
+    Quantize,
+    quantize_frozen_linears,
+    quantized_shells_from_state_dict,
+)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameter counts, PEFT's way (global shapes under FSDP2)."""
+    """(trainable, all) parameter counts, PEFT's way (global shapes under FSDP2; a quantized weight counts its
+    entries, not its packed bytes)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
+    return trainable, sum(p.numel() for p in model.parameters()) + quantized
 
 
 class SparseFineTuningModule(LightningModule):
