@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
@@ -85,6 +86,9 @@ def resumable_train_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, 
         split = dict(trainer.strategy.distributed_sampler_kwargs or {})
         split.pop("shuffle", None)
     sampler = ResumableSampler(dataset, shuffle=shuffle, seed=seed, **split)
+    # Its own generator: starting an epoch then draws nothing from the global RNG, whose state (dropout) the
+    # module checkpoints and restores, so a resumed run's dropout masks continue where they stopped.
+    kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
     return ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
 
 

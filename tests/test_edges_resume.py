@@ -23,7 +23,7 @@ from datamodules.sampling import ResumableSampler
 
 SCRIPT = Path(__file__).resolve().parent / "edges_scripts" / "kill_and_resume.py"
 DATA = Path(__file__).resolve().parent / "data" / "sst2_tiny"
-METHODS = ["sift", "spiel", "spiel_ma", "s2ft", "random_mask", "lora", "full"]
+METHODS = ["sift", "sift_dropout", "spiel", "spiel_ma", "s2ft", "random_mask", "lora", "full"]
 
 
 def glue(model_dir: Path, seed: int = 7) -> GLUEDataModule:

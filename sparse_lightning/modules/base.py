@@ -36,6 +36,20 @@ from sparse_lightning.sparse.quantized import (
 )
 
 
+def rng_state() -> dict[str, Any]:
+    """This process's torch random state (CPU and every CUDA device)."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameter counts, PEFT's way (global shapes under FSDP2; a quantized weight counts its
     entries, not its packed bytes)."""
@@ -226,6 +240,7 @@ class SparseFineTuningModule(LightningModule):
         # `load_from_checkpoint` builds the module without a trainer (so without callbacks): recreate
         # the checkpoint's delta layers so its state dict fits. (ModelParallelStrategy loads the weights
         # itself and passes on a checkpoint without "state_dict".)
+        self._resumed_rng = checkpoint.get("sparse_lightning", {}).get("rng")
         if self.model is not None and "state_dict" in checkpoint:
             attach_deltas_from_state_dict(self.model, checkpoint["state_dict"], prefix="model.")
             if self.hparams.quantize:
@@ -240,6 +255,7 @@ class SparseFineTuningModule(LightningModule):
             "base_model": self.hparams.model_name_or_path,
             "callbacks": [cb.describe() for cb in self.sparse_callbacks()],
             "trainable": [name for name, p in self.named_parameters() if p.requires_grad],
+            "rng": rng_state(),
         }
 
     def _require_finite_deltas(self) -> None:
@@ -252,6 +268,13 @@ class SparseFineTuningModule(LightningModule):
             where = f" ({bad[0]})" if bad else " (on another rank)"
             raise FloatingPointError(f"not saving a checkpoint at step {self.global_step}: deltas are not finite"
                                      f"{where}; training diverged, lower the learning rate (optimizer lr)")
+
+    def on_train_start(self) -> None:
+        # A resumed run continues the random stream (dropout) where the checkpoint left it, so it retraces the
+        # uninterrupted run; restored here, after everything that draws while a run is set up.
+        if getattr(self, "_resumed_rng", None) is not None:
+            restore_rng_state(self._resumed_rng)
+            self._resumed_rng = None
 
     def on_fit_start(self) -> None:
         trainable, total = count_parameters(self)

@@ -1,6 +1,6 @@
 """Kill -9 tiny runs right after a checkpoint (mid-epoch, and at an epoch boundary), resume them, save final states.
 
-usage: kill_and_resume.py OUT MODEL_DIR METHOD [METHOD ...]   (methods: sift, spiel, spiel_ma, s2ft, random_mask, lora, full)
+usage: kill_and_resume.py OUT MODEL_DIR METHOD [METHOD ...]   (methods: sift, sift_dropout, spiel, spiel_ma, s2ft, random_mask, lora, full)
 
 The killed runs are forked children that SIGKILL themselves, forked before this process computes anything (so no
 thread pool is inherited half-used); this process then runs each method uninterrupted and resumed from both
@@ -54,12 +54,13 @@ def fit(method: str, model_dir: str, root: Path, ckpt_path: Path | None = None, 
     lora = LoRASettings(r=2) if method == "lora" else None
     optimizer = (lambda params: SM3(params, lr=1e-2)) if method == "spiel_ma" else \
         (lambda params: torch.optim.AdamW(params, lr=1e-2))
-    module = SequenceClassificationModule(model_dir, lora=lora, optimizer=optimizer)
+    dropout = {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1} if method == "sift_dropout" else {}
+    module = SequenceClassificationModule(model_dir, lora=lora, optimizer=optimizer, model_kwargs=dropout)
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=root, filename="mid-{step}", every_n_train_steps=3, save_top_k=-1),
         ModelCheckpoint(dirpath=root, filename="{epoch}", every_n_epochs=1, save_top_k=-1),
     ]
-    if method == "sift":
+    if method in ("sift", "sift_dropout"):  # with dropout, the resumed run must continue the random stream
         callbacks.append(GradientTopKCallback(density=0.05, calibration_batches=2))
     if method in ("spiel", "spiel_ma"):
         callbacks.append(PruneRegrowCallback(density=0.002, reselection_interval=3, accumulation_steps=1,
