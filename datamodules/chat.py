@@ -137,8 +137,13 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     return ids
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], generation_prompt: bool,
+            where: str) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as error:  # jinja's TemplateError (e.g. "roles must alternate"), or a template bug
+        raise ValueError(f"{where}, field 'messages': the tokenizer's chat template refused the first "
+                         f"{len(messages)} message(s): {type(error).__name__}: {error}") from error
 
 
 def _content_end(response: str, content: str, where: str, turn: int) -> int:
@@ -158,14 +163,14 @@ def conversation_pieces(tokenizer: PreTrainedTokenizerBase, messages: list[dict[
     """The rendered conversation, up to its last assistant turn, as (text, tag) pieces: tag is the index i of the
     assistant message whose response (through its content) the piece is, -2 - i for the rest of that turn, CONTEXT
     for everything else. Concatenated, the texts are the template's rendering of the conversation up to that turn."""
-    full = _render(tokenizer, messages, generation_prompt=False)
+    full = _render(tokenizer, messages, False, where)
     pieces: list[tuple[str, int]] = []
     done = 0  # characters of `full` already in pieces
     for turn, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:turn], generation_prompt=True)
-        through = _render(tokenizer, messages[: turn + 1], generation_prompt=False)
+        prompt = _render(tokenizer, messages[:turn], True, where)
+        through = _render(tokenizer, messages[: turn + 1], False, where)
         if not (full.startswith(through) and through.startswith(prompt) and len(prompt) >= done):
             raise ValueError(f"{where}, field 'messages': message {turn}: the chat template renders the conversation "
                              "before this assistant turn differently once later turns follow, so assistant tokens "

@@ -171,6 +171,17 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(header_tokenizer_dir,
                              tokenizer, 100)
 
 
+def test_a_template_that_raises_is_named(header_tokenizer_dir):
+    tokenizer = load_tokenizer(str(header_tokenizer_dir))
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' and loop.index0 % 2 == 1 %}"
+                               "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    messages = [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"}]
+    with pytest.raises(ValueError, match=r"f.jsonl: record 2 \(0-based\), field 'messages': the tokenizer's chat "
+                                         "template refused the first 3 message\(s\): .*roles must alternate"):
+        encode_conversations([{"messages": messages, "_where": "f.jsonl: record 2 (0-based)"}], tokenizer, 100)
+
+
 def test_truncation_is_counted_and_reported(smol_tokenizer_dir, tmp_path, caplog):
     tokenizer = load_tokenizer(str(smol_tokenizer_dir))
     lengths = [len(encode_conversation(tokenizer, c["messages"], "", special_token_ids(tokenizer))[0])
