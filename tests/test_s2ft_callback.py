@@ -105,7 +105,7 @@ def test_validate_with_the_callback_evaluates_the_checkpoint(trained, tiny_bert_
     monkeypatch.setattr(S2FTStructureCallback, "select", lambda *a, **k: pytest.fail("selected outside fit"))
     fresh = SequenceClassificationModule(str(tiny_bert_dir))
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[S2FTStructureCallback(**SETTINGS)],
-                         enable_progress_bar=False, enable_model_summary=False)
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root))
     metrics = trainer.validate(fresh, make_datamodule(tiny_bert_dir), ckpt_path=root / "epoch=1.ckpt", verbose=False)
     module.eval()
     with torch.no_grad():
