@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM
 
 from datamodules.instruction import collate_for_generation, collate_for_training, encode_for_training, load_tokenizer
 from datamodules.reasoning import MathDataModule
@@ -37,26 +36,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_lm_dir(tiny_llama_dir, tmp_path_factory) -> Path:
-    """The tiny GQA llama with a byte-level tokenizer (256 bytes + <eos>); embeddings resized to cover EOS."""
-    path = tmp_path_factory.mktemp("tiny-lm")
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={char: i for i, char in enumerate(alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
-    tokenizer.save_pretrained(path)
-    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir)
-    model.resize_token_embeddings(len(tokenizer))
-    torch.manual_seed(0)
-    model.get_input_embeddings().weight.data.normal_(0.0, 0.2)  # tied: big enough for logits to fit the data
-    model.config.eos_token_id = model.config.pad_token_id = tokenizer.eos_token_id
-    model.generation_config.eos_token_id = model.generation_config.pad_token_id = tokenizer.eos_token_id
-    model.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
