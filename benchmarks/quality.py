@@ -441,8 +441,12 @@ def plan_runs(name: str) -> list[RunSpec]:
         # |gradient| over 8 batches instead of 1.
         enc = {"trainer.callbacks.0.init_args.density": None, "trainer.callbacks.0.init_args.num_params": 200_952,
                "trainer.callbacks.0.init_args.dense_modules": ["classifier"]}
+        # S2FT "enc": 87 down-projection channels per layer (87 x 384 x 6 = 200,448) + the classifier.
+        s2ft_enc = {"trainer.callbacks.0.init_args.num_channels": 87,
+                    "trainer.callbacks.0.init_args.dense_modules": ["classifier"]}
         return [RunSpec("mrpc", "sift", 42, 2e-3, tag="enc", overrides=dict(enc)),
                 RunSpec("mrpc", "spiel_ag", 42, 2e-3, tag="enc", overrides=dict(enc)),
+                RunSpec("mrpc", "s2ft", 42, 2e-3, tag="enc", overrides=s2ft_enc),
                 RunSpec("mrpc", "sift", 42, 2e-3, tag="calib8",
                         overrides={"trainer.callbacks.0.init_args.calibration_batches": 8})]
     if name == "glue":
