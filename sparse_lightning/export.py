@@ -367,8 +367,8 @@ def _export(model: nn.Module, output: str | Path, merged: bool, metadata: dict[s
                          "(--merged true / merged=True)")
     if merged:
         model = model if in_place else copy.deepcopy(model)
-        if hasattr(model, "merge_and_unload"):  # the PEFT LoRA baseline
-            model = model.merge_and_unload()
+        if hasattr(model, "merge_and_unload"):  # the PEFT LoRA baseline; QLoRA's base de-quantized first, as PEFT
+            model = dequantize_model(model).merge_and_unload()  # adds into base_layer.weight (never re-quantized)
         merged_dir = Path(output) / "merged"
         restore_original_layout(dequantize_model(merge_and_unwrap(model))).save_pretrained(merged_dir)
         if metadata.get("base_model"):

@@ -17,6 +17,7 @@ pytest.importorskip("bitsandbytes")
 from datamodules.glue import GLUEDataModule  # noqa: E402
 from sparse_lightning import (  # noqa: E402
     GradientTopKCallback,
+    LoRASettings,
     PruneRegrowCallback,
     RandomMaskCallback,
     S2FTStructureCallback,
@@ -117,3 +118,62 @@ def test_a_quantized_base_cannot_be_merged_in_place(tiny_bert_dir: Path, tmp_pat
     layer = next(iter(delta_layers(module.model).values()))
     with pytest.raises(ValueError, match="a quantized base cannot take a delta in place"):
         layer.merge()
+
+
+class FixedBatchLoss(pl.Callback):
+    """The loss of one fixed batch (eval mode) when training starts and ends: did the run learn?"""
+
+    def __init__(self, batch: dict) -> None:
+        self.batch, self.losses = batch, []
+
+    @torch.no_grad()
+    def record(self, module: SequenceClassificationModule) -> None:
+        module.eval()
+        self.losses.append(float(module.compute_loss(self.batch)))
+        module.train()
+
+    def on_train_start(self, trainer, module) -> None:
+        self.record(module)
+
+    def on_train_end(self, trainer, module) -> None:
+        self.record(module)
+
+
+def test_qlora_trains_lora_on_an_nf4_base_exports_merged_and_reloads(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    pl.seed_everything(0, verbose=False)
+    module = SequenceClassificationModule(str(tiny_bert_dir), quantize="nf4", lora=LoRASettings(r=4, alpha=8),
+                                          optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
+    data = GLUEDataModule(task="sst2", tokenizer_name_or_path=str(tiny_bert_dir), train_file=str(DATA / "train.tsv"),
+                          validation_files=[str(DATA / "dev.tsv")], batch_size=64, max_length=32)
+    data.setup("fit")  # one batch holds the 64 training rows: the probe's loss is the training loss
+    probe = FixedBatchLoss(next(iter(data.train_dataloader())))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=8, limit_val_batches=0, logger=False,
+                         callbacks=[probe, ModelCheckpoint(dirpath=tmp_path, filename="last")],
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(module, data)
+
+    assert probe.losses[1] < probe.losses[0]
+    trainable = [name for name, p in module.named_parameters() if p.requires_grad]
+    assert any("lora_A" in name for name in trainable) and any("classifier" in name for name in trainable)
+    assert all("lora_" in name or "modules_to_save" in name for name in trainable)
+    assert all(p.dtype == torch.float32 for p in module.parameters() if p.requires_grad)
+    lora_layers = [m for m in module.model.modules() if hasattr(m, "lora_A")]
+    assert lora_layers and all(isinstance(m.base_layer, QuantizedLinear) for m in lora_layers)
+    frozen_dense = [name for name, m in module.model.named_modules()
+                    if type(m) is nn.Linear and not m.weight.requires_grad]
+    assert frozen_dense and all(".classifier." in name for name in frozen_dense)  # only the head's saved original
+
+    batch = next(iter(data.val_dataloader()))
+    module.eval()
+    with torch.no_grad():
+        expected = module.model(**batch).logits
+    reloaded = SequenceClassificationModule.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True).eval()
+    assert all(isinstance(m.base_layer, QuantizedLinear) for m in reloaded.model.modules() if hasattr(m, "lora_A"))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.model(**batch).logits, expected, rtol=0, atol=0)
+
+    written = export_checkpoint(tmp_path / "last.ckpt", tmp_path / "out", merged=True)
+    merged = AutoModelForSequenceClassification.from_pretrained(written["merged"]).eval()
+    assert not any(isinstance(m, QuantizedLinear) for m in merged.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, expected, rtol=0, atol=1e-5)

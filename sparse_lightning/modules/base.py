@@ -95,11 +95,9 @@ class SparseFineTuningModule(LightningModule):
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         if quantize is not None and quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {list(QUANTIZE)} (or unset), got {quantize!r}")
-        if quantize is not None and lora is not None:
-            raise ValueError("quantize with the LoRA baseline (QLoRA) is not supported yet: use a sparse method")
         self.save_hyperparameters(ignore=["optimizer", "lora"])
-        # A plain dict, so checkpoints load with torch.load(weights_only=True).
-        self.hparams["lora"] = asdict(lora) if lora is not None else None
+        # A plain dict, so checkpoints load with torch.load(weights_only=True); a reload passes that dict back.
+        self.hparams["lora"] = None if lora is None else asdict(lora) if isinstance(lora, LoRASettings) else dict(lora)
         self.optimizer_factory = optimizer
         self.model: nn.Module | None = None
         self._sparse_attached = False
@@ -183,14 +181,15 @@ class SparseFineTuningModule(LightningModule):
         self._sparse_attached = True
 
     def _quantize_base(self, method: SparseMethodCallback | None) -> None:
-        """After the method attached (S2FT permutes full-precision weights first), every frozen Linear but the
-        heads is stored quantized."""
-        if method is None:
+        """After the method attached (S2FT permutes full-precision weights first; LoRA wraps its targets, which
+        makes QLoRA), every frozen Linear but the heads is stored quantized."""
+        if method is None and self.hparams.lora is None:
             raise ValueError(f"quantize={self.hparams.quantize!r} needs a frozen base: add a sparse method callback "
-                             "(full fine-tuning trains every weight)")
+                             "or model.lora (full fine-tuning trains every weight)")
         if self.device_mesh is not None:
             raise ValueError("quantized bases are not supported under FSDP2 yet: use one device or DDP")
-        keep = [*self.head_modules, *(method.dense_modules or []), "lm_head"]
+        dense = (method.dense_modules or []) if method is not None else []
+        keep = [*self.head_modules, *dense, "lm_head"]
         quantize_frozen_linears(self.model, self.hparams.quantize, keep)
 
     def _attach_late(self, method: SparseMethodCallback) -> None:

@@ -19,6 +19,8 @@ from torch import Tensor, nn
 Quantize = Literal["nf4", "fp4", "int8"]
 QUANTIZE = ("nf4", "fp4", "int8")
 BLOCKSIZE = 64
+#: Where a PEFT model keeps the HF model's modules (`PeftModel.base_model.model`).
+PEFT_PREFIX = "base_model.model."
 
 
 def _bnb():
@@ -117,14 +119,20 @@ class QuantizedLinear(nn.Module):
 
 
 def quantize_frozen_linears(model: nn.Module, kind: Quantize, keep: Iterable[str] = ()) -> list[str]:
-    """Replace every frozen `nn.Linear` (the bases inside delta layers included) by a `QuantizedLinear`; modules
-    named in `keep` (and anything holding trainable parameters) stay as they are. Returns the names replaced."""
+    """Replace every frozen `nn.Linear` (the bases inside delta layers and PEFT LoRA layers included) by a
+    `QuantizedLinear`; modules named in `keep` (HF names: under a PEFT model they are matched below its
+    `base_model.model.` prefix too, so a LoRA run's heads and their saved originals stay) and anything holding
+    trainable parameters stay as they are. Returns the names replaced."""
     from sparse_lightning.sparse.frozen_delta import replace_submodule
 
     keep = tuple(keep)
+
+    def kept(name: str) -> bool:
+        names = (name, name.removeprefix(PEFT_PREFIX)) if name.startswith(PEFT_PREFIX) else (name,)
+        return any(n == k or n.startswith(k + ".") for n in names for k in keep)
+
     chosen = [name for name, module in model.named_modules()
-              if type(module) is nn.Linear and not module.weight.requires_grad
-              and not any(name == k or name.startswith(k + ".") for k in keep)]
+              if type(module) is nn.Linear and not module.weight.requires_grad and not kept(name)]
     for name in chosen:
         replace_submodule(model, name, QuantizedLinear.from_linear(model.get_submodule(name), kind))
     return chosen
