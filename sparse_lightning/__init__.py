@@ -8,13 +8,16 @@ from sparse_lightning.callbacks import (
     SparseMethodCallback,
 )
 from sparse_lightning.modules import CausalLMModule, LoRASettings, SequenceClassificationModule, SparseFineTuningModule
+from sparse_lightning.multi_delta import FusionReport, MultiDelta
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CausalLMModule",
+    "FusionReport",
     "GradientTopKCallback",
     "LoRASettings",
+    "MultiDelta",
     "PruneRegrowCallback",
     "RandomMaskCallback",
     "S2FTStructureCallback",
