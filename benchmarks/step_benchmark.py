@@ -445,6 +445,12 @@ def prepare(args: argparse.Namespace, method: str, spec: ModelSpec, batches: lis
     model = model.to(device)
     budget = Budget(args.density, args.sift_lora_rank, calibration_batches=batches[:1], loss_fn=loss_for(model))
     model = METHODS[method](model, spec, heads, budget).to(device)
+    if getattr(args, "quantize", None):  # as the module does: after the method attached, heads and LM head kept
+        from sparse_lightning.sparse.quantized import quantize_frozen_linears
+
+        quantize_frozen_linears(model, args.quantize, keep=(*heads, "lm_head"))
+    if getattr(args, "gradient_checkpointing", False):
+        model.gradient_checkpointing_enable()
     loss_fn = loss_for(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -472,10 +478,15 @@ def train_step(prepared: Prepared, step: int, batch: dict[str, Tensor], device: 
 def describe(prepared: Prepared) -> dict[str, Any]:
     optimizer = prepared.optimizer
     state = optimizer.state.values() if optimizer is not None else []
+    from sparse_lightning.sparse.quantized import QuantizedLinear
+
+    model = prepared.model
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
     return {
         **prepared.budget.notes,
         "trainable_params": sum(p.numel() for p in prepared.params),
-        "total_params": sum(p.numel() for p in prepared.model.parameters()),
+        "total_params": sum(p.numel() for p in model.parameters()) + quantized,
+        "weight_bytes": sum(tensor_bytes(t) for t in itertools.chain(model.parameters(), model.buffers())),
         "optimizer_state_bytes": sum(tensor_bytes(v) for per_param in state for v in per_param.values()),
     }
 
@@ -663,12 +674,19 @@ def interleaved_worker(args: argparse.Namespace, model: str, methods: list[str])
                         ("--seq-len", args.seq_len)):
         if value is not None:
             command += [flag, str(value)]
+    command += base_flags(args)
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
            "PYTHONWARNINGS": "ignore::FutureWarning"}
     completed = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
     if completed.returncode != 0:
         raise RuntimeError(f"{model} (interleaved time run) failed with exit code {completed.returncode}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def base_flags(args: argparse.Namespace) -> list[str]:
+    """`--quantize` and `--gradient-checkpointing`, as a worker subprocess gets them."""
+    return ([f"--quantize={args.quantize}"] if getattr(args, "quantize", None) else []) + \
+        (["--gradient-checkpointing"] if getattr(args, "gradient_checkpointing", False) else [])
 
 
 def worker(args: argparse.Namespace, model: str, method: str, measure: str) -> dict[str, Any]:
@@ -692,6 +710,7 @@ def worker(args: argparse.Namespace, model: str, method: str, measure: str) -> d
                         ("--seq-len", args.seq_len)):
         if value is not None:
             command += [flag, str(value)]
+    command += base_flags(args)
     if args.profile and measure == "time":
         command += ["--profile", "--profile-rows", str(args.profile_rows)]
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -735,7 +754,7 @@ def benchmark(args: argparse.Namespace, model: str, methods: list[str]) -> list[
             continue
         results[method] = {"model": model, "method": method, **{k: v for k, v in memory.items() if k not in TIMES}}
         log(f"[{model}/{method}] peak +{memory['peak_increase_bytes'] / MIB:,.0f} MiB")
-    for round_ in range(args.repeats):
+    for round_ in range(0 if getattr(args, "memory_only", False) else args.repeats):
         if args.interleave:
             timed_all = interleaved_worker(args, model, methods)
         for method in methods:
@@ -760,6 +779,8 @@ def benchmark(args: argparse.Namespace, model: str, methods: list[str]) -> list[
             log(f"[{model}/{method}] round {round_ + 1}: median step {result['round_medians_s'][-1]:.3f} s, "
                 f"CPU {statistics.median(timed['cpu_times_s']):.3f} s")
     for result in results.values():
+        if "step_times_s" not in result:  # --memory-only
+            continue
         result["median_step_s"] = statistics.median(result["step_times_s"])
         result["mean_step_s"] = statistics.mean(result["step_times_s"])
         result["median_cpu_s"] = statistics.median(result["cpu_times_s"])
@@ -801,7 +822,7 @@ def markdown_table(model: str, results: list[dict[str, Any]], args: argparse.Nam
     it is far steadier than wall time, and with one thread it is the step's work."""
     spec = model_spec(argparse.Namespace(**{**vars(args), "model": model}))
     by_name = {r["method"]: r for r in results}
-    ref = {name: headline_time(by_name[name], args.device) if name in by_name else None
+    ref = {name: headline_time(by_name[name], args.device) if "median_step_s" in by_name.get(name, {}) else None
            for name in ("floor", "lora", "shira", "full")}
     peak_ref = {name: by_name[name].get("peak_increase_bytes") if name in by_name else None
                 for name in ("floor", "lora")}
@@ -823,33 +844,43 @@ def markdown_table(model: str, results: list[dict[str, Any]], args: argparse.Nam
                "full reselection cycle (20 steps after 6)")
     lines = [
         f"**{spec.alias}**: {shape}, {args.device}, {args.dtype}, {args.threads} thread(s); step = forward + "
-        f"backward + optimizer step (the floor: forward + input-gradient-only backward); {how}",
+        f"backward + optimizer step (the floor: forward + input-gradient-only backward); {how}"
+        + (f"; frozen base stored {args.quantize}" if getattr(args, "quantize", None) else "")
+        + ("; gradient checkpointing" if getattr(args, "gradient_checkpointing", False) else ""),
         "",
     ]
     header = ["method", "trainable params", "wall s/step (median)"]
     if on_cpu:
         header += ["CPU s/step (median)", "CPU s/step (mean)"]
     header += [f"judged {judged}", "vs floor", "vs LoRA", "vs SHiRA", "vs full",
-               f"{memory} increase (MiB)", "vs floor", "vs LoRA", "optimizer state (MiB)"]
+               f"{memory} increase (MiB)", "vs floor", "vs LoRA", "optimizer state (MiB)",
+               "weights (MiB)", f"{memory} (MiB)"]
     lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for r in results:
         name = r["method"] + (f" (r={r['lora_rank']})" if "lora_rank" in r else "")
         name += f" ({r['s2ft_channels']} channels/layer)" if "s2ft_channels" in r else ""
         name += " †" if r.get("amortised") else ""
-        cells = [name, f"{r['trainable_params']:,}", f"{r['median_step_s']:.3f}"]
+        timed = "median_step_s" in r  # not with --memory-only
+        cells = [name, f"{r['trainable_params']:,}", f"{r['median_step_s']:.3f}" if timed else "-"]
         if on_cpu:
-            cells += [f"{r['median_cpu_s']:.3f}", f"{r['mean_cpu_s']:.3f}"]
-        time_ = headline_time(r, args.device)
-        vs_floor = f"{r['paired_vs_floor']:.2f}x" if "paired_vs_floor" in r else ratio(time_, ref["floor"])
-        cells += [f"**{time_:.3f}**", vs_floor] + [ratio(time_, ref[name_]) for name_ in ("lora", "shira", "full")]
+            cells += [f"{r['median_cpu_s']:.3f}", f"{r['mean_cpu_s']:.3f}"] if timed else ["-", "-"]
+        if timed:
+            time_ = headline_time(r, args.device)
+            vs_floor = f"{r['paired_vs_floor']:.2f}x" if "paired_vs_floor" in r else ratio(time_, ref["floor"])
+            cells += [f"**{time_:.3f}**", vs_floor] + [ratio(time_, ref[n]) for n in ("lora", "shira", "full")]
+        else:
+            cells += ["-"] * 5
         peak = r.get("peak_increase_bytes")
         cells += ([f"{peak / MIB:,.0f}", ratio(peak, peak_ref["floor"]), ratio(peak, peak_ref["lora"])]
                   if peak is not None else ["-", "-", "-"])
         cells.append(f"{r['optimizer_state_bytes'] / MIB:,.2f}")
+        cells.append(f"{r['weight_bytes'] / MIB:,.1f}" if "weight_bytes" in r else "-")
+        cells.append(f"{r['peak_abs_bytes'] / MIB:,.0f}" if r.get("peak_abs_bytes") is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    first = {r["method"]: round(r["losses"][0], 5) for r in results}
+    first = {r["method"]: round(r["losses"][0], 5) for r in results if r.get("losses")}
     same = "identical" if len(set(first.values())) == 1 else "DIFFERENT"
-    lines += ["", f"First-step loss (zero-initialised deltas/adapters, same batch and dropout): {same} {first}."]
+    if first:  # not with --memory-only
+        lines += ["", f"First-step loss (zero-initialised deltas/adapters, same batch and dropout): {same} {first}."]
     notes = [f"{r['method']}: {r['shira']}" for r in results if "shira" in r]
     if notes:
         lines.append("SHiRA: " + "; ".join(notes) + ".")
@@ -909,6 +940,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="time every method in one process, stepping in turn with the floor (robust ratios on a "
                              "shared machine); memory runs stay one process per method")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory runs")
+    parser.add_argument("--memory-only", action="store_true", help="the memory runs only (CPU), no time runs")
+    parser.add_argument("--quantize", default=None, choices=["nf4", "fp4", "int8"],
+                        help="store every frozen Linear (heads and LM head kept) quantized, after the method attached")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="model.gradient_checkpointing_enable() after the method attached")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--density", type=float, default=0.01, help="SIFT density per target weight")
     parser.add_argument("--sift-lora-rank", type=int, default=None,
