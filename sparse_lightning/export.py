@@ -122,6 +122,19 @@ def apply_delta(model: nn.Module, delta_dir: str | Path) -> nn.Module:
     return model
 
 
+def delta_base_model(delta_dir: str | Path) -> str | None:
+    """The base model a delta or PEFT adapter directory names (None when it names none or cannot be read: then
+    `apply_delta` reports the problem)."""
+    for name, key in ((DELTA_CONFIG, "base_model"), ("adapter_config.json", "base_model_name_or_path")):
+        try:
+            config = json.loads((Path(delta_dir) / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(config, dict) and isinstance(config.get(key), str):
+            return config[key]
+    return None
+
+
 def _add_rounding_once(weight: Tensor, dim: int, index: Tensor, delta: Tensor) -> None:
     """`weight[index along dim] += delta`, summed in fp32 and rounded to weight's dtype once (index is unique)."""
     target = weight.view(-1) if dim == -1 else weight
@@ -329,6 +342,8 @@ def export_checkpoint(ckpt_path: str | Path, output: str | Path, merged: bool = 
     module, info = load_trained_module(ckpt_path, module_class)
     hf_trainable = [name.removeprefix("model.") for name in info["trainable"]]
     metadata = {key: info[key] for key in ("method", "base_model", "callbacks")}
+    if info.get("init_delta"):  # trained from base + init_delta: this delta adds onto that
+        metadata["init_delta"] = info["init_delta"]
     facts = run_facts(module.model, hf_trainable, checkpoint=ckpt_path)  # before the in-place merge
     written = _export(module.model, output, merged, metadata, hf_trainable, in_place=True)
     write_model_cards(written, metadata, facts)  # a README.md model card in every directory written

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from sparse_lightning.callbacks.base import SparseMethodCallback
@@ -50,6 +51,19 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
+def same_model(a: str, b: str) -> bool:
+    """Whether two model names or paths name the same model (an alias and its directory count as one)."""
+    from sparse_lightning.models import resolve_model_path
+
+    def where(name: str) -> str:
+        try:
+            return str(Path(resolve_model_path(name)).resolve())
+        except (ValueError, FileNotFoundError, OSError, ImportError, RuntimeError):
+            return name
+
+    return a == b or where(a) == where(b)
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameter counts, PEFT's way (global shapes under FSDP2; a quantized weight counts its
     entries, not its packed bytes)."""
@@ -73,6 +87,8 @@ class SparseFineTuningModule(LightningModule):
         gradient_checkpointing: recompute activations in backward to save memory.
         model_kwargs: extra `from_pretrained` config overrides, e.g. `hidden_dropout_prob: 0.0`.
         quantize: store the frozen base in "nf4", "fp4" or "int8" (bitsandbytes); deltas stay fp32.
+        init_delta: start from an exported delta directory or a PEFT SHiRA / Super-Tuning adapter, merged into the
+            base (checked like `apply_delta`) when a trainer builds the model, before the method attaches.
     """
 
     #: Newly initialised task heads, trained densely by default (a callback's `dense_modules` overrides).
@@ -89,6 +105,7 @@ class SparseFineTuningModule(LightningModule):
         gradient_checkpointing: bool = False,
         model_kwargs: dict[str, Any] | None = None,
         quantize: Quantize | None = None,
+        init_delta: str | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= warmup_ratio < 1.0:
@@ -159,6 +176,8 @@ class SparseFineTuningModule(LightningModule):
             return
         model = self.build_model()
         model.train()  # from_pretrained returns eval mode, and Lightning keeps each module's mode
+        if self.hparams.get("init_delta") and trainer is not None:  # a reload's checkpoint holds the merged weights
+            self._merge_init_delta(model)
         if self.hparams.lora is not None:
             model.requires_grad_(False)
             model = apply_lora(model, LoRASettings(**self.hparams.lora), list(default_targets(model)), list(self.head_modules))
@@ -172,6 +191,23 @@ class SparseFineTuningModule(LightningModule):
         if self.device_mesh is not None:
             dtype = getattr(torch, self.hparams.fsdp_param_dtype) if self.hparams.fsdp_param_dtype else None
             fully_shard_model(model, self.device_mesh, dtype)
+
+    def _merge_init_delta(self, model: nn.Module) -> None:
+        """Add `init_delta` onto the freshly built base; `apply_delta` checks all of it first (shapes, names,
+        finite values) and changes nothing on a bad file."""
+        from sparse_lightning.export import apply_delta, delta_base_model
+
+        path = Path(self.hparams.init_delta).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"init_delta {path}: no such directory (an exported delta directory or a PEFT "
+                                    "SHiRA / Super-Tuning adapter directory)")
+        named = delta_base_model(path)
+        if named is not None and not same_model(named, self.hparams.model_name_or_path):
+            rank_zero_warn(f"init_delta {path} was trained on {named!r}, this run builds "
+                           f"{self.hparams.model_name_or_path!r}: every shape matches, so it is applied; make sure "
+                           "they are the same model")
+        apply_delta(model, path)
+        rank_zero_info(f"init_delta: started from {path}")
 
     def _attach(self, method: SparseMethodCallback) -> None:
         """The one place that decides what trains: the method's deltas, plus its `dense_modules` (default: this
@@ -254,6 +290,7 @@ class SparseFineTuningModule(LightningModule):
             "base_model": self.hparams.model_name_or_path,
             "callbacks": [cb.describe() for cb in self.sparse_callbacks()],
             "trainable": [name for name, p in self.named_parameters() if p.requires_grad],
+            "init_delta": self.hparams.get("init_delta"),  # the exported delta adds onto base + init_delta
             "rng": rng_state(),
         }
 
