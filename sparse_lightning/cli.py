@@ -1,4 +1,4 @@
-"""`sparse-lightning fit|validate|test|export`: LightningCLI in subclass mode, plus delta export."""
+"""`sparse-lightning fit|validate|test|export|evaluate`: LightningCLI in subclass mode, plus delta export and lm-eval."""
 
 from __future__ import annotations
 
@@ -188,6 +188,11 @@ def _run(argv: list[str] | None) -> None:
     command = sys.argv[1:] if argv is None else argv
     if command and command[0] == "export":
         export_main(command[1:])
+        return
+    if command and command[0] == "evaluate":
+        from sparse_lightning.evaluate import evaluate_main
+
+        evaluate_main(command[1:])
         return
     SparseLightningCLI(SparseFineTuningModule, subclass_mode_model=True, subclass_mode_data=True, args=argv,
                        save_config_callback=SaveConfigToRunDirectory, save_config_kwargs={"overwrite": True})
