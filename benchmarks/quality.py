@@ -432,7 +432,7 @@ def plan_runs(name: str) -> list[RunSpec]:
     if name == "mrpc-sweep":
         # issue 14's MRPC tuning sweep (seed 42), in priority order.
         order = [("lora", 1e-3), ("sift", 2e-3), ("sift", 5e-3), ("spiel_ag", 2e-3), ("spiel_ag", 5e-3),
-                 ("s2ft", 2e-3), ("s2ft", 5e-3), ("full", 5e-5), ("lora", 2e-3), ("sift", 1e-3), ("spiel_ma", 1e-2)]
+                 ("s2ft", 2e-3), ("s2ft", 5e-3), ("full", 5e-5), ("lora", 2e-3), ("sift", 1e-2), ("spiel_ma", 1e-2), ("s2ft", 1e-2)]
         return [RunSpec("mrpc", method, 42, lr) for method, lr in order]
     if name == "mrpc-followup":
         # Diagnostics queued after the sweep: is it the split of the budget? The sparse methods spend 148,610 of
