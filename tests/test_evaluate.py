@@ -176,3 +176,19 @@ def test_the_shipped_math_tasks_use_the_training_prompt_and_the_project_s_extrac
     assert math_tasks.process_results({**doc, "dataset": "AddSub", "answer": "5"}, ["3 + 2 = 5.0 apples"]) == {"acc": 1.0}
     with pytest.raises(FileNotFoundError, match="--data_dir"):
         math_tasks.load(dataset="gsm8k", data_dir=str(tmp_path))
+
+
+def test_a_peft_lora_adapter_is_merged_in_memory(tiny_lm_dir: Path, tmp_path: Path):
+    from peft import LoraConfig, get_peft_model
+
+    from sparse_lightning.evaluate import load_model
+
+    torch.manual_seed(0)
+    lora = get_peft_model(LlamaForCausalLM.from_pretrained(tiny_lm_dir),
+                          LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    ids = torch.tensor([[3, 9, 27, 81]])
+    model, tokenizer_dir, described = load_model(tmp_path / "lora")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, lora.merge_and_unload()(input_ids=ids).logits)
+    assert "PEFT LORA adapter" in described and Path(tokenizer_dir) == Path(tiny_lm_dir)
