@@ -1,4 +1,5 @@
-"""`sparse-lightning fit|validate|test|export|evaluate`: LightningCLI in subclass mode, plus delta export and lm-eval."""
+"""`sparse-lightning fit|validate|test|export|evaluate|plot`: LightningCLI in subclass mode, plus delta export, lm-eval
+and figures."""
 
 from __future__ import annotations
 
@@ -193,6 +194,11 @@ def _run(argv: list[str] | None) -> None:
         from sparse_lightning.evaluate import evaluate_main
 
         evaluate_main(command[1:])
+        return
+    if command and command[0] == "plot":
+        from sparse_lightning.plots.cli import plot_main
+
+        plot_main(command[1:])
         return
     SparseLightningCLI(SparseFineTuningModule, subclass_mode_model=True, subclass_mode_data=True, args=argv,
                        save_config_callback=SaveConfigToRunDirectory, save_config_kwargs={"overwrite": True})
