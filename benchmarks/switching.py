@@ -182,7 +182,8 @@ def run_model(name: str, rank: int, repeats: int, memory: bool) -> dict[str, Any
         channels = s2ft_channels(base, rank)
         kinds = {"element-sparse": [write_entries_delta(base, rank, seed, tmp / f"entries_{seed}") for seed in (1, 2)],
                  "S2FT blocks": [write_s2ft_delta(base, channels, seed, tmp / f"s2ft_{seed}") for seed in (1, 2)]}
-        dirs = {"element-sparse": [tmp / "entries_1", tmp / "entries_2"], "S2FT blocks": [tmp / "s2ft_1", tmp / "s2ft_2"]}
+        dirs = {"element-sparse": [tmp / "entries_1", tmp / "entries_2"],
+                "S2FT blocks": [tmp / "s2ft_1", tmp / "s2ft_2"]}
         rows = []
 
         lora = PeftModel.from_pretrained(copy.deepcopy(base), tmp / "lora_a", adapter_name="a")
@@ -276,7 +277,7 @@ def render(rows: list[dict[str, Any]], command: str, meta: dict[str, Any]) -> st
             f"{ms(row, 'unmerge_s')} | **{ms(row, 'switch_s')}** | {ms(row, 'set_adapter_s')} | "
             f"{ms(row, 'merge_and_unload_s')} | {row['held_bytes'] / MiB:.1f} | {peak} | "
             f"{'yes' if row['bit_exact'] else 'no'} |")
-    lines += ["", "Merged switch time, LoRA / MultiDelta, and growth with width (random LLaMA-shaped models, 2 layers):",
+    lines += ["", "Merged switch time (A -> B), LoRA over MultiDelta:",
               "", "| model | LoRA / element-sparse | LoRA / S2FT blocks | LoRA switch (ms) | element-sparse (ms) | "
               "S2FT blocks (ms) |", "|---|---:|---:|---:|---:|---:|"]
     by_model: dict[str, dict[str, float]] = {}
@@ -290,7 +291,7 @@ def render(rows: list[dict[str, Any]], command: str, meta: dict[str, Any]) -> st
     widths = [m for m in by_model if m in WIDTHS]
     if len(widths) >= 2:
         first, last = widths[0], widths[-1]
-        lines += ["", f"From {first} to {last}: " + ", ".join(
+        lines += ["", f"Random LLaMA-shaped models (2 layers), from {first} to {last}: " + ", ".join(
             f"{method} switch x{by_model[last][method] / by_model[first][method]:.1f}"
             for method in ("PEFT LoRA", "MultiDelta, element-sparse", "MultiDelta, S2FT blocks"))
             + f" (weight entries per layer x{layer_entries(last) / layer_entries(first):.1f}, "
@@ -336,7 +337,8 @@ def main() -> None:
             row["peak_switch_bytes"] = peaks[row["method"]]
             print(json.dumps({k: v for k, v in row.items() if not k.endswith("_s")}), flush=True)
         rows += result
-    meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+    meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+            "machine": platform.processor() or platform.machine(),
             "torch": torch.__version__, "peft": peft.__version__, "threads": args.threads, "repeats": args.repeats}
     command = "OMP_NUM_THREADS=1 python " + " ".join(["benchmarks/switching.py", *sys.argv[1:]])
     table = render(rows, command, meta)

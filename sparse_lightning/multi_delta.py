@@ -76,6 +76,8 @@ class MultiDelta:
     >>> deltas.activate("math")   # model now equals base + math
     >>> deltas.activate("chat")   # O(k): restore math's entries, merge chat's
     >>> deltas.activate(None)     # the base, bit for bit
+
+    Cast or move the model only while no delta is active (the saved base values keep the dtype and device they had).
     """
 
     def __init__(self, model: nn.Module) -> None:

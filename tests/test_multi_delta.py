@@ -1,5 +1,6 @@
-"""MultiDelta: several deltas (our files, S2FT blocks, PEFT SHiRA) on one tiny LLaMA; switching restores the base bit
-for bit in every dtype, touches only the delta's entries, fusion sums and reports overlaps, bad input changes nothing."""
+"""MultiDelta: several deltas (our files, S2FT blocks, PEFT SHiRA) on one tiny LLaMA; switching restores the base
+bit for bit in every dtype, touches only the delta's entries, fusion sums and reports overlaps, bad input changes
+nothing."""
 
 from __future__ import annotations
 
