@@ -77,7 +77,8 @@ def load_model(model: str | Path, base_model: str | None = None) -> tuple[nn.Mod
     try:
         resolved = resolve_model_path(str(model))
     except (ValueError, FileNotFoundError) as error:
-        raise EvaluateError(f"{model}: no such checkpoint, directory or model name ({error})") from None
+        raise EvaluateError(f"{error} (--model takes a .ckpt, a delta, adapter or model directory, or a model "
+                            "name)") from None
     hf_model, tokenizer = _base(resolved, str(model))
     return hf_model, tokenizer, f"base model {model}"
 
