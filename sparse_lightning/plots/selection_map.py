@@ -112,6 +112,8 @@ def plot_selection_map(matrices: dict[str, Tensor], path: str | Path, title: str
         ax.set(title=f"{kind}: {counts} of {matrix.shape[1]} per layer trained ({int(matrix.sum())} in all){binned}",
                xlabel=UNIT_NAMES[kind], ylabel="layer")
         ax.set_yticks(range(matrix.shape[0]))
+        for layer, count in enumerate(per_layer):  # the count of each row, right of the map
+            ax.text(1.005, layer, str(count), transform=ax.get_yaxis_transform(), va="center", fontsize=8)
     if title:
         figure.suptitle(title)
     save(figure, path, dpi=150)
