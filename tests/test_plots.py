@@ -198,6 +198,35 @@ def test_selection_map_command_from_configs_and_from_a_file(tiny_bert_dir: Path,
         main(["plot", "selection-map", "--selection", str(saved), "--output", str(tmp_path / "c.png")])
 
 
+def test_selection_map_command_from_a_checkpoint(tiny_bert_dir: Path, tmp_path: Path, capsys) -> None:
+    """A trained and reloaded S2FT model (weights co-permuted, blocks at original positions) maps to the units the
+    callback selected."""
+    import lightning.pytorch as pl
+
+    from datamodules.glue import GLUEDataModule
+    from sparse_lightning.callbacks import S2FTStructureCallback
+    from sparse_lightning.modules import SequenceClassificationModule
+
+    saved = tmp_path / "sel.json"
+    callback = S2FTStructureCallback(train=["o", "v", "down"], num_heads=2, num_channels=4, select_by="activation",
+                                     calibration_batches=1, save_selection=str(saved))
+    data = GLUEDataModule(task="sst2", tokenizer_name_or_path=str(tiny_bert_dir), train_file=str(DATA / "train.tsv"),
+                          validation_files=[str(DATA / "dev.tsv")], batch_size=16, max_length=32)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[callback], default_root_dir=str(tmp_path))
+    trainer.fit(SequenceClassificationModule(str(tiny_bert_dir)), data)
+    trainer.save_checkpoint(tmp_path / "s2ft.ckpt")
+    main(["plot", "selection-map", "--ckpt_path", str(tmp_path / "s2ft.ckpt"), "--output", str(tmp_path / "m.png")])
+    printed = capsys.readouterr().out
+    assert png_written(tmp_path / "m.png")
+    groups = list(json.loads(saved.read_text())["groups"].values())
+    for kind in ("heads", "channels"):
+        of_kind = [entry for entry in groups if entry["kind"] == kind]
+        expected = "; ".join(f"layer {i}: {sorted(entry['units'])}" for i, entry in enumerate(of_kind))
+        assert f"{kind}: {expected}" in printed
+
+
 def test_missing_matplotlib_is_one_line_with_the_pip_command(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(MissingMatplotlib, match=r"pip install 'sparse-lightning\[plot\]'"):

@@ -52,7 +52,9 @@ def plot_main(argv: list[str]) -> None:
 def _plot(argv: list[str]) -> None:
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.figure == "curves" or rest and args.figure == "selection-map" and (args.ckpt_path or args.selection):
+    from_file = args.figure == "selection-map" and (args.ckpt_path or args.selection)
+    takes_configs = args.figure != "curves" and not from_file  # the rest goes to LightningCLI (--config ...)
+    if rest and not takes_configs:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.figure == "curves":
         from sparse_lightning.plots.curves import plot_curves, read_metrics

@@ -72,8 +72,8 @@ def selection_from_file(path: str | Path, model_name_or_path: str) -> dict[str, 
     groups = find_groups(skeleton)
     masks = {}
     for owner, entry in body["groups"].items():
-        group = next((g for g in groups if g.kind == entry["kind"] and (owner == g.owner or owner.endswith("." + g.owner))),
-                     None)
+        same = [g for g in groups if g.kind == entry["kind"] and (owner == g.owner or owner.endswith("." + g.owner))]
+        group = same[0] if same else None
         if group is None:
             raise ValueError(f"{path}: {entry['kind']} group {owner!r} is not in {model_name_or_path} (its groups: "
                              f"{', '.join(g.owner for g in groups[:2])}, ...): pass the model it was saved for")
