@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from sparse_lightning.sparse.frozen_delta import FrozenLinearWithDelta
-from sparse_lightning.sparse.functional import WeightGradObserver, sparse_delta_linear
+from sparse_lightning.sparse.functional import IndexLayout, WeightGradObserver, sparse_delta_linear
 
 
 def validate_budget(density: float | None, num_params: int | None, lora_rank: int | None) -> None:
@@ -108,14 +108,26 @@ class SparseDeltaLinear(FrozenLinearWithDelta):
         self.delta_values = nn.Parameter(torch.zeros(k, dtype=torch.float32, device=device))
         self.register_buffer("delta_selected", torch.zeros((), dtype=torch.bool, device=device))
         self.weight_grad_observer: WeightGradObserver | None = None
+        self._layout: tuple[Tensor, int, IndexLayout] | None = None
 
     @property
     def k(self) -> int:
         return self.delta_values.shape[0]
 
+    def index_layout(self) -> IndexLayout:
+        """The indices' CSR layout for the value gradient, rebuilt only when they change: any in-place write
+        (`set_indices`, SpIEL's slot writes, `load_state_dict`) moves the buffer's version, and moving the module
+        replaces the buffer."""
+        indices = self.delta_indices
+        cached = self._layout
+        if cached is None or cached[0] is not indices or cached[1] != indices._version:
+            cached = self._layout = (indices, indices._version, IndexLayout(indices, self.weight_shape))
+        return cached[2]
+
     def delta_forward(self, x: Tensor) -> Tensor:
+        training = torch.is_grad_enabled() and self.delta_values.requires_grad and self.weight_grad_observer is None
         return sparse_delta_linear(x, self.frozen_weight(), self.base.bias, self.delta_indices, self.delta_values,
-                                   self.weight_grad_observer, self.transposed)
+                                   self.weight_grad_observer, self.transposed, self.index_layout() if training else None)
 
     @torch.no_grad()
     def set_indices(self, indices: Tensor) -> None:
