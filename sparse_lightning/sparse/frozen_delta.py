@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from sparse_lightning.sparse.quantized import QUANTIZE
+from sparse_lightning.sparse.sharding import set_parameter_data_
 
 
 #: The trainable tensors of every delta layer: what freezing keeps trainable and export writes as the delta.
@@ -57,7 +58,7 @@ class FrozenLinearWithDelta(nn.Module):
         for name, before in fp32.items():
             param = self._parameters[name]
             if param.dtype != torch.float32:
-                param.data = before.to(param.device) if not before.is_meta else param.data.float()
+                set_parameter_data_(param, before.to(param.device) if not before.is_meta else param.data.float())
         return self
 
     @property

@@ -16,6 +16,16 @@ def full_tensor(tensor: Tensor) -> Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def set_parameter_data_(param: Tensor, data: Tensor) -> None:
+    """`param.data = data`, also for an FSDP2-sharded parameter: a DTensor's `.data` setter changes its reported dtype
+    but leaves the local shard (what FSDP2 all-gathers and the optimizer steps) as it was, so swap the whole tensor,
+    as `nn.Module._apply` does for such parameters (the parameter object stays the same)."""
+    if isinstance(param, DTensor):
+        torch.utils.swap_tensors(param, torch.nn.Parameter(data, requires_grad=param.requires_grad))
+    else:
+        param.data = data
+
+
 def local_tensor(tensor: Tensor) -> Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
