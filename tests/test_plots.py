@@ -131,6 +131,16 @@ def test_gradient_magnitudes_are_the_summed_dense_gradient(tiny_bert_dir: Path, 
     assert list(lines[0].get_xdata()) == pytest.approx([100 * f for f in fractions])
 
 
+def test_llama_weight_types_are_the_seven_projections(tiny_lm_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    magnitudes = gradient_magnitudes(model, [{"input_ids": ids, "labels": ids}], lambda batch: model(**batch).loss)
+    shares = quasi_sparsity(magnitudes, [0.01, 1.0])
+    assert list(shares) == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert all(float(v[1]) == pytest.approx(1.0) and 0 < float(v[0]) < 1 for v in shares.values())
+
+
 def config_args(model_dir: Path) -> list[str]:
     return ["--model.class_path", "sparse_lightning.modules.SequenceClassificationModule",
             "--model.init_args.model_name_or_path", str(model_dir),
