@@ -177,3 +177,18 @@ def test_qlora_trains_lora_on_an_nf4_base_exports_merged_and_reloads(tiny_bert_d
     assert not any(isinstance(m, QuantizedLinear) for m in merged.modules())
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_qlora_on_a_causal_lm_keeps_the_tied_lm_head(tiny_lm_dir: Path) -> None:
+    from sparse_lightning.modules import CausalLMModule
+
+    module = CausalLMModule(str(tiny_lm_dir), quantize="nf4", lora=LoRASettings(r=2))
+    module.trainer = pl.Trainer(accelerator="cpu", logger=False)
+    module.configure_model()
+    hf = module.model.base_model.model
+    assert type(hf.lm_head) is nn.Linear and hf.lm_head.weight is hf.get_input_embeddings().weight  # still tied
+    lora_layers = [m for m in module.model.modules() if hasattr(m, "lora_A")]
+    assert lora_layers and all(isinstance(m.base_layer, QuantizedLinear) for m in lora_layers)
+    ids = torch.randint(0, 256, (2, 8))
+    module.model(input_ids=ids, labels=ids).loss.backward()
+    assert all(m.lora_B["default"].weight.grad.abs().sum() > 0 for m in lora_layers)  # gradients reach LoRA
