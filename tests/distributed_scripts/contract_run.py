@@ -1,10 +1,12 @@
 """The contract matrix's runs: every method on tiny BERT, the same way in one process and on several ranks.
 
 `METHODS` and `build_method` are the one place the contract tests (tests/test_contract.py,
-tests/test_contract_distributed.py) build a method: its callback with small, fast settings and its optimizer.
+tests/test_contract_distributed.py, tests/test_contract_mixed_precision.py) build a method: its callback with small,
+fast settings and its optimizer.
 `run` fits one of them on the tiny SST-2 file for `STEPS` steps in one epoch, checkpointing mid-epoch
 (`step=3.ckpt`, full), at the end (`last.ckpt`, full) and weights only (`weights.ckpt`), optionally resumed from a
-checkpoint; every rank writes `rank<r>.pt` (its buffers, gathered trainable tensors, data order, reselections).
+checkpoint, in any Trainer precision and FSDP2 parameter dtype (tests/distributed_scripts/precision_run.py); every rank
+writes `rank<r>.pt` (its buffers, gathered trainable tensors, dtypes, losses, data order, reselections).
 
 Run standalone, Lightning relaunches this script once per rank, and every run listed in `--strategies` happens
 in those same processes (the process group is created once), each in `OUTPUT/<strategy>`; `--resume` then resumes
@@ -84,24 +86,39 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 
 class SaveResults(pl.Callback):
     """At the end of training every rank writes its buffers (indices, permutations, block positions), gathered
-    trainable tensors, the dataset positions it read per epoch, and SpIEL's reselections."""
+    trainable tensors, the dtypes of its parameters and optimizer state, its per-step losses, the dataset positions
+    it read per epoch, and SpIEL's reselections."""
 
     def __init__(self, output: Path) -> None:
         self.output = output
         self.orders: dict[int, list[int]] = {}
+        self.losses: list[float] = []
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.orders[trainer.current_epoch] = [int(i) for i in trainer.train_dataloader.sampler]
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss.detach().float()))  # this rank's batch
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = pl_module.model
         trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        names = {id(p): name for name, p in trainable.items()}
+        optimizer_state = {names[id(p)]: state for opt in trainer.optimizers for p, state in opt.state.items()
+                           if id(p) in names}
         result = {
             "world_size": trainer.world_size,
             "global_step": trainer.global_step,
             "buffers": {name: b.detach().cpu().clone() for name, b in model.named_buffers()},
             "trained": {name: full(p) for name, p in trainable.items()},
             "param_types": {name: type(p).__name__ for name, p in trainable.items()},
+            "param_dtypes": {name: p.dtype for name, p in trainable.items()},  # as stored (FSDP2: the shard)
+            "frozen_dtypes": sorted({p.dtype for p in model.parameters() if not p.requires_grad}, key=str),
+            "state_dtypes": {name: {key: v.dtype for key, v in state.items() if torch.is_tensor(v)}
+                             for name, state in optimizer_state.items()},
+            "losses": self.losses,
             "orders": self.orders,
             "reselections": [(r["step"], sum(r["replaced"].values())) for cb in trainer.callbacks
                              if isinstance(cb, PruneRegrowCallback) for r in cb.history],
@@ -121,15 +138,16 @@ def make_strategy(name: str, devices: int):
 
 def run(model_dir: str | Path, output: Path, method: str = "sift", strategy: str = "auto", devices: int = 1,
         batch_size: int = 16, train_file: str | Path = DATA / "train.tsv", resume: Path | None = None,
-        overrides: dict[str, Any] | None = None) -> tuple[SequenceClassificationModule, pl.Trainer]:
+        overrides: dict[str, Any] | None = None, precision: str = "32-true",
+        fsdp_param_dtype: str | None = None) -> tuple[SequenceClassificationModule, pl.Trainer]:
     """A fresh module, callback, datamodule and trainer, as a new process would build them; `STEPS` steps."""
     pl.seed_everything(0, verbose=False)
     callback, optimizer = build_method(method, **(overrides or {}))
-    module = SequenceClassificationModule(str(model_dir), optimizer=optimizer)
+    module = SequenceClassificationModule(str(model_dir), optimizer=optimizer, fsdp_param_dtype=fsdp_param_dtype)
     middle = ModelCheckpoint(dirpath=output, filename="{step}", every_n_train_steps=CHECKPOINT_STEP, save_top_k=-1)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy=make_strategy(strategy, devices), max_epochs=1,
-        limit_train_batches=STEPS, limit_val_batches=0, callbacks=[callback, SaveResults(output), middle],
+        accelerator="cpu", devices=devices, strategy=make_strategy(strategy, devices), precision=precision,
+        max_epochs=1, limit_train_batches=STEPS, limit_val_batches=0, callbacks=[callback, SaveResults(output), middle],
         logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(output / "root"),
     )
     trainer.fit(module, make_datamodule(model_dir, batch_size, train_file), ckpt_path=resume)
