@@ -192,3 +192,16 @@ def test_qlora_on_a_causal_lm_keeps_the_tied_lm_head(tiny_lm_dir: Path) -> None:
     ids = torch.randint(0, 256, (2, 8))
     module.model(input_ids=ids, labels=ids).loss.backward()
     assert all(m.lora_B["default"].weight.grad.abs().sum() > 0 for m in lora_layers)  # gradients reach LoRA
+
+
+def test_quantizing_copies_the_kept_weights_out_of_the_checkpoint_mapping(tiny_lm_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from sparse_lightning.sparse.quantized import quantize_frozen_linears
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).requires_grad_(False)
+    embedding = model.get_input_embeddings().weight
+    before, values = embedding.data_ptr(), embedding.detach().clone()
+    quantize_frozen_linears(model, "nf4", keep=("lm_head",))
+    assert embedding.data_ptr() != before and torch.equal(embedding, values)  # own storage, same values
+    assert model.get_input_embeddings().weight is embedding is model.lm_head.weight  # still one tied parameter

@@ -135,7 +135,21 @@ def quantize_frozen_linears(model: nn.Module, kind: Quantize, keep: Iterable[str
               if type(module) is nn.Linear and not module.weight.requires_grad and not kept(name)]
     for name in chosen:
         replace_submodule(model, name, QuantizedLinear.from_linear(model.get_submodule(name), kind))
+    release_checkpoint_mapping(model)
     return chosen
+
+
+@torch.no_grad()
+def release_checkpoint_mapping(model: nn.Module) -> None:
+    """Copy the frozen CPU parameters that stay full precision (embeddings, norms, heads) out of storage they may share
+    with a memory-mapped checkpoint: while one of them maps the file, the replaced weights' pages stay resident and
+    quantizing saves no RSS (SmolLM2: 1,088 -> 683 MiB after quantizing). Same tensor objects, so ties hold."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            continue
+        for param in module.parameters(recurse=False):
+            if param.device.type == "cpu" and not param.requires_grad:
+                param.data = param.data.clone()
 
 
 def quantized_shells_from_state_dict(model: nn.Module, state_dict: dict[str, Tensor], kind: Quantize,
