@@ -178,6 +178,19 @@ def test_the_shipped_math_tasks_use_the_training_prompt_and_the_project_s_extrac
         math_tasks.load(dataset="gsm8k", data_dir=str(tmp_path))
 
 
+def test_every_shipped_task_names_a_shared_math_test_set():
+    """Each sl_math_*.yaml is one task over one test file of ../shared/data/math_reasoning (where CI finds it)."""
+    import yaml
+
+    shipped = sorted(SHIPPED_TASKS.glob("sl_math_*.yaml"))
+    data_dir = Path(__file__).resolve().parents[2] / "shared" / "data" / "math_reasoning" / "dataset"
+    assert shipped
+    for path in shipped:
+        task = yaml.safe_load(path.read_text())
+        assert task["task"] == path.stem and task["include"] == "_math_template_yaml"
+        assert (data_dir / task["dataset_kwargs"]["dataset"] / "test.json").is_file(), path.name
+
+
 def test_a_peft_lora_adapter_is_merged_in_memory(tiny_lm_dir: Path, tmp_path: Path):
     from peft import LoraConfig, get_peft_model
 
