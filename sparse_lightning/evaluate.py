@@ -12,7 +12,8 @@ from __future__ import annotations
 import difflib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -201,8 +202,27 @@ def evaluate(model: str | Path, tasks: str | Sequence[str], include_path: str | 
              ) -> dict[str, Any]:
     """Run lm-eval `tasks` on `model` (see `load_model`) and return lm-eval's results dict (also written to `output`
     as JSON). Offline: the Hugging Face hub and datasets are never asked; `limit` caps examples per task."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    with offline():
+        return _evaluate(model, tasks, include_path, limit, output, batch_size, device, base_model, data_dir)
+
+
+@contextmanager
+def offline() -> Iterator[None]:
+    """The hub and datasets offline (unless the caller set them) for one evaluation, then the environment as it was."""
+    saved = {name: os.environ.get(name) for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    for name, value in saved.items():
+        os.environ[name] = value if value is not None else "1"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _evaluate(model, tasks, include_path, limit, output, batch_size, device, base_model, data_dir) -> dict[str, Any]:
     require_lm_eval()
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     if not names:

@@ -4,6 +4,7 @@ base name, on local task YAMLs, offline; bad inputs fail in one line."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -176,6 +177,16 @@ def test_the_shipped_math_tasks_use_the_training_prompt_and_the_project_s_extrac
     assert math_tasks.process_results({**doc, "dataset": "AddSub", "answer": "5"}, ["3 + 2 = 5.0 apples"]) == {"acc": 1.0}
     with pytest.raises(FileNotFoundError, match="--data_dir"):
         math_tasks.load(dataset="gsm8k", data_dir=str(tmp_path))
+
+
+def test_offline_holds_for_the_evaluation_only(monkeypatch):
+    from sparse_lightning.evaluate import offline
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    with offline():  # unset means offline; a value the user set is theirs
+        assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_DATASETS_OFFLINE"] == "0"
+    assert "HF_HUB_OFFLINE" not in os.environ and os.environ["HF_DATASETS_OFFLINE"] == "0"
 
 
 def test_every_shipped_task_names_a_shared_math_test_set():
