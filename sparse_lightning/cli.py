@@ -113,7 +113,16 @@ def _require_same_model(ckpt_path: str, hparams: dict, named: str | None, config
 
 def warn_if_no_validation_before_the_end(trainer: Trainer) -> None:
     """A run whose max_steps ends before the first `val_check_interval` logs no validation metric, and a checkpoint
-    callback that monitors one saves nothing to export: say so before it trains."""
+    callback that monitors one saves nothing to export; with validation off and checkpoints tied to validations
+    (`check_val_every_n_epoch: null`) nothing is saved at all: say so before it trains."""
+    if trainer.limit_val_batches == 0 and trainer.check_val_every_n_epoch is None:
+        # ModelCheckpoint saves at epoch ends only when validation runs every epoch; the step trigger is its own
+        silent = [cb for cb in trainer.checkpoint_callbacks if not getattr(cb, "_every_n_train_steps", 0)]
+        if silent:
+            rank_zero_warn("validation is off (limit_val_batches=0) and checkpoints are saved after validations "
+                           "(check_val_every_n_epoch: null): this run will save no checkpoint; keep validation, or "
+                           "add --trainer.callbacks+=ModelCheckpoint --trainer.callbacks.every_n_train_steps N")
+        return
     interval, steps = trainer.val_check_interval, trainer.max_steps
     if not isinstance(interval, int) or steps is None or steps < 0 or trainer.limit_val_batches == 0:
         return

@@ -143,3 +143,11 @@ def test_a_run_that_ends_before_its_first_validation_warns(tiny_bert_dir: Path, 
     with pytest.warns(UserWarning, match=r"max_steps=2 \(2 training batches\) ends before the first validation "
                                          r"\(val_check_interval=5 batches\)"):
         cli.main(["fit", "--config", str(config)])
+
+
+def test_a_run_without_validation_that_would_save_nothing_warns(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path, tiny_bert_dir, trainer={"limit_val_batches": 0, "check_val_every_n_epoch": None,
+                                                             "val_check_interval": 5, "enable_checkpointing": True})
+    with pytest.warns(UserWarning, match=r"validation is off \(limit_val_batches=0\) .* this run will save no checkpoint"):
+        cli.main(["fit", "--config", str(config)])
+    assert not list(tmp_path.rglob("*.ckpt"))  # what the warning says
