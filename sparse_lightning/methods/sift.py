@@ -7,6 +7,8 @@ their indices and trained values.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -32,8 +34,18 @@ def select_by_gradient(model: nn.Module, batches: list[Batch], loss_fn: LossFn) 
     layers = unselected_layers(model)
     if not layers:
         return layers
-    device = next(iter(layers.values())).delta_values.device
-    scores = {name: torch.zeros(layer.weight_shape, dtype=torch.float32, device=device) for name, layer in layers.items()}
+    scores = summed_weight_gradients(model, layers, batches, loss_fn)
+    for name, layer in layers.items():
+        select_top_k(layer, all_reduce_sum_(scores[name]).abs_())
+    return layers
+
+
+def summed_weight_gradients(model: nn.Module, layers: dict[str, SparseDeltaLinear], batches: Sequence[Batch],
+                            loss_fn: LossFn) -> dict[str, Tensor]:
+    """Each layer's dense weight gradient summed over `batches` (fp32, this rank's): dropout off, nothing updated,
+    no `.grad` left behind."""
+    scores = {name: torch.zeros(layer.weight_shape, dtype=torch.float32, device=layer.delta_values.device)
+              for name, layer in layers.items()}
     for name, layer in layers.items():
         layer.weight_grad_observer = scores[name].add_
     try:
@@ -44,6 +56,4 @@ def select_by_gradient(model: nn.Module, batches: list[Batch], loss_fn: LossFn) 
         for layer in layers.values():
             layer.weight_grad_observer = None
         model.zero_grad(set_to_none=True)
-    for name, layer in layers.items():
-        select_top_k(layer, all_reduce_sum_(scores[name]).abs_())
-    return layers
+    return scores

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from sparse_lightning.methods.calibration import Batch, LossFn
-from sparse_lightning.modes import eval_mode
+from sparse_lightning.methods.sift import summed_weight_gradients
 from sparse_lightning.plots.pyplot import pyplot, save
 from sparse_lightning.sparse import SparseDeltaLinear, attach_sparse_deltas, find_linear_targets
 from sparse_lightning.sparse.frozen_delta import replace_submodule
@@ -44,23 +44,15 @@ def gradient_magnitudes(model: nn.Module, batches: Sequence[Batch], loss_fn: Los
     flags = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)  # only the observed layers' (unused) values need a gradient
     layers = attach_sparse_deltas(model, {name: 1 for name in targets})
-    scores = {name: torch.zeros(layer.weight_shape, dtype=torch.float32, device=layer.delta_values.device)
-              for name, layer in layers.items()}
     try:
-        for name, layer in layers.items():
-            layer.delta_values.requires_grad_(True)
-            layer.weight_grad_observer = scores[name].add_
-        with eval_mode(model):
-            for batch in batches:
-                loss_fn(batch).backward()
-    finally:
         for layer in layers.values():
-            layer.weight_grad_observer = None
+            layer.delta_values.requires_grad_(True)
+        scores = summed_weight_gradients(model, layers, list(batches), loss_fn)
+    finally:
         for name in added:
             replace_submodule(model, name, layers[name].base)
         for parameter, flag in flags.items():
             parameter.requires_grad_(flag)
-        model.zero_grad(set_to_none=True)
     return {name: score.abs_() for name, score in scores.items()}
 
 
