@@ -4,7 +4,8 @@ The model is built in memory from whatever the run left behind (a `.ckpt`, an ex
 adapter, a merged directory, or a base model name), merged there, and handed to lm-eval's `HFLM` as a model
 instance with its tokenizer. lm-eval is an optional extra (`pip install 'sparse-lightning[eval]'`) imported only
 here. The tasks shipped in `configs/eval/lm_eval/` (`sl_math_<set>`: the shared math test files, scored with this
-project's answer extraction) are always on the task path; `include_path` adds your own YAMLs.
+project's answer extraction; `sl_commonsense_<set>`: the shared commonsense test files) are always on the task path;
+`include_path` adds your own YAMLs.
 """
 
 from __future__ import annotations
@@ -223,6 +224,30 @@ def offline() -> Iterator[None]:
 
 
 def _evaluate(model, tasks, include_path, limit, output, batch_size, device, base_model, data_dir) -> dict[str, Any]:
+    names = _task_names(tasks, limit, batch_size)
+    manager = task_manager(names, task_roots(include_path), data_dir)
+    hf_model, tokenizer_dir, described = load_model(model, base_model)
+    results = _run(hf_model, tokenizer_dir, names, manager, limit, batch_size, device)
+    results["sparse_lightning"] = {"model": str(model), "loaded": described, "limit": limit}
+    _write(results, output)
+    return results
+
+
+def evaluate_in_memory(hf_model: nn.Module, tokenizer_dir: str | Path, tasks: str | Sequence[str],
+                       include_path: str | Path | Sequence[str | Path] = (), limit: int | float | None = None,
+                       output: str | Path | None = None, batch_size: int = 8, device: str | None = None,
+                       data_dir: str | Path | None = None) -> dict[str, Any]:
+    """`evaluate` on a model already in memory (e.g. one whose active delta `MultiDelta` switches between calls)."""
+    with offline():
+        names = _task_names(tasks, limit, batch_size)
+        manager = task_manager(names, task_roots(include_path), data_dir)
+        results = _run(hf_model, str(tokenizer_dir), names, manager, limit, batch_size, device)
+        results["sparse_lightning"] = {"model": type(hf_model).__name__, "loaded": "in memory", "limit": limit}
+        _write(results, output)
+        return results
+
+
+def _task_names(tasks: str | Sequence[str], limit: int | float | None, batch_size: int) -> list[str]:
     require_lm_eval()
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     if not names:
@@ -231,9 +256,11 @@ def _evaluate(model, tasks, include_path, limit, output, batch_size, device, bas
         raise EvaluateError(f"--limit must be positive, got {limit}")
     if batch_size < 1:
         raise EvaluateError(f"--batch_size must be at least 1, got {batch_size}")
-    manager = task_manager(names, task_roots(include_path), data_dir)
-    hf_model, tokenizer_dir, described = load_model(model, base_model)
+    return names
 
+
+def _run(hf_model: nn.Module, tokenizer_dir: str, names: list[str], manager: Any, limit: int | float | None,
+         batch_size: int, device: str | None) -> dict[str, Any]:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer
@@ -241,15 +268,16 @@ def _evaluate(model, tasks, include_path, limit, output, batch_size, device, bas
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     hf_model = hf_model.to(device or default_device()).eval()
     lm = HFLM(pretrained=hf_model, tokenizer=tokenizer, batch_size=batch_size)
-    results = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=False,
-                              bootstrap_iters=0)
-    results["sparse_lightning"] = {"model": str(model), "loaded": described, "limit": limit}
+    return simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=False,
+                           bootstrap_iters=0)
+
+
+def _write(results: dict[str, Any], output: str | Path | None) -> None:
     if output is not None:
         from lm_eval.utils import handle_non_serializable
 
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(results, indent=2, default=handle_non_serializable))
-    return results
 
 
 def evaluate_main(argv: list[str]) -> None:
@@ -270,7 +298,8 @@ def evaluate_main(argv: list[str]) -> None:
     parser.add_argument("--base_model", type=str | None, default=None,
                         help="the base a delta or adapter goes on, when it is not the one the directory names")
     parser.add_argument("--data_dir", type=str | None, default=None,
-                        help="math_reasoning data for the sl_math_* tasks (default ../shared/data/math_reasoning)")
+                        help="data for the shipped sl_math_* / sl_commonsense_* tasks: the math_reasoning or "
+                             "commonsense_reasoning folder, or the data folder holding both (default ../shared/data)")
     args = parser.parse_args(argv)
     results = evaluate(args.model, args.tasks, include_path=args.include_path, limit=args.limit, output=args.output,
                        batch_size=args.batch_size, device=args.device, base_model=args.base_model,

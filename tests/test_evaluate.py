@@ -115,6 +115,20 @@ def test_the_base_model_does_not_score_the_trained_answers(tasks: Path, tiny_lm_
     assert score(evaluate(str(tiny_lm_dir), "tiny_sum", include_path=str(tasks), limit=2)) < 1.0
 
 
+def test_one_model_in_memory_scores_each_delta_multidelta_activates(trained, tasks: Path, tiny_lm_dir: Path):
+    """What benchmarks/fusion.py does: one base in memory, deltas switched in place between evaluations."""
+    from sparse_lightning.evaluate import evaluate_in_memory
+    from sparse_lightning.multi_delta import MultiDelta
+
+    model = LlamaForCausalLM.from_pretrained(tiny_lm_dir)
+    deltas = MultiDelta(model).load("trained", trained["delta"])
+    scores = {}
+    for name in ("trained", None):
+        deltas.activate(name)
+        scores[name] = score(evaluate_in_memory(model, tiny_lm_dir, "tiny_sum", include_path=tasks, limit=2))
+    assert scores["trained"] == 1.0 and scores[None] < 1.0
+
+
 def test_the_cli_prints_the_table_and_writes_results(trained, tasks: Path, tmp_path: Path, capsys):
     cli.main(["evaluate", "--model", str(trained["delta"]), "--tasks", "tiny_sum", "--include_path", str(tasks),
               "--limit", "2", "--output", str(tmp_path / "out" / "results.json"), "--batch_size", "1"])
@@ -128,7 +142,7 @@ def test_an_unknown_task_names_the_closest_and_the_local_ones(tasks: Path):
 
     roots = [SHIPPED_TASKS, tasks]
     manager = TaskManager(include_path=[str(r) for r in roots], include_defaults=False)
-    with pytest.raises(EvaluateError, match=r"unknown task 'tiny_summ': closest: tiny_sum; local tasks: sl_math_addsub"):
+    with pytest.raises(EvaluateError, match=r"unknown task 'tiny_summ': closest: tiny_sum; local tasks: sl_commonsense_arc_challenge, .*sl_math_addsub"):
         check_tasks(["tiny_summ"], manager, roots)
 
 
@@ -157,12 +171,17 @@ def test_an_unreadable_model_fails_in_one_line(tasks: Path, tmp_path: Path, mode
     assert "\n" not in str(error.value)
 
 
-def test_the_shipped_math_tasks_use_the_training_prompt_and_the_project_s_extraction(tmp_path: Path):
+def _reasoning_tasks():
     sys.path.insert(0, str(SHIPPED_TASKS))
     try:
-        import math_tasks
+        import reasoning_tasks
     finally:
         sys.path.remove(str(SHIPPED_TASKS))
+    return reasoning_tasks
+
+
+def test_the_shipped_math_tasks_use_the_training_prompt_and_the_project_s_extraction(tmp_path: Path):
+    math_tasks = _reasoning_tasks()
     (tmp_path / "dataset" / "AQuA").mkdir(parents=True)
     record = {"instruction": "Which? Answer Choices: (A) 1 (B) 2", "input": "", "output": "", "answer": ["B"]}
     (tmp_path / "dataset" / "AQuA" / "test.json").write_text(json.dumps([record]))
@@ -172,6 +191,21 @@ def test_the_shipped_math_tasks_use_the_training_prompt_and_the_project_s_extrac
     assert math_tasks.process_results({**doc, "dataset": "AddSub", "answer": "5"}, ["3 + 2 = 5.0 apples"]) == {"acc": 1.0}
     with pytest.raises(FileNotFoundError, match="--data_dir"):
         math_tasks.load(dataset="gsm8k", data_dir=str(tmp_path))
+
+
+def test_the_shipped_commonsense_tasks_read_either_folder_and_hellaswag_s_rebuilt_file(tmp_path: Path):
+    tasks = _reasoning_tasks()
+    folder = tmp_path / "commonsense_reasoning" / "dataset" / "hellaswag"
+    folder.mkdir(parents=True)
+    record = {"instruction": "Pick the ending.", "input": "", "output": "", "answer": "ending2"}
+    (folder / "test_reconstructed.json").write_text(json.dumps([record]))
+    for given in (tmp_path, tmp_path / "commonsense_reasoning"):  # the shared data folder or the family's own
+        doc = tasks.load(dataset="hellaswag", family="commonsense", data_dir=str(given))["test"][0]
+        assert doc["answer"] == "ending2" and doc["dataset"] == "hellaswag"
+    assert tasks.process_results(doc, ["the correct answer is ending2"]) == {"acc": 1.0}
+    assert tasks.process_results(doc, ["the correct answer is ending3"]) == {"acc": 0.0}
+    with pytest.raises(FileNotFoundError, match="SPARSE_LIGHTNING_COMMONSENSE_DATA"):
+        tasks.load(dataset="boolq", family="commonsense", data_dir=str(tmp_path))
 
 
 def test_offline_holds_for_the_evaluation_only(monkeypatch):
@@ -184,17 +218,20 @@ def test_offline_holds_for_the_evaluation_only(monkeypatch):
     assert "HF_HUB_OFFLINE" not in os.environ and os.environ["HF_DATASETS_OFFLINE"] == "0"
 
 
-def test_every_shipped_task_names_a_shared_math_test_set():
-    """Each sl_math_*.yaml is one task over one test file of ../shared/data/math_reasoning (where CI finds it)."""
+@pytest.mark.parametrize("family", ["math", "commonsense"])
+def test_every_shipped_task_names_a_shared_test_set(family: str):
+    """Each sl_<family>_*.yaml is one task over one test file of ../shared/data/<family>_reasoning (where CI finds it)."""
     import yaml
 
-    shipped = sorted(SHIPPED_TASKS.glob("sl_math_*.yaml"))
-    data_dir = Path(__file__).resolve().parents[2] / "shared" / "data" / "math_reasoning" / "dataset"
-    assert shipped
+    shipped = sorted(SHIPPED_TASKS.glob(f"sl_{family}_*.yaml"))
+    data_dir = Path(__file__).resolve().parents[2] / "shared" / "data" / f"{family}_reasoning" / "dataset"
+    assert len(shipped) == {"math": 7, "commonsense": 8}[family]
     for path in shipped:
         task = yaml.safe_load(path.read_text())
-        assert task["task"] == path.stem and task["include"] == "_math_template_yaml"
-        assert (data_dir / task["dataset_kwargs"]["dataset"] / "test.json").is_file(), path.name
+        assert task["task"] == path.stem and task["include"] == f"_{family}_template_yaml"
+        assert task["dataset_kwargs"].get("family", "math") == family
+        folder = data_dir / task["dataset_kwargs"]["dataset"]
+        assert (folder / "test.json").is_file() or (folder / "test_reconstructed.json").is_file(), path.name
 
 
 def test_a_peft_lora_adapter_is_merged_in_memory(tiny_lm_dir: Path, tmp_path: Path):
