@@ -382,17 +382,24 @@ def run_one(spec: RunSpec, lock_path: Path, data_dir: Path, driver_command: str,
     if snapshot is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(snapshot), os.environ.get("PYTHONPATH")]))
 
-    with lock_path.open("a+") as lock:
+    with (run_dir / ".claim").open("a+") as claim, lock_path.open("a+") as lock:
+        try:  # a second driver (its own --lock: a second core) skips the runs this one has taken
+            fcntl.flock(claim.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[quality] skip {spec.name}: another driver is running it", flush=True)
+            return None
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             print(f"[quality] waiting for {lock_path} (another training job holds it)", flush=True)
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if result_path.exists():
+            return None
         print(f"[quality] start {spec.name} ({time.strftime('%H:%M:%S')})", flush=True)
         start = time.time()
         with (run_dir / "train.log").open("w") as log:
             child = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     pass_fds=(lock.fileno(),))   # the child keeps the lock if the driver dies
+                                     pass_fds=(lock.fileno(), claim.fileno()))  # kept if the driver dies
 
             def forward(signum, _frame):  # stop the child with the driver
                 child.send_signal(signum)
@@ -493,8 +500,10 @@ def _parse_value(text: str) -> Any:
 def specs_from_args(args: argparse.Namespace) -> list[RunSpec]:
     if args.plan:
         specs = plan_runs(args.plan)
+        if args.tasks:  # a plan restricted to some tasks (e.g. a second driver on another core)
+            specs = [s for s in specs if s.task in args.tasks.split(",")]
     else:
-        tasks = args.tasks.split(",")
+        tasks = (args.tasks or "mrpc").split(",")
         methods = args.methods.split(",")
         seeds = [int(s) for s in args.seeds.split(",")]
         lrs: dict[str, list[float]] = {}
@@ -644,7 +653,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["run", "list", "table", "config"])
     parser.add_argument("--plan", help="mrpc-sweep | mrpc-followup | mrpc-followup2 | glue")
-    parser.add_argument("--tasks", default="mrpc")
+    parser.add_argument("--tasks", help="comma-separated (default mrpc); with --plan, only these of the plan's")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", default="42")
     parser.add_argument("--lr", action="append", help="METHOD=LR[,LR...] (repeatable); default: DEFAULT_LR")
@@ -653,7 +662,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", help="dotted.config.key=YAML value (repeatable), e.g. "
                         "trainer.callbacks.0.init_args.calibration_batches=4; use with --tag")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
-    parser.add_argument("--lock", type=Path, default=OUT / ".lock")
+    parser.add_argument("--lock", type=Path, default=OUT / ".lock",
+                        help="one training job at a time per lock; a second driver with another lock runs a second "
+                             "job beside the first, taking the runs the first has not claimed")
     parser.add_argument("--code", default=CODE_COMMIT, help="library commit to train with (git archive into "
                         f"{SNAPSHOTS}), or 'worktree' for the live tree; default {CODE_COMMIT[:10]}")
     args = parser.parse_args(argv)
