@@ -640,10 +640,60 @@ def make_tables(table_command: str) -> list[Path]:
         summary["tasks"][task_name] = {"runs": len(rows), "core_hours": cpu / 3600, "wall_hours": wall / 3600,
                                        "driver_commands": drivers, "metrics": list(task.metrics),
                                        "entries": entries}
+    glue = glue_summary([r for r in results if r.get("tag") == "chosen"], table_command)
+    if glue:
+        (OUT / "glue.md").write_text(glue)
+        written.append(OUT / "glue.md")
     js = OUT / "quality.json"
     js.write_text(json.dumps(summary, indent=1))
     written.append(js)
     return written
+
+
+def glue_summary(results: list[dict[str, Any]], table_command: str) -> str:
+    """The GLUE table of the chosen defaults: per method and task the headline metric (mean +- std over seeds), the
+    mean over the tasks every method has, and the gaps to LoRA and to full fine-tuning (points, x100)."""
+    if not results:
+        return ""
+    cell: dict[tuple[str, str], list[float]] = {}
+    for r in results:
+        main = TASKS[r["task"]].main
+        if main in r["final"]:
+            cell.setdefault((r["method"], r["task"]), []).append(r["final"][main])
+    tasks = [t for t in ("sst2", "mrpc", "stsb", "rte", "cola") if any(k[1] == t for k in cell)]
+    methods = [m for m in METHODS if any(k[0] == m for k in cell)]
+    complete = [t for t in tasks if all((m, t) in cell for m in methods)]
+
+    def mean_over(method: str) -> float | None:
+        values = [statistics.fmean(cell[(method, t)]) for t in complete]
+        return statistics.fmean(values) if values else None
+
+    means = {m: mean_over(m) for m in methods}
+    cpu = sum(r["cpu_seconds"] for r in results)
+    seeds = sorted({r["seed"] for r in results})
+    lines = [
+        "# GLUE with the chosen defaults (issue 14)", "",
+        f"all-MiniLM-L6-v2, every method at its chosen default (`CHOSEN` in benchmarks/quality.py, the MiniLM method "
+        f"configs), {SCHEDULE['max_steps']} steps of {SCHEDULE['batch_size']}, final dev metric x 100: "
+        + ", ".join(f"{t} {TASKS[t].main}" for t in tasks)
+        + f". Seeds so far: {', '.join(map(str, seeds))}; mean +- std where a cell has more than one. "
+        f"{len(results)} runs, {cpu / 3600:.2f} core-hours (one thread each). Tuned on MRPC only (SST-2 and STS-B "
+        "check the choice; RTE and CoLA were never looked at before these runs).", "",
+        "```bash", "python benchmarks/quality.py run --plan glue", table_command, "```", "",
+        "| method | " + " | ".join(tasks) + f" | mean ({', '.join(complete) or '-'}) | vs LoRA | vs full |",
+        "|---|" + "---:|" * (len(tasks) + 3),
+    ]
+    for m in methods:
+        cells = []
+        for t in tasks:
+            v = [100 * x for x in cell.get((m, t), [])]
+            cells.append("-" if not v else f"{statistics.fmean(v):.1f}" + (f" ± {statistics.stdev(v):.1f}" if len(v) > 1 else ""))
+        mean = means[m]
+        gaps = [f"{100 * (mean - means[ref]):+.1f}" if mean is not None and means.get(ref) is not None else "-"
+                for ref in ("lora", "full")]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {'-' if mean is None else f'{100 * mean:.1f}'} | "
+                     + " | ".join(gaps) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
