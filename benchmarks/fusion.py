@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--delta", action="append", required=True, metavar="NAME=DIR",
                         help="a delta (ours, S2FT, or a PEFT SHiRA/Super-Tuning adapter); give two or more")
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks, e.g. sl_math_addsub")
+    parser.add_argument("--weights", action="append", default=[], metavar="W,W,...",
+                        help="also a fused delta with these per-delta scales (repeatable; e.g. 0.5,0.5 averages)")
     parser.add_argument("--limit", type=int, default=100, help="the first N examples of each task")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--output", type=Path, required=True, help="a .md table; the .json beside it")
@@ -62,12 +64,17 @@ def main(argv: list[str] | None = None) -> None:
     multi = MultiDelta(model)
     for name, path in deltas.items():
         multi.load(name, path)
+    weighted = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the overlap is reported in the table
         report = multi.fuse(list(deltas), "fused")
+        for text in args.weights:
+            scales = [float(w) for w in text.split(",")]
+            weighted[f"fused x({', '.join(f'{w:g}' for w in scales)})"] = scales
+            multi.fuse(list(deltas), list(weighted)[-1], weights=scales)
 
     rows = []
-    for state in [None, *deltas, "fused"]:
+    for state in [None, *deltas, "fused", *weighted]:
         start_wall, start_cpu = time.perf_counter(), cpu_seconds()
         multi.activate(state)
         results = evaluate_in_memory(model, tokenizer_dir, tasks, limit=args.limit, batch_size=args.batch_size,
@@ -86,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} thread(s)",
         "base_model": base_name, "deltas": deltas, "tasks": tasks, "limit": args.limit,
+        "weighted": weighted,
         "entries": {name: sum(multi.entries(name).values()) for name in [*deltas, "fused"]},
         "overlapping_entries": report.overlapping,
         "weights_with_overlap": sum(1 for count in report.overlaps.values() if count),
@@ -116,7 +124,8 @@ def markdown(s: dict) -> str:
     entries = s["entries"]
     lines += ["", f"Changed entries: " + ", ".join(f"{n} {entries[n]:,}" for n in names)
               + f"; fused {entries['fused']:,}: {s['overlapping_entries']:,} entries changed by both (their values "
-              f"added) in {s['weights_with_overlap']} of {s['weights']} weights.", ""]
+              f"added) in {s['weights_with_overlap']} of {s['weights']} weights. `fused` is the plain sum; "
+              "`fused x(w, ...)` scales each delta first (`MultiDelta.fuse(..., weights=...)`).", ""]
     return "\n".join(lines)
 
 

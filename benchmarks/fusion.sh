@@ -21,4 +21,4 @@ train sift-commonsense-issue12 configs/experiments/commonsense/sift.yaml
 .venv/bin/python benchmarks/fusion.py --delta math=runs/sift-math-issue12/delta \
   --delta commonsense=runs/sift-commonsense-issue12/delta \
   --tasks sl_math_addsub,sl_commonsense_boolq,sl_commonsense_arc_easy --limit $LIMIT \
-  --output benchmarks/results/fusion.md 2>&1 | grep -v "it/s\]\|it\]$\|s/it\]"
+  --weights 0.5,0.5 --output benchmarks/results/fusion.md 2>&1 | grep --line-buffered -v "it/s\]\|it\]$\|s/it\]"

@@ -15,10 +15,11 @@ directories): a bad directory raises `DeltaFileError` naming the file, tensor an
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -199,18 +200,28 @@ class MultiDelta:
 
     # -------------------------------------------------------------------------------------------- fusing
 
-    def fuse(self, names: Sequence[str], as_name: str) -> FusionReport:
-        """Load the sum of the deltas `names` as `as_name` (not activated). Where they change the same entry their
+    def fuse(self, names: Sequence[str], as_name: str, weights: Sequence[float] | None = None) -> FusionReport:
+        """Load the sum of the deltas `names` as `as_name` (not activated), each scaled by its entry of `weights`
+        (default all 1; e.g. 0.5 each averages them, task-arithmetic style). Where they change the same entry their
         fp32 values are added (counted per weight in the report, and warned about); S2FT blocks on disjoint channels
         of one weight stay blocks, each untouched. Two deltas replacing the same dense parameter cannot be summed and
-        are refused."""
+        are refused, and a replaced dense parameter cannot be scaled."""
         if isinstance(names, str) or len(names) < 2 or len(set(names)) != len(names):
             raise ValueError(f"fuse needs a list of at least two different loaded delta names, got {names!r}")
         if as_name in self._deltas or not isinstance(as_name, str) or not as_name:
             raise ValueError(f"as_name must be a new, non-empty name, got {as_name!r} (loaded: {self.names})")
+        scales = [1.0] * len(names) if weights is None else [float(w) for w in weights]
+        if len(scales) != len(names) or not all(math.isfinite(w) for w in scales):
+            raise ValueError(f"weights must be {len(names)} finite numbers, one per delta in {list(names)}, "
+                             f"got {weights!r}")
         by_weight: dict[str, list[_Part]] = {}
-        for name in names:
+        for name, scale in zip(names, scales):
             for part in self._parts(name):
+                if scale != 1.0:
+                    if part.dim is None:
+                        raise ValueError(f"{name} replaces the dense parameter {part.name} (e.g. a trained "
+                                         f"classifier): it cannot be scaled by {scale}; give it weight 1")
+                    part = replace(part, delta=part.delta * scale)
                 by_weight.setdefault(part.name, []).append(part)
         report = FusionReport(as_name, list(names))
         fused = []

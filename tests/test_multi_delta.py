@@ -150,6 +150,27 @@ def delta_tensors_indices(directory: Path, weight_name: str) -> list[int]:
     return tensors[weight_name.removesuffix(".weight") + ".indices"].tolist()
 
 
+def test_weighted_fusion_scales_each_delta_before_the_sum(tiny_lm_dir, deltas):
+    """weights=[0.5, 0.5] (the average) writes base + (a + b) / 2 at every entry either delta changes."""
+    model = base(tiny_lm_dir)
+    original = state(model)
+    multi = MultiDelta(model).load("a", deltas["a"]).load("b", deltas["b"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        multi.fuse(["a", "b"], as_name="mean", weights=[0.5, 0.5])
+        multi.fuse(["a", "b"], as_name="sum")
+    multi.activate("sum")
+    summed = state(model)
+    multi.activate("mean")
+    for name, value in state(model).items():
+        expected = original[name] + (summed[name] - original[name]) / 2
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)
+    for bad in ([1.0], [1.0, float("nan")]):
+        with pytest.raises(ValueError, match="weights must be 2 finite numbers"):
+            multi.fuse(["a", "b"], as_name="bad", weights=bad)
+    assert "bad" not in multi.names
+
+
 def test_s2ft_deltas_on_disjoint_channels_fuse_without_touching_each_other(tiny_lm_dir, deltas):
     model, multi, report, caught, both = fused_against_both(tiny_lm_dir, deltas, "s_large", "s_small")
     assert report.overlapping == 0 and not caught
