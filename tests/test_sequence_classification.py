@@ -70,6 +70,17 @@ def test_trainable_parameters_per_method(tiny_bert_dir, method):
         assert trainable and all(n.endswith("delta_values") or ".classifier." in n for n in trainable)
 
 
+def test_lora_trains_the_modules_it_is_told_to_save(tiny_bert_dir):
+    """modules_to_save replaces the default (the head): here the pooler trains densely beside the adapters."""
+    module = SequenceClassificationModule(str(tiny_bert_dir), num_labels=1,
+                                          lora=LoRASettings(r=2, modules_to_save=["classifier", "pooler"]))
+    module.trainer = L.Trainer(accelerator="cpu", logger=False)
+    module.configure_model()
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    assert any(".pooler." in n for n in trainable) and any("classifier" in n for n in trainable)
+    assert all("lora_" in n or "classifier" in n or ".pooler." in n for n in trainable)
+
+
 def test_lora_and_sparse_callback_together_is_an_error(tiny_bert_dir):
     module = SequenceClassificationModule(str(tiny_bert_dir), num_labels=2, lora=LoRASettings(r=2))
     module.trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[GradientTopKCallback(density=0.05)])

@@ -180,7 +180,9 @@ class SparseFineTuningModule(LightningModule):
             self._merge_init_delta(model)
         if self.hparams.lora is not None:
             model.requires_grad_(False)
-            model = apply_lora(model, LoRASettings(**self.hparams.lora), list(default_targets(model)), list(self.head_modules))
+            settings = LoRASettings(**self.hparams.lora)
+            dense = settings.modules_to_save if settings.modules_to_save is not None else list(self.head_modules)
+            model = apply_lora(model, settings, list(default_targets(model)), dense)
         self.model = model  # compute_loss reads self.model, and calibration may run during attach
         if method is not None and fitting:
             self._attach(method)

@@ -16,12 +16,15 @@ class LoRASettings:
         alpha: LoRA's scaling numerator (the update is scaled by alpha / r).
         dropout: dropout on the adapter input.
         target_modules: module-name patterns; default: the architecture's default targets.
+        modules_to_save: modules trained densely beside the adapters (PEFT's `modules_to_save`); default: the
+            task head. E.g. `[classifier, pooler]` gives LoRA the dense pooler the sparse recipes train.
     """
 
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] | None = None
+    modules_to_save: list[str] | None = None
 
 
 def apply_lora(model: nn.Module, settings: LoRASettings, target_modules: list[str], modules_to_save: list[str]) -> nn.Module:
