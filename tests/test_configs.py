@@ -327,3 +327,5 @@ def test_representative_compositions_instantiate(model, task, method, tmp_path, 
         assert built.trainer.max_steps == 200 and built.trainer.logger.log_dir.startswith(f"runs/{task}/{method}")
     if method == "lora":
         assert built.model.hparams.lora["r"] == (5 if model == "minilm" else 3)
+        if model == "minilm":  # the pooler trains beside the adapters, as under the sparse recipes
+            assert built.model.hparams.lora["modules_to_save"] == ["classifier", "pooler"]
