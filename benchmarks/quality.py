@@ -357,6 +357,56 @@ def code_snapshot(code: str) -> tuple[Path | None, str]:
     return target, commit
 
 
+def run_child(name: str, run_dir: Path, command: list[str], env: dict[str, str], lock_path: Path,
+              ) -> tuple[int, Any, float] | None:
+    """Run one training command under this run's claim and the core's lock: (returncode, rusage, wall seconds), or
+    None when another driver holds the run or it finished meanwhile. The child inherits both locks, so they stay
+    held if the driver is killed while it runs; a signal to the driver stops the child too."""
+    with (run_dir / ".claim").open("a+") as claim, lock_path.open("a+") as lock:
+        try:  # a second driver (its own --lock: a second core) skips the runs this one has taken
+            fcntl.flock(claim.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[quality] skip {name}: another driver is running it", flush=True)
+            return None
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[quality] waiting for {lock_path} (another training job holds it)", flush=True)
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if (run_dir / "result.json").exists():
+            return None
+        print(f"[quality] start {name} ({time.strftime('%H:%M:%S')})", flush=True)
+        start = time.time()
+        with (run_dir / "train.log").open("w") as log:
+            child = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     pass_fds=(lock.fileno(), claim.fileno()))  # kept if the driver dies
+
+            def forward(signum, _frame):  # stop the child with the driver
+                child.send_signal(signum)
+                raise KeyboardInterrupt
+
+            old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+            try:
+                _, status, usage = os.wait4(child.pid, 0)
+            except KeyboardInterrupt:
+                child.wait()
+                print(f"[quality] interrupted {name}; it will run again next time", flush=True)
+                raise
+            finally:
+                for s, handler in old.items():
+                    signal.signal(s, handler)
+        return os.waitstatus_to_exitcode(status), usage, time.time() - start
+
+
+def child_env(snapshot: Path | None) -> dict[str, str]:
+    """One thread per job; the pinned library first on the path."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    if snapshot is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(snapshot), os.environ.get("PYTHONPATH")]))
+    return env
+
+
 def run_one(spec: RunSpec, lock_path: Path, data_dir: Path, driver_command: str, code: str) -> dict[str, Any] | None:
     run_dir = spec.run_dir
     result_path = run_dir / "result.json"
@@ -380,74 +430,53 @@ def run_one(spec: RunSpec, lock_path: Path, data_dir: Path, driver_command: str,
               f"# run: OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/sparse-lightning fit --config {config_path.relative_to(REPO)}\n")
     config_path.write_text(header + yaml.safe_dump(config, sort_keys=False))
     command = [str(CLI), "fit", "--config", str(config_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    if snapshot is not None:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(snapshot), os.environ.get("PYTHONPATH")]))
+    env = child_env(snapshot)
 
-    with (run_dir / ".claim").open("a+") as claim, lock_path.open("a+") as lock:
-        try:  # a second driver (its own --lock: a second core) skips the runs this one has taken
-            fcntl.flock(claim.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"[quality] skip {spec.name}: another driver is running it", flush=True)
-            return None
-        try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"[quality] waiting for {lock_path} (another training job holds it)", flush=True)
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        if result_path.exists():
-            return None
-        print(f"[quality] start {spec.name} ({time.strftime('%H:%M:%S')})", flush=True)
-        start = time.time()
-        with (run_dir / "train.log").open("w") as log:
-            child = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     pass_fds=(lock.fileno(), claim.fileno()))  # kept if the driver dies
-
-            def forward(signum, _frame):  # stop the child with the driver
-                child.send_signal(signum)
-                raise KeyboardInterrupt
-
-            old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-            try:
-                _, status, usage = os.wait4(child.pid, 0)
-            except KeyboardInterrupt:
-                child.wait()
-                print(f"[quality] interrupted {spec.name}; it will run again next time", flush=True)
-                raise
-            finally:
-                for s, handler in old.items():
-                    signal.signal(s, handler)
-            child.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.time() - start
-    cpu = usage.ru_utime + usage.ru_stime
-    log_text = (run_dir / "train.log").read_text(errors="replace")
-    match = _TRAINABLE.search(log_text)
-    validations, train = _read_metrics(run_dir)
+    outcome = run_child(spec.name, run_dir, command, env, lock_path)
+    if outcome is None:
+        return None
     record = {
         "name": spec.name, "task": spec.task, "method": spec.method, "seed": spec.seed, "lr": spec.learning_rate,
         "max_steps": spec.max_steps, "tag": spec.tag, "overrides": spec.overrides,
         "schedule": {**SCHEDULE, "max_steps": spec.max_steps, "max_length": TASKS[spec.task].max_length},
+        **measured(run_dir, *outcome, command), "code_commit": commit, "driver_command": driver_command,
+    }
+    return save_record(run_dir, record)
+
+
+def measured(run_dir: Path, returncode: int, usage: Any, wall: float, command: list[str]) -> dict[str, Any]:
+    """What a finished child left: trainable count (from its log), every validation, losses, CPU and wall time."""
+    log_text = (run_dir / "train.log").read_text(errors="replace")
+    match = _TRAINABLE.search(log_text)
+    validations, train = _read_metrics(run_dir)
+    record = {
         "trainable_params": int(match.group(1).replace(",", "")) if match else None,
         "all_params": int(match.group(2).replace(",", "")) if match else None,
         "validations": validations,
         "final": validations[-1] if validations else {},
         "train_loss": train,
-        "cpu_seconds": round(cpu, 1), "wall_seconds": round(wall, 1), "max_rss_mib": round(usage.ru_maxrss / 1024, 1),
-        "threads": 1, "returncode": child.returncode, "code_commit": commit,
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1), "wall_seconds": round(wall, 1),
+        "max_rss_mib": round(usage.ru_maxrss / 1024, 1), "threads": 1, "returncode": returncode,
         "command": "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 " + " ".join(
             shlex.quote(str(Path(c).relative_to(REPO)) if c.startswith(str(REPO)) else c) for c in command),
-        "driver_command": driver_command,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    if child.returncode != 0 or not validations:
+    if returncode != 0 or not validations:
         record["log_tail"] = log_text[-3000:]
+    return record
+
+
+def save_record(run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """result.json for a run that validated, error.json (it runs again next time) for one that did not."""
+    if "log_tail" in record:
         (run_dir / "error.json").write_text(json.dumps(record, indent=1))
-        print(f"[quality] FAILED {spec.name} (rc {child.returncode}); see {run_dir / 'train.log'}", flush=True)
+        print(f"[quality] FAILED {record['name']} (rc {record['returncode']}); see {run_dir / 'train.log'}",
+              flush=True)
         return record
-    result_path.write_text(json.dumps(record, indent=1))
+    (run_dir / "result.json").write_text(json.dumps(record, indent=1))
     final = ", ".join(f"{k}={v:.4f}" for k, v in record["final"].items() if k != "step")
-    print(f"[quality] done {spec.name}: {final}; cpu {cpu:.0f} s, wall {wall:.0f} s", flush=True)
+    print(f"[quality] done {record['name']}: {final}; cpu {record['cpu_seconds']:.0f} s, "
+          f"wall {record['wall_seconds']:.0f} s", flush=True)
     return record
 
 

@@ -5,10 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/python benchmarks/quality.py table
-paths=(benchmarks/quality.py benchmarks/quality_commit.sh benchmarks/results/quality/README.md
+.venv/bin/python benchmarks/quality_math.py table
+paths=(benchmarks/quality.py benchmarks/quality_math.py benchmarks/quality_commit.sh benchmarks/results/quality/README.md
        benchmarks/results/quality/quality.json)
+[ -e benchmarks/results/quality/math.json ] && paths+=(benchmarks/results/quality/math.json)
 for md in benchmarks/results/quality/*.md; do paths+=("$md"); done
-for result in benchmarks/results/quality/runs/*/result.json; do
+for result in benchmarks/results/quality/runs/*/result.json benchmarks/results/quality/math_runs/*/result.json; do
   [ -e "$result" ] || continue
   dir=$(dirname "$result")
   for f in result.json quality_config.yaml metrics.csv; do [ -e "$dir/$f" ] && paths+=("$dir/$f"); done

@@ -40,8 +40,8 @@ METHODS = {
     "full": (None, ADAMW, {"minilm": 1e-4, "smollm2": 2e-5}),
     "lora": (None, ADAMW, {"minilm": 1e-3, "smollm2": 1e-3}),
     "sift": ("GradientTopKCallback", ADAMW, {"minilm": 2e-3, "smollm2": 1e-3}),
-    "spiel_ag": ("PruneRegrowCallback", ADAMW, {"minilm": 2e-3, "smollm2": 3e-4}),
-    "spiel_ma": ("PruneRegrowCallback", SM3, {"minilm": 1e-2, "smollm2": 3e-4}),
+    "spiel_ag": ("PruneRegrowCallback", ADAMW, {"minilm": 2e-3, "smollm2": 1e-3}),
+    "spiel_ma": ("PruneRegrowCallback", SM3, {"minilm": 1e-2, "smollm2": 5e-3}),
     "s2ft": ("S2FTStructureCallback", ADAMW, {"minilm": 5e-3, "smollm2": 1e-3}),
     "random_mask": ("RandomMaskCallback", ADAMW, {"minilm": 2e-3, "smollm2": 1e-3}),
 }
@@ -298,7 +298,7 @@ def test_print_config_through_the_entry_point(monkeypatch, capsys):
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["init_args"]["optimizer"] == {
-        "class_path": SM3, "init_args": {"lr": 3e-4, "momentum": 0.9, "weight_decay": 0.0, "eps": 1e-8}}
+        "class_path": SM3, "init_args": {"lr": 5e-3, "momentum": 0.9, "weight_decay": 0.0, "eps": 1e-8}}
     assert printed["trainer"]["callbacks"][0]["init_args"]["regrowth"] == "momentum"
 
 
