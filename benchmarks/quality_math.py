@@ -38,7 +38,7 @@ DATA_DIR = (REPO.parent / "shared" / "data" / "math_reasoning").resolve()
 EVAL_SETS = ["AddSub", "SingleEq", "MultiArith", "SVAMP"]
 SEED = 42
 # The code these runs train with (quality.py's snapshot mechanism): the commit that set SpIEL's SmolLM2 rates.
-CODE_COMMIT = "HEAD"
+CODE_COMMIT = "6d025968de9981d4d197156003131552aea14df1"
 # Priority order (a partial table is still a comparison): the untrained model, LoRA, SIFT, full, then the others.
 METHODS = ("base", "lora", "sift", "full", "s2ft", "spiel_ag", "random_mask", "spiel_ma")
 
