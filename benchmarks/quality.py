@@ -25,11 +25,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import fcntl
 import json
-import math
 import os
 import re
 import shlex

@@ -104,7 +104,8 @@ def make_table(table_command: str) -> list[Path]:
         "on the first 200 of each test set, greedy, up to 160 new tokens, answer extracted from the reply. "
         f"{len(results)} runs, {cpu / 3600:.2f} core-hours (one thread each).", "",
         "```bash", "python benchmarks/quality_math.py run", table_command, "```", "",
-        "| method | trainable | lr | " + " | ".join(EVAL_SETS) + " | mean | vs LoRA | vs full | held-out loss | CPU min |",
+        "| method | trainable | lr | " + " | ".join(EVAL_SETS)
+        + " | mean | vs LoRA | vs full | held-out loss | CPU min |",
         "|---|---:|---:|" + "---:|" * (len(EVAL_SETS) + 5),
     ]
     means = {m: sum(r["final"].get(c, 0.0) for c in columns) / len(columns) for m, r in results.items()}

@@ -4,6 +4,12 @@ contract_run.py, loaded once here). Test modules share helpers only through thes
 each other."""
 
 import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -123,3 +129,31 @@ def glue_datamodule(contract: ModuleType):
     """A factory: `glue_datamodule(model_dir, batch_size=16, **GLUEDataModule kwargs)` over the tiny SST-2 file
     (64 training rows, 16 dev rows) in file order."""
     return contract.make_datamodule
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch_ranks(script: Path, args: list[str], what: str, timeout: float) -> None:
+    """Run a multi-process script (it spawns its own ranks) on a fresh port, one thread per rank; the whole
+    process group is killed on timeout, and the test fails with the script's last output."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, _ = process.communicate()
+        pytest.fail(f"{what} did not finish in {timeout} s:\n{out[-4000:]}")
+    assert process.returncode == 0, f"{what} failed:\n{out[-6000:]}"
+
+
+@pytest.fixture(scope="session")
+def launch_ranks() -> Callable[[Path, list[str], str, float], None]:
+    """`launch_ranks(script, args, what, timeout)`: the distributed tests' launcher."""
+    return _launch_ranks
+

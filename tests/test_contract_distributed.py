@@ -12,11 +12,6 @@ the FSDP2 run resumed from its mid-epoch checkpoint in the same two processes. T
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -36,28 +31,11 @@ BATCH = 4  # per rank; the single-process reference reads RANKS * BATCH rows per
 ROWS = 64  # in tests/data/sst2_tiny/train.tsv
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch(script: Path, method: str, model_dir: Path, output: Path, timeout: float = 400) -> None:
-    """Run the script on RANKS CPU processes: DDP, FSDP2, then FSDP2 resumed (the process group is killed on
-    timeout)."""
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(script), "--method", method, "--model_dir", str(model_dir), "--output", str(output),
-               "--strategies", ",".join(STRATEGIES), "--resume", "fsdp2", "--devices", str(RANKS),
-               "--batch_size", str(BATCH)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-    try:
-        out, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, _ = process.communicate()
-        pytest.fail(f"the {method} runs did not finish in {timeout} s:\n{out[-4000:]}")
-    assert process.returncode == 0, f"the {method} runs failed:\n{out[-6000:]}"
+def launch(launch_ranks, script: Path, method: str, model_dir: Path, output: Path) -> None:
+    """Run the script on RANKS CPU processes: DDP, FSDP2, then FSDP2 resumed."""
+    launch_ranks(script, ["--method", method, "--model_dir", str(model_dir), "--output", str(output),
+                          "--strategies", ",".join(STRATEGIES), "--resume", "fsdp2", "--devices", str(RANKS),
+                          "--batch_size", str(BATCH)], f"the {method} runs", 400)
 
 
 def results(output: Path) -> list[dict]:
@@ -65,10 +43,11 @@ def results(output: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module", params=METHODS)
-def launched(request, contract: ModuleType, tiny_bert_cls_dir: Path, tmp_path_factory) -> tuple[str, Path]:
+def launched(request, contract: ModuleType, tiny_bert_cls_dir: Path, tmp_path_factory,
+             launch_ranks) -> tuple[str, Path]:
     method = request.param
     output = tmp_path_factory.mktemp(f"ranks-{method}")
-    launch(Path(contract.__file__), method, tiny_bert_cls_dir, output)
+    launch(launch_ranks, Path(contract.__file__), method, tiny_bert_cls_dir, output)
     return method, output
 
 

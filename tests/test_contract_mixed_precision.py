@@ -13,11 +13,6 @@ per rank), one in one process (a one-rank FSDP2 mesh, batch 2B, the rows the ran
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -35,28 +30,12 @@ ROWS = 64  # in tests/data/sst2_tiny/train.tsv
 DELTAS = ("delta_values", "delta_block")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch(model_dir: Path, output: Path, devices: int, batch_size: int, train_file: Path,
-           timeout: float = 600) -> None:
-    """Every method under every setup, in `devices` processes (the process group is killed on timeout)."""
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(SCRIPT), "--methods", ",".join(METHODS), "--setups", ",".join(SETUPS),
-               "--model_dir", str(model_dir), "--output", str(output), "--devices", str(devices),
-               "--batch_size", str(batch_size), "--train_file", str(train_file)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-    try:
-        out, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, _ = process.communicate()
-        pytest.fail(f"the mixed-precision runs on {devices} process(es) did not finish in {timeout} s:\n{out[-4000:]}")
-    assert process.returncode == 0, f"the mixed-precision runs on {devices} process(es) failed:\n{out[-6000:]}"
+def launch(launch_ranks, model_dir: Path, output: Path, devices: int, batch_size: int, train_file: Path) -> None:
+    """Every method under every setup, in `devices` processes."""
+    launch_ranks(SCRIPT, ["--methods", ",".join(METHODS), "--setups", ",".join(SETUPS), "--model_dir", str(model_dir),
+                          "--output", str(output), "--devices", str(devices), "--batch_size", str(batch_size),
+                          "--train_file", str(train_file)],
+                 f"the mixed-precision runs on {devices} process(es)", 600)
 
 
 def load(output: Path, setup: str, method: str, ranks: int) -> list[dict]:
@@ -64,14 +43,14 @@ def load(output: Path, setup: str, method: str, ranks: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def ranks_output(contract: ModuleType, tiny_bert_cls_dir: Path, tmp_path_factory) -> Path:
+def ranks_output(contract: ModuleType, tiny_bert_cls_dir: Path, tmp_path_factory, launch_ranks) -> Path:
     output = tmp_path_factory.mktemp("mixed-ranks")
-    launch(tiny_bert_cls_dir, output, RANKS, BATCH, contract.DATA / "train.tsv")
+    launch(launch_ranks, tiny_bert_cls_dir, output, RANKS, BATCH, contract.DATA / "train.tsv")
     return output
 
 
 @pytest.fixture(scope="module")
-def single_output(contract: ModuleType, tiny_bert_cls_dir: Path, tmp_path_factory) -> Path:
+def single_output(contract: ModuleType, tiny_bert_cls_dir: Path, tmp_path_factory, launch_ranks) -> Path:
     """One process, batch RANKS * BATCH, reading at step t the rows the ranks read at step t (shuffle=False: rank r
     reads rows r, r + RANKS, ... in file order; tests/test_contract_distributed.py checks that order)."""
     lines = (contract.DATA / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
@@ -79,7 +58,7 @@ def single_output(contract: ModuleType, tiny_bert_cls_dir: Path, tmp_path_factor
     rows = [i for t in range(contract.STEPS) for order in orders for i in order[t * BATCH:(t + 1) * BATCH]]
     output = tmp_path_factory.mktemp("mixed-single")
     (output / "train.tsv").write_text(lines[0] + "".join(lines[1 + i] for i in rows), encoding="utf-8")
-    launch(tiny_bert_cls_dir, output, 1, RANKS * BATCH, output / "train.tsv")
+    launch(launch_ranks, tiny_bert_cls_dir, output, 1, RANKS * BATCH, output / "train.tsv")
     return output
 
 
