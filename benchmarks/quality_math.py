@@ -115,7 +115,8 @@ def make_table(table_command: str) -> list[Path]:
         lr = config["model"]["init_args"]["optimizer"]["init_args"]["lr"] if method != "base" else None
         gaps = [f"{100 * (means[method] - means[ref]):+.1f}" if ref in means else "-" for ref in ("lora", "full")]
         loss = r["final"].get("heldout/loss")
-        lines.append(f"| {method} | {r['trainable_params'] or 0:,} | {'-' if lr is None else f'{lr:g}'} | "
+        trainable = "-" if method == "base" else f"{r['trainable_params']:,}"
+        lines.append(f"| {method} | {trainable} | {'-' if lr is None else f'{lr:g}'} | "
                      + " | ".join(f"{100 * r['final'].get(c, float('nan')):.1f}" for c in columns)
                      + f" | {100 * means[method]:.1f} | " + " | ".join(gaps)
                      + f" | {'-' if loss is None else f'{loss:.3f}'} | {r['cpu_seconds'] / 60:.0f} |")
