@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Rewrite the quality tables and commit them with every finished run's result.json, config and metrics.csv
-# (only these paths; runs/ is git-ignored, so the run files are added with -f).
+# Rewrite the quality tables (and the README's copy of them) and commit them with every finished run's
+# result.json, config and metrics.csv (only these paths; runs/ is git-ignored, so the run files are added with -f).
 # Usage: bash benchmarks/quality_commit.sh "commit message"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/python benchmarks/quality.py table
 .venv/bin/python benchmarks/quality_math.py table
-paths=(benchmarks/quality.py benchmarks/quality_math.py benchmarks/quality_commit.sh benchmarks/results/quality/README.md
+.venv/bin/python benchmarks/readme_results.py
+paths=(README.md benchmarks/quality.py benchmarks/quality_math.py benchmarks/readme_results.py benchmarks/quality_commit.sh
+       benchmarks/results/quality/README.md
        benchmarks/results/quality/quality.json)
 [ -e benchmarks/results/quality/math.json ] && paths+=(benchmarks/results/quality/math.json)
 for md in benchmarks/results/quality/*.md; do paths+=("$md"); done

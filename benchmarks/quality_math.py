@@ -104,6 +104,7 @@ def make_table(table_command: str) -> list[Path]:
         "on the first 200 of each test set, greedy, up to 160 new tokens, answer extracted from the reply. "
         f"{len(results)} runs, {cpu / 3600:.2f} core-hours (one thread each).", "",
         "```bash", "python benchmarks/quality_math.py run", table_command, "```", "",
+        f"Seed: {SEED} ({len(results)} run{'s' if len(results) != 1 else ''}, {cpu / 3600:.2f} core-hours).", "",
         "| method | trainable | lr | " + " | ".join(EVAL_SETS)
         + " | mean | vs LoRA | vs full | held-out loss | CPU min |",
         "|---|---:|---:|" + "---:|" * (len(EVAL_SETS) + 5),
