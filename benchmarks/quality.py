@@ -405,6 +405,13 @@ def child_env(snapshot: Path | None) -> dict[str, str]:
     return env
 
 
+def clear_run_dir(run_dir: Path) -> None:
+    """A run starts from scratch: what an interrupted or failed attempt left would mix into its metrics."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.csv", "hparams.yaml", "config.yaml", "error.json"):
+        (run_dir / stale).unlink(missing_ok=True)
+
+
 def run_one(spec: RunSpec, lock_path: Path, data_dir: Path, driver_command: str, code: str) -> dict[str, Any] | None:
     run_dir = spec.run_dir
     result_path = run_dir / "result.json"
@@ -417,9 +424,7 @@ def run_one(spec: RunSpec, lock_path: Path, data_dir: Path, driver_command: str,
             print(f"[quality] skip {spec.name}: sparse_lightning.callbacks.RandomMaskCallback does not import yet "
                   f"({error})", flush=True)
             return None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.csv", "hparams.yaml", "config.yaml", "error.json"):
-        (run_dir / stale).unlink(missing_ok=True)
+    clear_run_dir(run_dir)
     config = build_config(spec, data_dir, snapshot)
     config_path = run_dir / "quality_config.yaml"
     header = (f"# issue 14 quality benchmark: {spec.name}\n"

@@ -32,7 +32,8 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import CLI, OUT, REPO, child_env, code_snapshot, measured, run_child, save_record  # noqa: E402
+from quality import (CLI, OUT, REPO, child_env, clear_run_dir, code_snapshot, measured, run_child,  # noqa: E402
+                     save_record)
 
 RUNS = OUT / "math_runs"
 DATA_DIR = (REPO.parent / "shared" / "data" / "math_reasoning").resolve()
@@ -79,9 +80,7 @@ def run_method(method: str, lock_path: Path, driver_command: str, code: str) -> 
     if (directory / "result.json").exists():
         return None
     snapshot, commit = code_snapshot(code)
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.csv", "hparams.yaml", "config.yaml", "error.json"):
-        (directory / stale).unlink(missing_ok=True)
+    clear_run_dir(directory)
     config_path = directory / "quality_config.yaml"
     stage = "validate" if method == "base" else "fit"
     header = (f"# issue 14 quality benchmark (math): {directory.name}\n# written by: {driver_command}\n"
