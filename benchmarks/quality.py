@@ -8,10 +8,11 @@ task fragment + schedule; nothing under `configs/` is read), runs the real CLI
 
 as a child process (log in `train.log`, CSVLogger metrics in `metrics.csv`), and writes `result.json`: the
 metrics at every validation, the final ones, the trainable count the module printed, the child's CPU time
-(getrusage of the child: user + sys) and the wall time. A run whose `result.json` exists is skipped, so the
-driver can be killed at any moment and started again; an interrupted run is restarted from scratch.
-Only one training job runs at a time per lock file (`--lock`, default `benchmarks/results/quality/.lock`); the
-lock is inherited by the child, so it stays held even if the driver is killed while the child runs.
+(user + sys, every attempt) and the wall time. A run whose `result.json` exists is skipped, so the driver can be
+killed at any moment and started again; an interrupted run resumes from its last checkpoint (every ~40 steps) with
+the same code (benchmarks/child_run.py). Only one training job runs at a time per lock file (`--lock`, default
+`benchmarks/results/quality/.lock`); the lock is inherited by the child, so it stays held even if the driver is
+killed while the child runs.
 
 Usage:
     .venv/bin/python benchmarks/quality.py run --plan mrpc-sweep              # the MRPC tuning sweep, in order
@@ -25,13 +26,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import csv
-import fcntl
 import json
 import os
-import re
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -42,11 +39,12 @@ from typing import Any
 
 import yaml
 
+from child_run import CLI, add_checkpointing, checkpoint_interval, child_env, measured, run_child, save_record
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "quality"
 RUNS = OUT / "runs"
 DATA_DIR = (REPO.parent / "shared" / "data" / "glue").resolve()
-CLI = REPO / ".venv" / "bin" / "sparse-lightning"
 PYTHON = REPO / ".venv" / "bin" / "python"
 
 # The library under test is being refactored in this working tree while the benchmark runs: every run imports a
@@ -75,6 +73,7 @@ SCHEDULE = {
     "lr_schedule": "linear",
     "dropout": 0.0,
 }
+CHECKPOINT_EVERY = 40  # optimizer steps between the resume checkpoints (~1 min; off the validation steps)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Tasks
@@ -306,33 +305,12 @@ def build_config(spec: RunSpec, data_dir: Path = DATA_DIR, snapshot: Path | None
             },
         },
     }
-    if not config["trainer"]["callbacks"]:
-        del config["trainer"]["callbacks"]
+    every = checkpoint_interval(CHECKPOINT_EVERY, spec.max_steps,
+                                set(range(SCHEDULE["val_every"], spec.max_steps + 1, SCHEDULE["val_every"])))
+    add_checkpointing(config["trainer"], run_dir, every)
     for key, value in spec.overrides.items():
         _set_dotted(config, key, value)
     return config
-
-
-_TRAINABLE = re.compile(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+)")
-
-
-def _read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(validations, train losses) from the CSVLogger's metrics.csv."""
-    path = run_dir / "metrics.csv"
-    validations: dict[int, dict[str, Any]] = {}
-    train: list[dict[str, Any]] = []
-    if not path.exists():
-        return [], []
-    with path.open() as handle:
-        for row in csv.DictReader(handle):
-            step = int(row["step"]) if row.get("step") else None
-            vals = {k[len("val/"):]: float(v) for k, v in row.items() if k.startswith("val/") and v not in ("", None)}
-            if vals and step is not None:
-                # Lightning's CSVLogger writes validation rows at global_step - 1: store optimizer steps taken.
-                validations.setdefault(step + 1, {"step": step + 1}).update(vals)
-            if row.get("train/loss"):
-                train.append({"step": step, "loss": float(row["train/loss"])})
-    return [validations[step] for step in sorted(validations)], train
 
 
 def code_snapshot(code: str) -> tuple[Path | None, str]:
@@ -355,63 +333,6 @@ def code_snapshot(code: str) -> tuple[Path | None, str]:
     return target, commit
 
 
-def run_child(name: str, run_dir: Path, command: list[str], env: dict[str, str], lock_path: Path,
-              ) -> tuple[int, Any, float] | None:
-    """Run one training command under this run's claim and the core's lock: (returncode, rusage, wall seconds), or
-    None when another driver holds the run or it finished meanwhile. The child inherits both locks, so they stay
-    held if the driver is killed while it runs; a signal to the driver stops the child too."""
-    with (run_dir / ".claim").open("a+") as claim, lock_path.open("a+") as lock:
-        try:  # a second driver (its own --lock: a second core) skips the runs this one has taken
-            fcntl.flock(claim.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"[quality] skip {name}: another driver is running it", flush=True)
-            return None
-        try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"[quality] waiting for {lock_path} (another training job holds it)", flush=True)
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        if (run_dir / "result.json").exists():
-            return None
-        print(f"[quality] start {name} ({time.strftime('%H:%M:%S')})", flush=True)
-        start = time.time()
-        with (run_dir / "train.log").open("w") as log:
-            child = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     pass_fds=(lock.fileno(), claim.fileno()))  # kept if the driver dies
-
-            def forward(signum, _frame):  # stop the child with the driver
-                child.send_signal(signum)
-                raise KeyboardInterrupt
-
-            old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-            try:
-                _, status, usage = os.wait4(child.pid, 0)
-            except KeyboardInterrupt:
-                child.wait()
-                print(f"[quality] interrupted {name}; it will run again next time", flush=True)
-                raise
-            finally:
-                for s, handler in old.items():
-                    signal.signal(s, handler)
-        return os.waitstatus_to_exitcode(status), usage, time.time() - start
-
-
-def child_env(snapshot: Path | None) -> dict[str, str]:
-    """One thread per job; the pinned library first on the path."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    if snapshot is not None:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(snapshot), os.environ.get("PYTHONPATH")]))
-    return env
-
-
-def clear_run_dir(run_dir: Path) -> None:
-    """A run starts from scratch: what an interrupted or failed attempt left would mix into its metrics."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.csv", "hparams.yaml", "config.yaml", "error.json"):
-        (run_dir / stale).unlink(missing_ok=True)
-
-
 def run_one(spec: RunSpec, lock_path: Path, data_dir: Path, driver_command: str, code: str) -> dict[str, Any] | None:
     run_dir = spec.run_dir
     result_path = run_dir / "result.json"
@@ -424,63 +345,26 @@ def run_one(spec: RunSpec, lock_path: Path, data_dir: Path, driver_command: str,
             print(f"[quality] skip {spec.name}: sparse_lightning.callbacks.RandomMaskCallback does not import yet "
                   f"({error})", flush=True)
             return None
-    clear_run_dir(run_dir)
-    config = build_config(spec, data_dir, snapshot)
     config_path = run_dir / "quality_config.yaml"
     header = (f"# issue 14 quality benchmark: {spec.name}\n"
               f"# written by: {driver_command}\n"
               f"# library code: {commit} (PYTHONPATH={snapshot or 'the working tree'})\n"
               f"# run: OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/sparse-lightning fit --config {config_path.relative_to(REPO)}\n")
-    config_path.write_text(header + yaml.safe_dump(config, sort_keys=False))
-    command = [str(CLI), "fit", "--config", str(config_path)]
-    env = child_env(snapshot)
 
-    outcome = run_child(spec.name, run_dir, command, env, lock_path)
+    def write_config() -> None:
+        config_path.write_text(header + yaml.safe_dump(build_config(spec, data_dir, snapshot), sort_keys=False))
+
+    command = [str(CLI), "fit", "--config", str(config_path)]
+    outcome = run_child(spec.name, run_dir, command, child_env(snapshot), lock_path, commit, write_config)
     if outcome is None:
         return None
     record = {
         "name": spec.name, "task": spec.task, "method": spec.method, "seed": spec.seed, "lr": spec.learning_rate,
         "max_steps": spec.max_steps, "tag": spec.tag, "overrides": spec.overrides,
         "schedule": {**SCHEDULE, "max_steps": spec.max_steps, "max_length": TASKS[spec.task].max_length},
-        **measured(run_dir, *outcome, command), "code_commit": commit, "driver_command": driver_command,
+        **measured(run_dir, outcome, command), "code_commit": commit, "driver_command": driver_command,
     }
     return save_record(run_dir, record)
-
-
-def measured(run_dir: Path, returncode: int, usage: Any, wall: float, command: list[str]) -> dict[str, Any]:
-    """What a finished child left: trainable count (from its log), every validation, losses, CPU and wall time."""
-    log_text = (run_dir / "train.log").read_text(errors="replace")
-    match = _TRAINABLE.search(log_text)
-    validations, train = _read_metrics(run_dir)
-    record = {
-        "trainable_params": int(match.group(1).replace(",", "")) if match else None,
-        "all_params": int(match.group(2).replace(",", "")) if match else None,
-        "validations": validations,
-        "final": validations[-1] if validations else {},
-        "train_loss": train,
-        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1), "wall_seconds": round(wall, 1),
-        "max_rss_mib": round(usage.ru_maxrss / 1024, 1), "threads": 1, "returncode": returncode,
-        "command": "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 " + " ".join(
-            shlex.quote(str(Path(c).relative_to(REPO)) if c.startswith(str(REPO)) else c) for c in command),
-        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    if returncode != 0 or not validations:
-        record["log_tail"] = log_text[-3000:]
-    return record
-
-
-def save_record(run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
-    """result.json for a run that validated, error.json (it runs again next time) for one that did not."""
-    if "log_tail" in record:
-        (run_dir / "error.json").write_text(json.dumps(record, indent=1))
-        print(f"[quality] FAILED {record['name']} (rc {record['returncode']}); see {run_dir / 'train.log'}",
-              flush=True)
-        return record
-    (run_dir / "result.json").write_text(json.dumps(record, indent=1))
-    final = ", ".join(f"{k}={v:.4f}" for k, v in record["final"].items() if k != "step")
-    print(f"[quality] done {record['name']}: {final}; cpu {record['cpu_seconds']:.0f} s, "
-          f"wall {record['wall_seconds']:.0f} s", flush=True)
-    return record
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -32,8 +32,9 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import (CLI, OUT, REPO, child_env, clear_run_dir, code_snapshot, measured, run_child,  # noqa: E402
-                     save_record)
+from child_run import (CLI, add_checkpointing, checkpoint_interval, child_env, measured, run_child,  # noqa: E402
+                       save_record)
+from quality import OUT, REPO, code_snapshot  # noqa: E402
 
 RUNS = OUT / "math_runs"
 DATA_DIR = (REPO.parent / "shared" / "data" / "math_reasoning").resolve()
@@ -50,6 +51,7 @@ CODE_COMMIT = "6d025968de9981d4d197156003131552aea14df1"
 # when asked for (--methods).
 METHODS = ("base", "lora", "sift", "s2ft", "spiel_ag", "full", "random_mask", "spiel_ma")
 BUDGETED = METHODS[:5]
+CHECKPOINT_EVERY = 25  # optimizer steps between the resume checkpoints (~8 CPU min; a run is 200)
 
 
 def run_dir(method: str) -> Path:
@@ -67,6 +69,10 @@ def compose(method: str, snapshot: Path | None) -> dict[str, Any]:
     config = yaml.safe_load(printed.stdout)
     config["seed_everything"] = SEED
     config["trainer"].update(enable_checkpointing=False, enable_progress_bar=False)
+    if method != "base":
+        trainer = config["trainer"]
+        every = checkpoint_interval(CHECKPOINT_EVERY, trainer["max_steps"], {trainer["val_check_interval"]})
+        add_checkpointing(trainer, run_dir(method), every)
     config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                    "init_args": {"save_dir": str(run_dir(method).relative_to(REPO)), "name": "",
                                                  "version": ""}}
@@ -80,19 +86,21 @@ def run_method(method: str, lock_path: Path, driver_command: str, code: str) -> 
     if (directory / "result.json").exists():
         return None
     snapshot, commit = code_snapshot(code)
-    clear_run_dir(directory)
     config_path = directory / "quality_config.yaml"
     stage = "validate" if method == "base" else "fit"
     header = (f"# issue 14 quality benchmark (math): {directory.name}\n# written by: {driver_command}\n"
               f"# library code: {commit}\n"
               f"# run: OMP_NUM_THREADS=1 .venv/bin/sparse-lightning {stage} --config {config_path.relative_to(REPO)}\n")
-    config_path.write_text(header + yaml.safe_dump(compose(method, snapshot), sort_keys=False))
+
+    def write_config() -> None:
+        config_path.write_text(header + yaml.safe_dump(compose(method, snapshot), sort_keys=False))
+
     command = [str(CLI), stage, "--config", str(config_path)]
-    outcome = run_child(directory.name, directory, command, child_env(snapshot), lock_path)
+    outcome = run_child(directory.name, directory, command, child_env(snapshot), lock_path, commit, write_config)
     if outcome is None:
         return None
     record = {"name": directory.name, "task": "math", "method": method, "seed": SEED, "eval_sets": EVAL_SETS,
-              "stage": stage, **measured(directory, *outcome, command), "code_commit": commit,
+              "stage": stage, **measured(directory, outcome, command), "code_commit": commit,
               "driver_command": driver_command}
     return save_record(directory, record)
 
