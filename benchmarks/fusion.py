@@ -122,7 +122,7 @@ def markdown(s: dict) -> str:
         lines.append(f"| {row['model']} | " + " | ".join(f"{a:.2f}" for a in accs)
                      + f" | {sum(accs) / len(accs):.3f} | {row['cpu_s']:.0f} |")
     entries = s["entries"]
-    lines += ["", f"Changed entries: " + ", ".join(f"{n} {entries[n]:,}" for n in names)
+    lines += ["", "Changed entries: " + ", ".join(f"{n} {entries[n]:,}" for n in names)
               + f"; fused {entries['fused']:,}: {s['overlapping_entries']:,} entries changed by both (their values "
               f"added) in {s['weights_with_overlap']} of {s['weights']} weights. `fused` is the plain sum; "
               "`fused x(w, ...)` scales each delta first (`MultiDelta.fuse(..., weights=...)`).", ""]

@@ -1007,12 +1007,6 @@ def rerender(path: Path) -> None:
     path.write_text(render(saved["header"], saved["results"], args))
 
 
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s))"
-    return f"{platform.machine()} {os.cpu_count()} cores"
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
