@@ -12,6 +12,7 @@ from torch import nn
 
 from sparse_lightning.callbacks.base import ElementSparseCallback
 from sparse_lightning.methods.random_mask import select_at_random
+from sparse_lightning.methods.seeding import run_seed
 from sparse_lightning.sparse import SparseDeltaLinear
 
 
@@ -25,7 +26,7 @@ class RandomMaskCallback(ElementSparseCallback):
         target_modules: module-name patterns; default: the architecture's own.
         exclude_modules: patterns removed from the targets.
         dense_modules: modules trained densely (default: the task module's new heads).
-        seed: draws the positions (with each weight's name).
+        seed: draws the positions (with each weight's name); default: the run's `seed_everything` value.
     """
 
     method = "random_mask"
@@ -38,13 +39,13 @@ class RandomMaskCallback(ElementSparseCallback):
         target_modules: list[str] | None = None,
         exclude_modules: list[str] | None = None,
         dense_modules: list[str] | None = None,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__(density, num_params, lora_rank, target_modules, exclude_modules, dense_modules)
         self.seed = seed
 
     def initialize(self, layers: dict[str, SparseDeltaLinear], model: nn.Module) -> None:
-        select_at_random(model, self.seed)
+        select_at_random(model, run_seed(self.seed))
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "seed": self.seed}
+        return {**super().describe(), "seed": run_seed(self.seed)}

@@ -34,7 +34,7 @@ class S2FTStructureCallback(S2FT, SparseMethodCallback):
         select_by: "random", "weight" (norm), "activation", "weight_activation" or "gradient" (calibration data).
         order: keep the "largest" or the "smallest" scores.
         calibration_batches: training batches read by data-driven selections.
-        seed: draws the random selection.
+        seed: draws the random selection; default: the run's `seed_everything` value.
         gqa: under grouped-query attention, select whole KV "groups" or single query "heads".
         load_selection: a JSON selection written by `save_selection` (replaces selecting; counts must match).
         save_selection: write the selection to this JSON file.
@@ -53,7 +53,7 @@ class S2FTStructureCallback(S2FT, SparseMethodCallback):
         select_by: SelectBy = "random",
         order: Literal["largest", "smallest"] = "largest",
         calibration_batches: int = 4,
-        seed: int = 0,
+        seed: int | None = None,
         gqa: GQAMode = "groups",
         load_selection: str | None = None,
         save_selection: str | None = None,

@@ -14,6 +14,7 @@ from torch import nn
 
 from sparse_lightning.callbacks.base import ElementSparseCallback
 from sparse_lightning.methods.reselection_schedule import ReselectionSchedule
+from sparse_lightning.methods.seeding import run_seed
 from sparse_lightning.methods.spiel import PruneRegrow, Regrowth, random_initial_indices
 from sparse_lightning.sparse import SparseDeltaLinear, allocate_budget, sparse_delta_layers
 
@@ -38,7 +39,7 @@ class PruneRegrowCallback(ElementSparseCallback):
         regrow_fraction: xi, the share of slots a later reselection replaces, decayed to 0 at T.
         reselection_until: T, the last step that reselects (default: the run's total optimizer steps).
         decay: how xi decays ("linear" or "cosine").
-        seed: draws the initial random indices.
+        seed: draws the initial random indices; default: the run's `seed_everything` value.
         plot_path: a PNG of the index-set history, written at the end of training.
     """
 
@@ -58,7 +59,7 @@ class PruneRegrowCallback(ElementSparseCallback):
         regrow_fraction: float = 0.2,
         reselection_until: int | None = None,
         decay: Literal["linear", "cosine"] = "linear",
-        seed: int = 0,
+        seed: int | None = None,
         plot_path: str | None = None,
     ) -> None:
         super().__init__(density, num_params, lora_rank, target_modules, exclude_modules, dense_modules)
@@ -93,13 +94,13 @@ class PruneRegrowCallback(ElementSparseCallback):
         return allocate_budget(shapes, num_params=max(budget, len(shapes)))
 
     def initialize(self, layers: dict[str, SparseDeltaLinear], model: nn.Module) -> None:
-        random_initial_indices(layers, self.seed)
+        random_initial_indices(layers, run_seed(self.seed))
 
     def describe(self) -> dict[str, Any]:
         s = self.schedule
         return {**super().describe(), "regrowth": self.regrowth, "reselection_interval": s.interval,
                 "accumulation_steps": s.accumulation_steps, "regrow_fraction": s.regrow_fraction,
-                "reselection_until": s.until, "decay": s.decay, "seed": self.seed}
+                "reselection_until": s.until, "decay": s.decay, "seed": run_seed(self.seed)}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         until = None if self.reselection_until is not None else int(trainer.estimated_stepping_batches)

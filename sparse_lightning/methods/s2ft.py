@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from sparse_lightning.distributed import all_reduce_sum_, broadcast_from_rank_zero_, is_rank_zero
 from sparse_lightning.methods.calibration import Calibration, require
+from sparse_lightning.methods.seeding import run_seed
 from sparse_lightning.sparse.block import ColumnBlockLinear, RowBlockLinear, block_delta_layers
 from sparse_lightning.sparse.frozen_delta import replace_submodule
 from sparse_lightning.structure.families import COLUMN_ROLES, KV_ROLES, CoupledGroup, base_linear, find_groups
@@ -71,7 +72,7 @@ class S2FT:
         select_by: SelectBy = "random",
         order: Literal["largest", "smallest"] = "largest",
         calibration_batches: int = 4,
-        seed: int = 0,
+        seed: int | None = None,
         gqa: GQAMode = "groups",
         load_selection: str | None = None,
         save_selection: str | None = None,
@@ -180,7 +181,7 @@ class S2FT:
     def scores(self, model: nn.Module, groups: list[CoupledGroup], calibration: Calibration | None) -> dict[str, Tensor]:
         """One score per unit and group, higher = preferred (negated for order='smallest')."""
         if self.select_by == "random":
-            generator = torch.Generator().manual_seed(self.seed)
+            generator = torch.Generator().manual_seed(run_seed(self.seed))
             scores = {g.owner: torch.rand(g.num_units, generator=generator, dtype=torch.float64) for g in groups}
         else:
             roles = sorted({r for g in groups for r in self.roles(g)})
@@ -253,7 +254,7 @@ class S2FT:
     def describe(self) -> dict[str, Any]:
         settings = {"head_ratio": self.head_ratio, "num_heads": self.num_heads, "channel_ratio": self.channel_ratio,
                     "num_channels": self.num_channels, "train": self.train, "allocation": self.allocation,
-                    "select_by": self.select_by, "order": self.order, "gqa": self.gqa, "seed": self.seed,
+                    "select_by": self.select_by, "order": self.order, "gqa": self.gqa, "seed": run_seed(self.seed),
                     "calibration_batches": self.calibration_batches, "load_selection": self.load_selection}
         return {"method": self.method, **{k: v for k, v in settings.items() if v is not None}}
 
