@@ -45,8 +45,9 @@ def checkpoint_interval(target: int, max_steps: int, validation_steps: set[int])
     """The first interval from `target` up whose checkpoints miss every validation step and the last step: a run
     killed inside a validation whose step was just checkpointed would resume past it and lose that point (Lightning
     counts a checkpointed step's validation as done)."""
+    avoid = validation_steps | {max_steps}
     interval = target
-    while any(step in validation_steps | {max_steps} for step in range(interval, max_steps + 1, interval)):
+    while any(step in avoid for step in range(interval, max_steps + 1, interval)):
         interval += 1
     return interval
 
