@@ -113,6 +113,7 @@ METHODS = tuple(DEFAULT_LR)
 # with it trained; 355,970 trainable, 1.76x the sparse count: conservative for the comparison).
 S2FT_ENCODER_BUDGET = {"trainer.callbacks.0.init_args.num_channels": 87,
                        "trainer.callbacks.0.init_args.dense_modules": ["classifier"]}
+LORA_MATCHED = {"model.init_args.lora.r": 1, "model.init_args.lora.alpha": 2}
 CHOSEN: dict[str, tuple[float, dict[str, Any]]] = {
     "full": (1e-4, {}),
     "lora": (1e-3, {"model.init_args.lora.modules_to_save": ["classifier", "pooler"]}),
@@ -409,7 +410,14 @@ def plan_runs(name: str) -> list[RunSpec]:
         order = ["sst2", "stsb", "rte", "cola", "mrpc"]
         return [RunSpec(task, method, seed, CHOSEN[method][0], tag="chosen", overrides=dict(CHOSEN[method][1]))
                 for seed in (42, 43, 44) for task in order for method in METHODS]
-    raise SystemExit(f"unknown plan {name!r}; known: mrpc-sweep, mrpc-followup, mrpc-followup2, glue")
+    if name == "glue-lora-matched":
+        # LoRA at the sparse methods' trainable count and budget split: r=1 (alpha 2, the chosen alpha/r) in the
+        # encoder, pooler and classifier dense: 41,472 + 148,610 = 190,082 trainable (the sparse rows: 201,722).
+        return [RunSpec(task, "lora", seed, CHOSEN["lora"][0], tag="matched",
+                        overrides={**CHOSEN["lora"][1], **LORA_MATCHED})
+                for seed in (42, 43, 44) for task in ["sst2", "stsb", "rte", "cola", "mrpc"]]
+    raise SystemExit(f"unknown plan {name!r}; known: mrpc-sweep, mrpc-followup, mrpc-followup2, glue, "
+                     "glue-lora-matched")
 
 
 def _parse_value(text: str) -> Any:
@@ -559,7 +567,7 @@ def make_tables(table_command: str) -> list[Path]:
         summary["tasks"][task_name] = {"runs": len(rows), "core_hours": cpu / 3600, "wall_hours": wall / 3600,
                                        "driver_commands": drivers, "metrics": list(task.metrics),
                                        "entries": entries}
-    glue = glue_summary([r for r in results if r.get("tag") == "chosen"], table_command)
+    glue = glue_summary([r for r in results if r.get("tag") in ("chosen", "matched")], table_command)
     if glue:
         (OUT / "glue.md").write_text(glue)
         written.append(OUT / "glue.md")
@@ -577,22 +585,32 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(v):.1f}" + (f" ± {statistics.stdev(v):.1f}" if len(v) > 1 else "")
 
 
+def glue_row(result: dict[str, Any]) -> str:
+    """The GLUE table's row of a run: its method, or 'lora_matched' for LoRA at the sparse count."""
+    return "lora_matched" if result.get("tag") == "matched" else result["method"]
+
+
+GLUE_ROWS = ("full", "lora", "lora_matched", *METHODS[2:])
+GLUE_REFERENCES = {"lora": "LoRA", "lora_matched": "LoRA r=1", "full": "full"}
+
+
 def glue_summary(results: list[dict[str, Any]], table_command: str) -> str:
     """The GLUE table of the chosen defaults: per method and task the headline metric (mean +- std over seeds), the
-    mean over the tasks every method has, the gaps to LoRA and to full fine-tuning (points, x100); then the tasks'
-    second metrics (MRPC F1, STS-B Spearman)."""
+    mean over the tasks every method has, the gaps to LoRA (r=5 and at the sparse count) and to full fine-tuning
+    (points, x100); then the tasks' second metrics (MRPC F1, STS-B Spearman)."""
     if not results:
         return ""
     cell: dict[tuple[str, str, str], list[float]] = {}
     for r in results:
         for metric, value in r["final"].items():
-            cell.setdefault((r["method"], r["task"], metric), []).append(value)
+            cell.setdefault((glue_row(r), r["task"], metric), []).append(value)
     tasks = [t for t in ("sst2", "mrpc", "stsb", "rte", "cola") if any(k[1] == t for k in cell)]
-    methods = [m for m in METHODS if any(k[0] == m for k in cell)]
+    methods = [m for m in GLUE_ROWS if any(k[0] == m for k in cell)]
     complete = [t for t in tasks if all((m, t, TASKS[t].main) in cell for m in methods)]
     means = {m: statistics.fmean(statistics.fmean(cell[(m, t, TASKS[t].main)]) for t in complete) if complete else None
              for m in methods}
-    trainable = {m: sorted({r["trainable_params"] for r in results if r["method"] == m and r["trainable_params"]})
+    references = [ref for ref in GLUE_REFERENCES if ref in methods]
+    trainable = {m: sorted({r["trainable_params"] for r in results if glue_row(r) == m and r["trainable_params"]})
                  for m in methods}
     seconds = [(t, m) for t in tasks for m in TASKS[t].metrics[1:]]
     cpu = sum(r["cpu_seconds"] for r in results)
@@ -605,17 +623,22 @@ def glue_summary(results: list[dict[str, Any]], table_command: str) -> str:
         + f". Seeds so far: {', '.join(map(str, seeds))}; mean ± std over seeds where a cell has more than one. "
         f"{len(results)} runs, {cpu / 3600:.2f} core-hours (one thread each). Tuned on MRPC only (SST-2 and STS-B "
         "check the choice; RTE and CoLA were never looked at before these runs). Trainable: with a 2-label "
-        "classifier (STS-B's single output trains 385 fewer).", "",
-        "```bash", "python benchmarks/quality.py run --plan glue", table_command, "```", "",
+        "classifier (STS-B's single output trains 385 fewer). `lora` is the chosen LoRA (r=5, pooler trained: "
+        "1.76x the sparse count); `lora_matched` is LoRA at the sparse methods' count and split (r=1, alpha 2, "
+        "pooler trained; plan `glue-lora-matched`).", "",
+        "```bash", "python benchmarks/quality.py run --plan glue",
+        *(["python benchmarks/quality.py run --plan glue-lora-matched"] if "lora_matched" in methods else []),
+        table_command, "```", "",
         f"Seeds: {', '.join(map(str, seeds))} ({len(results)} run{'s' if len(results) != 1 else ''}, "
         f"{cpu / 3600:.2f} core-hours).", "",
-        "| method | trainable | " + " | ".join(tasks) + f" | mean ({', '.join(complete) or '-'}) | vs LoRA | vs full |",
-        "|---|---:|" + "---:|" * (len(tasks) + 3),
+        "| method | trainable | " + " | ".join(tasks) + f" | mean ({', '.join(complete) or '-'}) | "
+        + " | ".join(f"vs {GLUE_REFERENCES[ref]}" for ref in references) + " |",
+        "|---|---:|" + "---:|" * (len(tasks) + 1 + len(references)),
     ]
     for m in methods:
         mean = means[m]
         gaps = [f"{100 * (mean - means[ref]):+.1f}" if mean is not None and means.get(ref) is not None else "-"
-                for ref in ("lora", "full")]
+                for ref in references]
         lines.append(f"| {m} | {f'{max(trainable[m]):,}' if trainable[m] else '-'} | "
                      + " | ".join(_mean_std(cell.get((m, t, TASKS[t].main), [])) for t in tasks)
                      + f" | {'-' if mean is None else f'{100 * mean:.1f}'} | " + " | ".join(gaps) + " |")
@@ -634,7 +657,7 @@ def glue_summary(results: list[dict[str, Any]], table_command: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["run", "list", "table", "config"])
-    parser.add_argument("--plan", help="mrpc-sweep | mrpc-followup | mrpc-followup2 | glue")
+    parser.add_argument("--plan", help="mrpc-sweep | mrpc-followup | mrpc-followup2 | glue | glue-lora-matched")
     parser.add_argument("--tasks", help="comma-separated (default mrpc); with --plan, only these of the plan's")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", default="42")
