@@ -614,6 +614,7 @@ def glue_summary(results: list[dict[str, Any]], table_command: str) -> str:
                  for m in methods}
     seconds = [(t, m) for t in tasks for m in TASKS[t].metrics[1:]]
     cpu = sum(r["cpu_seconds"] for r in results)
+    wall = sum(r["wall_seconds"] for r in results)
     seeds = sorted({r["seed"] for r in results})
     lines = [
         "# GLUE with the chosen defaults (issue 14)", "",
@@ -630,7 +631,8 @@ def glue_summary(results: list[dict[str, Any]], table_command: str) -> str:
         *(["python benchmarks/quality.py run --plan glue-lora-matched"] if "lora_matched" in methods else []),
         table_command, "```", "",
         f"Seeds: {', '.join(map(str, seeds))} ({len(results)} run{'s' if len(results) != 1 else ''}, "
-        f"{cpu / 3600:.2f} core-hours).", "",
+        f"{cpu / 3600:.2f} core-hours; wall time summed over runs {wall / 3600:.2f} h, two at a time on a shared "
+        "2-core machine).", "",
         "| method | trainable | " + " | ".join(tasks) + f" | mean ({', '.join(complete) or '-'}) | "
         + " | ".join(f"vs {GLUE_REFERENCES[ref]}" for ref in references) + " |",
         "|---|---:|" + "---:|" * (len(tasks) + 1 + len(references)),

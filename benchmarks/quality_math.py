@@ -119,7 +119,9 @@ def make_table(table_command: str) -> list[Path]:
         "on the first 200 of each test set, greedy, up to 160 new tokens, answer extracted from the reply. "
         f"{len(results)} runs, {cpu / 3600:.2f} core-hours (one thread each).", "",
         "```bash", "python benchmarks/quality_math.py run", table_command, "```", "",
-        f"Seed: {SEED} ({len(results)} run{'s' if len(results) != 1 else ''}, {cpu / 3600:.2f} core-hours).", "",
+        f"Seed: {SEED} ({len(results)} run{'s' if len(results) != 1 else ''}, {cpu / 3600:.2f} core-hours; wall time "
+        f"summed over runs {sum(r['wall_seconds'] for r in results.values()) / 3600:.2f} h, two at a time on a "
+        "shared 2-core machine).", "",
         *([f"Not run: {', '.join(missing)} (issue 14 gives the math table ~4 core-hours; GLUE's three seeds came "
            "first).", ""] if (missing := [m for m in METHODS if m not in results]) else []),
         "| method | trainable | lr | " + " | ".join(EVAL_SETS)
