@@ -15,7 +15,7 @@ quality = pytest.importorskip("quality")
 def result(method: str, task: str, seed: int, value: float, tag: str = "chosen", trainable: int = 1000) -> dict:
     main = quality.TASKS[task].main
     return {"method": method, "task": task, "seed": seed, "tag": tag, "final": {main: value},
-            "trainable_params": trainable, "cpu_seconds": 60.0}
+            "trainable_params": trainable, "cpu_seconds": 60.0, "wall_seconds": 90.0}
 
 
 def test_matched_lora_is_a_row_and_a_reference() -> None:
@@ -31,6 +31,7 @@ def test_matched_lora_is_a_row_and_a_reference() -> None:
     assert rows["lora_matched"].startswith("| lora_matched | 190,082 | 70.0 | 70.0 | 70.0 | -10.0 | +0.0 | -20.0 |")
     assert rows["sift"].endswith("| 75.0 ± 1.4 | 75.0 | 75.0 | -5.0 | +5.0 | -15.0 |")
     assert "glue-lora-matched" in table
+    assert "(9 runs, 0.15 core-hours; wall time summed over runs 0.23 h," in table
 
 
 def test_matched_plan_trains_rank_one_lora_with_the_pooler() -> None:
