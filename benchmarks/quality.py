@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -594,6 +595,13 @@ GLUE_ROWS = ("full", "lora", "lora_matched", *METHODS[2:])
 GLUE_REFERENCES = {"lora": "LoRA", "lora_matched": "LoRA r=1", "full": "full"}
 
 
+def time_spent(results: Iterable[dict[str, Any]]) -> str:
+    """CPU and wall time of a table's runs: both, since runs shared the two cores and wall alone overstates cost."""
+    results = list(results)
+    cpu, wall = (sum(r[key] for r in results) / 3600 for key in ("cpu_seconds", "wall_seconds"))
+    return f"{cpu:.2f} core-hours; wall time summed over runs {wall:.2f} h, two at a time on a shared 2-core machine"
+
+
 def glue_summary(results: list[dict[str, Any]], table_command: str) -> str:
     """The GLUE table of the chosen defaults: per method and task the headline metric (mean +- std over seeds), the
     mean over the tasks every method has, the gaps to LoRA (r=5 and at the sparse count) and to full fine-tuning
@@ -614,7 +622,6 @@ def glue_summary(results: list[dict[str, Any]], table_command: str) -> str:
                  for m in methods}
     seconds = [(t, m) for t in tasks for m in TASKS[t].metrics[1:]]
     cpu = sum(r["cpu_seconds"] for r in results)
-    wall = sum(r["wall_seconds"] for r in results)
     seeds = sorted({r["seed"] for r in results})
     lines = [
         "# GLUE with the chosen defaults (issue 14)", "",
@@ -631,8 +638,7 @@ def glue_summary(results: list[dict[str, Any]], table_command: str) -> str:
         *(["python benchmarks/quality.py run --plan glue-lora-matched"] if "lora_matched" in methods else []),
         table_command, "```", "",
         f"Seeds: {', '.join(map(str, seeds))} ({len(results)} run{'s' if len(results) != 1 else ''}, "
-        f"{cpu / 3600:.2f} core-hours; wall time summed over runs {wall / 3600:.2f} h, two at a time on a shared "
-        "2-core machine).", "",
+        f"{time_spent(results)}).", "",
         "| method | trainable | " + " | ".join(tasks) + f" | mean ({', '.join(complete) or '-'}) | "
         + " | ".join(f"vs {GLUE_REFERENCES[ref]}" for ref in references) + " |",
         "|---|---:|" + "---:|" * (len(tasks) + 1 + len(references)),

@@ -34,7 +34,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from child_run import (CLI, add_checkpointing, checkpoint_interval, child_env, measured, run_child,  # noqa: E402
                        save_record)
-from quality import OUT, REPO, code_snapshot  # noqa: E402
+from quality import OUT, REPO, code_snapshot, time_spent  # noqa: E402
 
 RUNS = OUT / "math_runs"
 DATA_DIR = (REPO.parent / "shared" / "data" / "math_reasoning").resolve()
@@ -119,9 +119,7 @@ def make_table(table_command: str) -> list[Path]:
         "on the first 200 of each test set, greedy, up to 160 new tokens, answer extracted from the reply. "
         f"{len(results)} runs, {cpu / 3600:.2f} core-hours (one thread each).", "",
         "```bash", "python benchmarks/quality_math.py run", table_command, "```", "",
-        f"Seed: {SEED} ({len(results)} run{'s' if len(results) != 1 else ''}, {cpu / 3600:.2f} core-hours; wall time "
-        f"summed over runs {sum(r['wall_seconds'] for r in results.values()) / 3600:.2f} h, two at a time on a "
-        "shared 2-core machine).", "",
+        f"Seed: {SEED} ({len(results)} run{'s' if len(results) != 1 else ''}, {time_spent(results.values())}).", "",
         *([f"Not run: {', '.join(missing)} (issue 14 gives the math table ~4 core-hours; GLUE's three seeds came "
            "first).", ""] if (missing := [m for m in METHODS if m not in results]) else []),
         "| method | trainable | lr | " + " | ".join(EVAL_SETS)
