@@ -7,11 +7,14 @@
 #   2. a 2-step FSDP2 run of every method through the CLI (`sparse-lightning fit` with
 #      configs/strategy/fsdp2_bf16.yaml: bf16 parameters, fp32 reduction, fp32 deltas) on a SmolLM2-shaped LLaMA
 #      with random weights and a byte-level tokenizer, built here (no file needed), on min(GPUs, 2) ranks;
-#   3. Lightning's FSDP1 `FSDPStrategy` for every method when two GPUs are present (otherwise it says so).
+#   3. Lightning's FSDP1 `FSDPStrategy` for every method when two GPUs are present (otherwise it says so);
+#   4. (SECTIONS=memory, ~4 minutes alone) peak GPU memory per phase of every method on a ~1B LLaMA in bf16
+#      (benchmarks/memory_table.py) beside `sparse-lightning estimate`'s prediction.
 #
 #   bash benchmarks/gpu.sh [RESULTS_DIR]      # default: benchmarks/results/gpu_<UTC date>_<time>
 #
-# Writes RESULTS_DIR/{env.txt, gpu_smollm2.md/.json, gpu_llama1b.md/.json, fsdp.md, logs/}, and prints
+# Writes RESULTS_DIR/{env.txt, gpu_smollm2.md/.json, gpu_llama1b.md/.json, fsdp.md, gpu_memory_table.md/.json,
+# logs/}, and prints
 # SUMMARY.md there: what ran, what did not and why.
 #
 # What the machine needs (nothing is downloaded):
@@ -27,7 +30,7 @@
 # Knobs: DRY_RUN=1 runs every piece on the CPU at toy sizes (the tiny LLaMA for both benchmark sections, a tiny
 # model for the FSDP runs, 1 rank, every cap x8) to check the entry points; BUDGET_S (default 470) is the
 # wall-clock budget: a section that would start past it is skipped and reported; STEPS / WARMUP (default 10 / 3);
-# SECTIONS (default "bench fsdp") picks the parts to run.
+# SECTIONS (default "bench fsdp"; add "memory" for part 4) picks the parts to run.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -134,32 +137,8 @@ note ""
 note "## FSDP runs: 2 optimizer steps of every method through \`sparse-lightning fit\`"
 FSDP_MODEL="$RESULTS/fsdp_model"
 SHAPE=$([ "$DRY_RUN" = 1 ] && echo tiny || echo small)
-[[ " $SECTIONS " == *" fsdp "* ]] && "$PYTHON" - "$FSDP_MODEL" "$SHAPE" > "$RESULTS/logs/fsdp_model.log" 2>&1 <<'EOF'
-# A SmolLM2-shaped LLaMA (30 layers, hidden 576, FFN 1536, 9 query / 3 KV heads; `tiny`: hidden 128, FFN 256)
-# with random weights and a byte-level tokenizer (256 bytes + <eos>): the FSDP2 code path and its cost do not
-# depend on the weights, and nothing has to be carried.
-import sys
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-path, shape = sys.argv[1], sys.argv[2]
-alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-backend = Tokenizer(models.BPE(vocab={char: i for i, char in enumerate(alphabet)}, merges=[]))
-backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-backend.decoder = decoders.ByteLevel()
-tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<eos>")
-tokenizer.save_pretrained(path)
-sizes = {"small": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3),
-         "tiny": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)}[shape]
-config = LlamaConfig(vocab_size=len(tokenizer), num_hidden_layers=30, head_dim=64 if shape == "small" else 32,
-                     tie_word_embeddings=True, max_position_embeddings=2048, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id, **sizes)
-torch.manual_seed(0)
-model = LlamaForCausalLM(config)
-model.save_pretrained(path)
-print(f"{shape}: {sum(p.numel() for p in model.parameters()):,} parameters")
-EOF
+[[ " $SECTIONS " == *" fsdp "* ]] && "$PYTHON" benchmarks/random_llama.py "$FSDP_MODEL" "$SHAPE" \
+  > "$RESULTS/logs/fsdp_model.log" 2>&1
 if [[ " $SECTIONS " != *" fsdp "* ]]; then
   note "- NOT RUN (SECTIONS=$SECTIONS)"
   FSDP_METHODS=()
@@ -208,6 +187,30 @@ for metrics in sorted(root.glob("*/*/version_*/metrics.csv")):
 EOF
 note ""
 cat "$RESULTS/fsdp.md" | tee -a "$SUMMARY" > /dev/null
+# ------------------------------------------------------------------------- 4. memory per phase at ~1B in bf16
+# benchmarks/memory_table.py on one GPU: every shipped SmolLM2 fragment through `sparse-lightning fit` on a
+# Llama-3.2-1B-shaped model (random weights, byte-level tokenizer: ~0.97B parameters) stored in bf16, 1 x 1024
+# tokens per batch, 6 steps; torch's peak allocated GPU memory per phase beside `sparse-lightning estimate`'s.
+note ""
+note "## memory per phase, LLaMA-shaped ~1B in bf16 (benchmarks/memory_table.py)"
+if [[ " $SECTIONS " != *" memory "* ]]; then
+  note "- NOT RUN (SECTIONS=$SECTIONS; SECTIONS=memory runs it alone, ~4 minutes)"
+else
+  MEMORY_MODEL="$RESULTS/memory_model"
+  if [ "$DRY_RUN" = 1 ]; then
+    MEMORY_SHAPE=(tiny --dtype bfloat16); MEMORY_RUN=(--device cpu --seq-len 64)
+  else
+    MEMORY_SHAPE=(1b --dtype bfloat16 --device cuda); MEMORY_RUN=(--device cuda --seq-len 1024)
+  fi
+  if run_capped 120 "random LLaMA for the memory table (${MEMORY_SHAPE[0]})" "$RESULTS/logs/memory_model.log" \
+      "$PYTHON" benchmarks/random_llama.py "$MEMORY_MODEL" "${MEMORY_SHAPE[@]}"; then
+    run_capped 330 "memory table, every method, 1 rank" "$RESULTS/logs/memory_table.log" \
+      "$PYTHON" benchmarks/memory_table.py --model "$MEMORY_MODEL" --dtype bfloat16 --ranks 1 --batch-size 1 \
+      "${MEMORY_RUN[@]}" --scratch "$RESULTS/memory_scratch" --output "$RESULTS/gpu_memory_table.md" \
+      && grep -m 1 "within 15%" "$RESULTS/gpu_memory_table.md" | tee -a "$SUMMARY"
+  fi
+fi
+
 note ""
 note "total: $(elapsed)s of the ${BUDGET_S}s budget"
 echo "--- $SUMMARY"

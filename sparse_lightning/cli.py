@@ -1,5 +1,5 @@
-"""`sparse-lightning fit|validate|test|export|evaluate|plot`: LightningCLI in subclass mode, plus delta export, lm-eval
-and figures."""
+"""`sparse-lightning fit|validate|test|export|evaluate|plot|estimate`: LightningCLI in subclass mode, plus delta export,
+lm-eval, figures and memory estimates."""
 
 from __future__ import annotations
 
@@ -208,6 +208,11 @@ def _run(argv: list[str] | None) -> None:
         from sparse_lightning.plots.cli import plot_main
 
         plot_main(command[1:])
+        return
+    if command and command[0] == "estimate":
+        from sparse_lightning.memory_estimate import estimate_main
+
+        estimate_main(command[1:])
         return
     SparseLightningCLI(SparseFineTuningModule, subclass_mode_model=True, subclass_mode_data=True, args=argv,
                        save_config_callback=SaveConfigToRunDirectory, save_config_kwargs={"overwrite": True})
