@@ -2,7 +2,7 @@
 
 Every method's shipped fragment (configs/method/smollm2/<method>.yaml) runs through `sparse-lightning fit` (the CLI
 with configs/model/smollm2.yaml and configs/task/alpaca.yaml: SmolLM2-135M-Instruct in fp32 on the CPU, the bundled
-Alpaca records packed into rows of 64 tokens, 2 rows per batch per rank, 6 optimizer steps, no validation), in one
+Alpaca records packed into rows of 64 tokens, 2 rows per batch per rank, 3 optimizer steps, no validation), in one
 process and on 2 FSDP2 ranks (configs/strategy/fsdp2.yaml, gloo). A callback appended to the trainer reads the
 kernel's peak-RSS mark (`VmHWM`, reset through `/proc/self/clear_refs` at each phase's start) of every rank:
 
@@ -11,7 +11,7 @@ kernel's peak-RSS mark (`VmHWM`, reset through `/proc/self/clear_refs` at each p
   Subtracted from every phase below (the predictor counts tensors only), and printed.
 - load: `setup` to `on_fit_start`: build the model, attach the method (S2FT selects here), shard, build the optimizer.
 - selection: `on_fit_start` to the first training batch: SIFT scores its calibration batches here.
-- step: the 6 optimizer steps (SpIEL: 5 statistics-window steps, the first full reselection before step 6).
+- step: the 3 optimizer steps (SpIEL: 6, five statistics-window steps, then the first, full reselection).
 - save: `trainer.save_checkpoint` after the fit, and the checkpoint's size on disk.
 
 glibc's mmap threshold is pinned (`MALLOC_MMAP_THRESHOLD_=65536`, as step_benchmark.py does) so freed tensors leave
@@ -47,7 +47,10 @@ if str(REPO) not in sys.path:
 METHODS = ("full", "lora", "sift", "spiel_ag", "spiel_ma", "s2ft", "random_mask")
 PHASES = ("load", "selection", "step", "save")
 MIB = 2**20
-STEPS = 6  # SpIEL's shipped cycle (S=20, A=5) reselects everything before step 6: window steps 1-5, then one more
+#: optimizer steps: the second holds the optimizer state with the gradients and activations; SpIEL's shipped cycle
+#: (S=20, A=5) reselects everything before step 6 (window steps 1-5), so SpIEL runs 6
+STEPS = {"spiel_ag": 6, "spiel_ma": 6}
+DEFAULT_STEPS = 3
 
 
 def proc_status_bytes(key: str) -> int:
@@ -70,7 +73,8 @@ def fit_arguments(args: argparse.Namespace, run_dir: Path) -> list[str]:
         "--trainer.accelerator", "gpu" if args.device == "cuda" else "cpu", "--data.data_files", "bundled",
         "--data.packing", "true", "--data.max_length", str(args.seq_len), "--data.batch_size", str(args.batch_size),
         "--data.val_fraction", "0",
-        "--trainer.max_steps", str(STEPS), "--trainer.accumulate_grad_batches", "1", "--trainer.limit_val_batches", "0",
+        "--trainer.max_steps", str(STEPS.get(args.methods, DEFAULT_STEPS)), "--trainer.accumulate_grad_batches", "1",
+        "--trainer.limit_val_batches", "0",
         "--trainer.enable_checkpointing", "false", "--trainer.logger", "false", "--trainer.enable_progress_bar",
         "false", "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(run_dir)]
 
@@ -180,6 +184,8 @@ def run_worker(args: argparse.Namespace) -> None:
     if trainer.global_rank == 0:
         memory.record["checkpoint_bytes"] = checkpoint.stat().st_size
     memory.record["method"] = args.methods
+    memory.record["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                             cwd=REPO).stdout.strip()
     output.mkdir(parents=True, exist_ok=True)
     (output / f"rank{trainer.global_rank}.json").write_text(json.dumps(memory.record, indent=1))
     if torch.distributed.is_initialized():
@@ -245,7 +251,8 @@ def main() -> None:
 
         return write_report(json.loads(raw.read_text()), args.output, args.report_only)
     args.scratch.mkdir(parents=True, exist_ok=True)
-    measured = {}
+    # a run measures the configurations it names and keeps the others' last measurement (each row names its commit)
+    measured = json.loads(raw.read_text()) if raw.is_file() else {}
     for ranks in map(int, args.ranks.split(",")):
         for method in args.methods.split(","):
             started = time.time()

@@ -54,7 +54,8 @@ def write_report(measured: dict[str, list[dict[str, Any]]], output: Path, comman
         baseline = max(r["baseline"] for r in records)
         size = records[0].get("checkpoint_bytes", 0)
         rows.append(f"| {method} | {ranks} | {records[0]['trainable']:,} | {baseline / MIB:,.0f} | "
-                    + " | ".join(phase_cells) + f" | {cell(size, estimate_['checkpoint_bytes'])} |")
+                    + " | ".join(phase_cells) + f" | {cell(size, estimate_['checkpoint_bytes'])} | "
+                    f"{records[0].get('commit', '?')} |")
     worst = max(errors, key=lambda e: abs(e[0]))
     within = sum(abs(e) <= 0.15 for e, _ in errors)
     first = next(iter(measured.values()))[0]
@@ -63,9 +64,9 @@ def write_report(measured: dict[str, list[dict[str, Any]]], output: Path, comman
         f"# Peak {what} per phase, measured beside `sparse-lightning estimate` ({first['model']}, {first['dtype']}, "
         f"{first['device']}, {first['tokens_per_batch']} tokens per batch per rank)",
         "",
-        f"Made by `{command}` on commit {commit}, {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC "
-        "(how it measures: the docstring of benchmarks/memory_table.py; what the predictor counts: "
-        "sparse_lightning/memory_estimate.py).",
+        f"Made by `{command}`; table written on commit {commit}, {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} "
+        "UTC, each row measured on the commit it names (how it measures: the docstring of benchmarks/memory_table.py; "
+        "what the predictor counts: sparse_lightning/memory_estimate.py).",
         "",
         "Each phase cell: **measured / predicted MiB (predicted / measured)**, the peak of the phase above the "
         "baseline, on the rank with the higher peak under FSDP2 (2 ranks, gloo, per rank). Baseline: the resident "
@@ -76,8 +77,8 @@ def write_report(measured: dict[str, list[dict[str, Any]]], output: Path, comman
         f"Predictor within 15% of the measurement in {within} of {len(errors)} cells; the largest error: "
         f"{worst[0]:+.0%} ({worst[1]}).",
         "",
-        "| method | ranks | trainable | baseline MiB | " + " | ".join(PHASES) + " | checkpoint MiB |",
-        "|---|---:|---:|---:|" + "---:|" * (len(PHASES) + 1),
+        "| method | ranks | trainable | baseline MiB | " + " | ".join(PHASES) + " | checkpoint MiB | commit |",
+        "|---|---:|---:|---:|" + "---:|" * (len(PHASES) + 1) + "---|",
         *rows,
     ]
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,8 @@ which shards parameters, gradients and optimizer state 1/N but not buffers such 
 - gradients and optimizer state of what trains (AdamW: two moments; SM3 for SpIEL-MA: a momentum per entry plus
   one fp32 per row and column of each target weight);
 - method extras: SIFT's scoring (its exact sums a group of weights at a time, within `score_memory` of a full fp32
-  score per target weight, and the dense gradient being added), SpIEL-AG's window statistics (16 bytes per candidate) and its weight-sized fp32 gradient copies of the largest target;
+  score per target weight, and the dense gradient being added), SpIEL-AG's window statistics (16 bytes per
+  candidate) and its weight-sized fp32 gradient copies of the largest target;
 - activations, a rough model of a LLaMA-style decoder without recomputation: per token and layer,
   `a * (10 h + 4 f + 2 kv)` bytes (a = compute dtype bytes; the saved inputs of the norms, q/k/v before and after
   rotary, k/v expanded to every query head, the attention output, the residuals, gate, up, SiLU and their product)
