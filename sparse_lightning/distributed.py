@@ -6,6 +6,9 @@ and the result comes back on the tensor's own device.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -25,11 +28,11 @@ def _collective(tensor: Tensor) -> Tensor:
     return tensor
 
 
-def all_reduce_sum_(tensor: Tensor) -> Tensor:
+def all_reduce_sum_(tensor: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
     """Sum a statistic over ranks in place, so every rank selects from the same numbers."""
     if is_distributed():
         moved = _collective(tensor)
-        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=group)
         if moved is not tensor:
             tensor.copy_(moved)
     return tensor
@@ -43,3 +46,17 @@ def broadcast_from_rank_zero_(tensor: Tensor) -> Tensor:
         if moved is not tensor:
             tensor.copy_(moved)
     return tensor
+
+
+@contextmanager
+def own_process_group() -> Iterator[dist.ProcessGroup | None]:
+    """A process group of every rank, for collectives issued inside backward, where FSDP2 issues its own on the
+    default group (None on one process). Every rank must enter it: creating a group is a collective."""
+    if not is_distributed():
+        yield None
+        return
+    group = dist.new_group()
+    try:
+        yield group
+    finally:
+        dist.destroy_process_group(group)

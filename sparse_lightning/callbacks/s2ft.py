@@ -11,6 +11,7 @@ from typing import Literal
 
 from sparse_lightning.callbacks.base import SparseMethodCallback
 from sparse_lightning.methods.s2ft import S2FT, SelectBy
+from sparse_lightning.score_groups import DEFAULT_SCORE_MEMORY
 from sparse_lightning.structure.select import GQAMode
 
 
@@ -40,6 +41,9 @@ class S2FTStructureCallback(S2FT, SparseMethodCallback):
         save_selection: write the selection to this JSON file.
         dense_modules: modules trained densely (default: the task module's new heads).
         strategy: deprecated name of `select_by`.
+        score_memory: for select_by="gradient" with several calibration batches, the most the summed gradients hold
+            at once, as a fraction of all the trained projections' gradients (default 0.125; 1.0 holds them all, the
+            fastest). The scores are the same whatever it is: smaller fractions re-run the batches more often.
     """
 
     def __init__(
@@ -59,11 +63,12 @@ class S2FTStructureCallback(S2FT, SparseMethodCallback):
         save_selection: str | None = None,
         dense_modules: list[str] | None = None,
         strategy: SelectBy | None = None,
+        score_memory: float = DEFAULT_SCORE_MEMORY,
     ) -> None:
         if strategy is not None:
             warnings.warn("S2FTStructureCallback(strategy=...) is deprecated (it clashes with the Trainer's strategy): "
                           "use select_by=...", DeprecationWarning, stacklevel=2)
             select_by = strategy
         S2FT.__init__(self, head_ratio, num_heads, channel_ratio, num_channels, train, allocation, select_by, order,
-                      calibration_batches, seed, gqa, load_selection, save_selection)
+                      calibration_batches, seed, gqa, load_selection, save_selection, score_memory)
         SparseMethodCallback.__init__(self, dense_modules)

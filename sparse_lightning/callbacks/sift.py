@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from sparse_lightning.callbacks.base import ElementSparseCallback
+from sparse_lightning.score_groups import DEFAULT_SCORE_MEMORY, check_score_memory
 from sparse_lightning.methods.sift import select_by_gradient, unselected_layers
 
 
@@ -28,6 +29,10 @@ class GradientTopKCallback(ElementSparseCallback):
         exclude_modules: patterns removed from the targets.
         dense_modules: modules trained densely (default: the task module's new heads).
         calibration_batches: training batches whose gradients score the entries.
+        score_memory: with several calibration batches, the most the summed scores hold at once, as a fraction of
+            a full fp32 score for every target weight (default 0.125; 1.0 holds them all, the fastest). The selection
+            is the same whatever it is: smaller fractions re-run the batches more often, about 1 / score_memory
+            times. One calibration batch needs about one layer's gradient at a time and ignores it.
     """
 
     method = "sift"
@@ -41,17 +46,20 @@ class GradientTopKCallback(ElementSparseCallback):
         exclude_modules: list[str] | None = None,
         dense_modules: list[str] | None = None,
         calibration_batches: int = 1,
+        score_memory: float = DEFAULT_SCORE_MEMORY,
     ) -> None:
         super().__init__(density, num_params, lora_rank, target_modules, exclude_modules, dense_modules)
         if calibration_batches < 1:
             raise ValueError(f"calibration_batches must be >= 1, got {calibration_batches}")
         self.calibration_batches = calibration_batches
+        self.score_memory = check_score_memory(score_memory)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not unselected_layers(pl_module):  # a resumed run or a reloaded checkpoint keeps its selection
             return
         calibration = pl_module.calibration()
-        chosen = select_by_gradient(pl_module, calibration.batches(self.calibration_batches), calibration.loss_fn)
+        chosen = select_by_gradient(pl_module, calibration.batches(self.calibration_batches), calibration.loss_fn,
+                                    self.score_memory)
         if chosen:
             rank_zero_info(f"SIFT: selected {sum(l.k for l in chosen.values()):,} entries in {len(chosen)} weights "
                            f"from |gradient| over {self.calibration_batches} calibration batch(es)")

@@ -35,6 +35,7 @@ from sparse_lightning.sparse.block import ColumnBlockLinear, RowBlockLinear, blo
 from sparse_lightning.sparse.frozen_delta import replace_submodule
 from sparse_lightning.structure.families import COLUMN_ROLES, KV_ROLES, CoupledGroup, base_linear, find_groups
 from sparse_lightning.structure.permute import permute_group, role_order
+from sparse_lightning.score_groups import DEFAULT_SCORE_MEMORY, check_score_memory
 from sparse_lightning.structure.scores import activation_scores, gradient_scores, weight_scores
 from sparse_lightning.structure.select import GQAMode, allocate_global, choose_units, gqa_count_error, selection_order
 
@@ -76,6 +77,7 @@ class S2FT:
         gqa: GQAMode = "groups",
         load_selection: str | None = None,
         save_selection: str | None = None,
+        score_memory: float = DEFAULT_SCORE_MEMORY,
     ) -> None:
         self.train = list(train) if train is not None else ["o", "down"]
         unknown = [r for r in self.train if r not in HEAD_ROLES + CHANNEL_ROLES]
@@ -101,6 +103,7 @@ class S2FT:
         self.allocation, self.select_by, self.order, self.gqa = allocation, select_by, order, gqa
         self.calibration_batches, self.seed = calibration_batches, seed
         self.load_selection, self.save_selection = load_selection, save_selection
+        self.score_memory = check_score_memory(score_memory)
 
     def attach(self, model: nn.Module, calibration: Calibration | None = None) -> None:
         """Select, co-permute and add the blocks. Data-driven selections read `calibration` (from the module under
@@ -191,7 +194,7 @@ class S2FT:
                 calibration = require(calibration, f"S2FT select_by={self.select_by!r}")
                 batches, loss_fn = calibration.batches(self.calibration_batches), calibration.loss_fn
                 if self.select_by == "gradient":
-                    scores = gradient_scores(model, groups, roles, batches, loss_fn, _all_reduce)
+                    scores = gradient_scores(model, groups, roles, batches, loss_fn, _all_reduce, self.score_memory)
                 else:
                     scores = activation_scores(model, groups, batches, loss_fn, _all_reduce)
                 if self.select_by == "weight_activation":

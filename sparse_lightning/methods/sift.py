@@ -1,8 +1,12 @@
 """SIFT (Song et al., 2024) as a plain algorithm: each weight keeps the k entries of largest |gradient|.
 
-Scores are the dense gradient summed over the calibration batches (and ranks); the passes run with dropout off,
-update nothing and leave no `.grad` behind. Layers that already chose (a resumed run, a reloaded checkpoint) keep
-their indices and trained values.
+Scores are the dense gradient summed over the calibration batches (and ranks), as the paper computes them, in
+bounded memory: from one batch each layer's top-k is taken inside backward as its dense gradient forms, so about one
+layer's gradient lives at a time; from several, the exact sums are kept for groups of layers within a budget
+(`score_groups.py`), the batches re-run once per group. Either way the chosen sets are those of the all-at-once
+dense sum. The passes run with dropout off, update nothing and leave no `.grad` behind; indices are written only
+once every layer has chosen. Layers that already chose (a resumed run, a reloaded checkpoint) keep their indices and
+trained values.
 """
 
 from __future__ import annotations
@@ -12,48 +16,111 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from sparse_lightning.distributed import all_reduce_sum_, broadcast_from_rank_zero_
+from sparse_lightning.distributed import all_reduce_sum_, broadcast_from_rank_zero_, own_process_group
 from sparse_lightning.methods.calibration import Batch, LossFn
+from sparse_lightning.score_groups import DEFAULT_SCORE_MEMORY, check_score_memory, groups_within
 from sparse_lightning.modes import eval_mode
 from sparse_lightning.sparse import SparseDeltaLinear, sparse_delta_layers
+from sparse_lightning.sparse.functional import WeightGradObserver
+
+
+def top_k_positions(scores: Tensor, k: int) -> Tensor:
+    """The flat positions of the k largest scores, sorted."""
+    return torch.topk(scores.view(-1), k, sorted=False).indices.sort().values
 
 
 @torch.no_grad()
 def select_top_k(layer: SparseDeltaLinear, scores: Tensor) -> None:
     """Point `layer`'s slots at the k largest scores (identical on every rank), values reset to zero."""
-    chosen = torch.topk(scores.view(-1), layer.k, sorted=False).indices.sort().values
-    layer.set_indices(broadcast_from_rank_zero_(chosen.to(layer.delta_indices.dtype)))
+    layer.set_indices(broadcast_from_rank_zero_(top_k_positions(scores, layer.k).to(layer.delta_indices.dtype)))
 
 
 def unselected_layers(model: nn.Module) -> dict[str, SparseDeltaLinear]:
     return {name: layer for name, layer in sparse_delta_layers(model).items() if not bool(layer.delta_selected)}
 
 
-def select_by_gradient(model: nn.Module, batches: list[Batch], loss_fn: LossFn) -> dict[str, SparseDeltaLinear]:
-    """Choose every unselected layer's indices from |sum of gradients| over `batches`; returns the layers chosen."""
+def select_by_gradient(model: nn.Module, batches: list[Batch], loss_fn: LossFn,
+                       score_memory: float = DEFAULT_SCORE_MEMORY) -> dict[str, SparseDeltaLinear]:
+    """Choose every unselected layer's indices from |sum of gradients| over `batches` (and ranks); returns the
+    layers chosen.
+
+    Args:
+        score_memory: with several batches, the most the summed scores hold at once, as a fraction of a full fp32
+            score for every unselected weight (1.0: all at once); the batches run about 1 / score_memory times.
+            One batch needs no sum and ignores it.
+    """
+    check_score_memory(score_memory)
     layers = unselected_layers(model)
     if not layers:
         return layers
-    scores = summed_weight_gradients(model, layers, batches, loss_fn)
+    if len(batches) == 1:
+        chosen = top_k_as_gradients_form(model, layers, batches[0], loss_fn)
+        # a layer that ran twice in the forward (or never) needs its summed (or zero) gradient: score it exactly
+        again = {name: layer for name, layer in layers.items() if name not in chosen}
+        chosen.update(summed_top_k(model, again, batches, loss_fn, score_memory) if again else {})
+    else:
+        chosen = summed_top_k(model, layers, batches, loss_fn, score_memory)
     for name, layer in layers.items():
-        select_top_k(layer, all_reduce_sum_(scores[name]).abs_())
+        layer.set_indices(broadcast_from_rank_zero_(chosen[name].to(layer.delta_indices.dtype)))
     return layers
+
+
+def top_k_as_gradients_form(model: nn.Module, layers: dict[str, SparseDeltaLinear], batch: Batch,
+                            loss_fn: LossFn) -> dict[str, Tensor]:
+    """Each layer's top-k |gradient| positions from one batch, chosen inside backward from its dense gradient
+    (summed over ranks there, on a process group of its own). Layers observed more than once are left out."""
+    chosen: dict[str, Tensor] = {}
+    repeated: set[str] = set()
+
+    def observer(name: str, layer: SparseDeltaLinear, group) -> WeightGradObserver:
+        @torch.no_grad()
+        def observe(grad: Tensor) -> None:
+            scores = all_reduce_sum_(grad.to(torch.float32, copy=True), group)
+            if name in chosen:
+                repeated.add(name)
+            chosen[name] = top_k_positions(scores.abs_(), layer.k)
+
+        return observe
+
+    with own_process_group() as group:
+        observed_passes(model, {name: observer(name, layer, group) for name, layer in layers.items()}, [batch],
+                        loss_fn, layers)
+    return {name: positions for name, positions in chosen.items() if name not in repeated}
+
+
+def summed_top_k(model: nn.Module, layers: dict[str, SparseDeltaLinear], batches: Sequence[Batch], loss_fn: LossFn,
+                 score_memory: float) -> dict[str, Tensor]:
+    """Each layer's top-k positions of |sum over batches and ranks of its gradient|, a group of layers at a time."""
+    chosen = {}
+    sizes = {name: 4 * layer.weight_shape.numel() for name, layer in layers.items()}
+    for names in groups_within(sizes, score_memory):
+        scores = summed_weight_gradients(model, {name: layers[name] for name in names}, batches, loss_fn)
+        for name in names:
+            chosen[name] = top_k_positions(all_reduce_sum_(scores.pop(name)).abs_(), layers[name].k)
+    return chosen
 
 
 def summed_weight_gradients(model: nn.Module, layers: dict[str, SparseDeltaLinear], batches: Sequence[Batch],
                             loss_fn: LossFn) -> dict[str, Tensor]:
     """Each layer's dense weight gradient summed over `batches` (fp32, this rank's): dropout off, nothing updated,
-    no `.grad` left behind."""
+    no `.grad` left behind. Holds a full-size score per layer given: pass a group of layers to bound it."""
     scores = {name: torch.zeros(layer.weight_shape, dtype=torch.float32, device=layer.delta_values.device)
               for name, layer in layers.items()}
-    for name, layer in layers.items():
-        layer.weight_grad_observer = scores[name].add_
+    observed_passes(model, {name: scores[name].add_ for name in layers}, batches, loss_fn, layers)
+    return scores
+
+
+def observed_passes(model: nn.Module, observers: dict[str, WeightGradObserver], batches: Sequence[Batch],
+                    loss_fn: LossFn, layers: dict[str, SparseDeltaLinear]) -> None:
+    """Forward and backward over `batches` in eval mode with each named layer's dense gradient going to its
+    observer; nothing updated, no `.grad` left behind."""
+    for name, observe in observers.items():
+        layers[name].weight_grad_observer = observe
     try:
         with eval_mode(model):
             for batch in batches:
                 loss_fn(batch).backward()
     finally:
-        for layer in layers.values():
-            layer.weight_grad_observer = None
+        for name in observers:
+            layers[name].weight_grad_observer = None
         model.zero_grad(set_to_none=True)
-    return scores

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sparse_lightning.score_groups import DEFAULT_SCORE_MEMORY, groups_within
 from sparse_lightning.modes import eval_mode
 from sparse_lightning.structure.families import COLUMN_ROLES, KV_ROLES, CoupledGroup, base_linear
 
@@ -81,24 +82,60 @@ def activation_scores(model: nn.Module, groups: Sequence[CoupledGroup], batches:
 
 
 def gradient_scores(model: nn.Module, groups: Sequence[CoupledGroup], roles: Sequence[str],
-                    batches: Iterable[dict[str, Any]], loss_fn: LossFn,
-                    reduce: Reduce = _identity) -> dict[str, Tensor]:
-    """Loss gradients of the trained projections only (every other parameter frozen meanwhile); the dense
-    gradients are summed over batches and ranks, then reduced to per-unit norms and dropped."""
-    weights = {(g.owner, r): base_linear(model, g.roles[r]).weight for g in groups for r in roles if r in g.roles}
+                    batches: Sequence[dict[str, Any]], loss_fn: LossFn, reduce: Reduce = _identity,
+                    score_memory: float = DEFAULT_SCORE_MEMORY) -> dict[str, Tensor]:
+    """Loss gradients of the trained projections only (every other parameter frozen meanwhile), summed over batches
+    and ranks, reduced to per-unit norms and dropped, in bounded memory: from one batch each weight's gradient is
+    reduced as it forms; from several, the sums are kept for groups of weights holding at most `score_memory` x all
+    their gradients at once, the batches re-run once per group (`score_groups.py`). Either way the numbers
+    are those of summing every gradient at once."""
+    keys = {(g.owner, r): base_linear(model, g.roles[r]).weight for g in groups for r in roles if r in g.roles}
+    weights = {id(w): w for w in keys.values()}  # a fused projection serves several roles
+    roles_of = {i: [key for key, w in keys.items() if id(w) == i] for i in weights}
+    by_owner = {g.owner: g for g in groups}
+    parts: dict[tuple[str, str], Tensor] = {}
+
+    def to_units(weight: Tensor) -> None:
+        """This weight's share of each of its units' squared norms, from its (summed) gradient, which it drops."""
+        if weight.grad is not None:
+            grad = reduce(weight.grad)
+            for owner, role in roles_of[id(weight)]:
+                parts[(owner, role)] = unit_norms_sq(by_owner[owner], {role: grad})
+        weight.grad = None
+
     flags = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)
-    for weight in weights.values():
-        weight.requires_grad_(True)
-        weight.grad = None
+    handles = []
     try:
         with eval_mode(model):
-            for batch in batches:
-                loss_fn(batch).backward()
-        grads = {key: reduce(w.grad) for key, w in weights.items() if w.grad is not None}
-        return {g.owner: unit_norms_sq(g, {r: grads[(g.owner, r)] for r in roles if (g.owner, r) in grads}).sqrt()
-                for g in groups}
+            if len(batches) == 1:
+                for weight in weights.values():
+                    weight.requires_grad_(True)
+                    handles.append(weight.register_post_accumulate_grad_hook(to_units))
+                loss_fn(batches[0]).backward()
+            else:
+                sizes = {i: w.numel() * w.element_size() for i, w in weights.items()}
+                for chunk in groups_within(sizes, score_memory):
+                    for i in chunk:
+                        weights[i].requires_grad_(True)
+                    for batch in batches:
+                        loss_fn(batch).backward()
+                    for i in chunk:
+                        to_units(weights[i])
+                        weights[i].requires_grad_(False)
+        return {g.owner: _summed_roles(g, roles, parts).sqrt() for g in groups}
     finally:
+        for handle in handles:
+            handle.remove()
         for param, flag in flags.items():
             param.grad = None
             param.requires_grad_(flag)
+
+
+def _summed_roles(group: CoupledGroup, roles: Sequence[str], parts: dict[tuple[str, str], Tensor]) -> Tensor:
+    """The roles' shares added in `roles` order, as `unit_norms_sq` adds them."""
+    total = torch.zeros(group.num_units, dtype=torch.float64)
+    for role in roles:
+        if (group.owner, role) in parts:
+            total += parts[(group.owner, role)]
+    return total

@@ -1,0 +1,161 @@
+"""Extra peak host memory of data-driven selection (SIFT, S2FT) on SmolLM2-135M, as a multiple of the parameter bytes.
+
+Each case runs in a fresh subprocess: load SmolLM2-135M-Instruct in fp32, build 4 calibration batches of 1 x 64
+tokens (random ids, seed 0: activations stay small, so what is measured is what selection holds), attach the method's
+deltas, page every weight in with one forward and backward (transformers memory-maps fp32 safetensors; the first pass
+would otherwise count ~1x the model as "selection"), then reset the kernel's peak-RSS mark (`/proc/self/clear_refs`)
+and run the selection through the library's public path. "Extra peak" is VmHWM during selection minus VmRSS just
+before it; glibc's mmap threshold is pinned so freed buffers leave RSS (as in step_benchmark.py).
+
+Cases:
+- `sift`: `select_by_gradient(model, batches, loss_fn)` with the library's defaults, density 0.01 on the seven
+  LLaMA projections (GradientTopKCallback's defaults);
+- `sift-dense-sum`: the all-at-once dense sum (`summed_weight_gradients` over every layer, then `select_top_k`),
+  what `select_by_gradient` computed before selection memory was bounded;
+- `s2ft-gradient`, `s2ft-activation`: `S2FTStructureCallback(select_by=..., calibration_batches=N).attach(model,
+  calibration)` with its default budgets and projections (o, down), selection, co-permutation and blocks included.
+
+`--label` names the library under test (run once with this checkout first on PYTHONPATH, once with another, e.g. the
+commit before), and rows accumulate in `--json`; the markdown table is rewritten from all of them:
+
+    OMP_NUM_THREADS=1 PYTHONPATH=/path/to/old/checkout python benchmarks/selection_memory.py --label before \\
+        --cases sift,s2ft-gradient,s2ft-activation --json benchmarks/results/selection_memory.json
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/selection_memory.py --label after \\
+        --json benchmarks/results/selection_memory.json --output benchmarks/results/selection_memory.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CASES = ["sift", "sift-dense-sum", "s2ft-gradient", "s2ft-activation"]
+BATCH_COUNTS = [1, 4]
+MODEL = "SmolLM2-135M-Instruct"
+TOKENS = 64
+
+
+def status_bytes(key: str) -> int:
+    return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024
+
+
+def measure(case: str, batch_count: int) -> dict[str, Any]:
+    """One case in this process (a fresh child): the selection's extra peak RSS and CPU seconds."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import sparse_lightning
+    from sparse_lightning.callbacks import GradientTopKCallback, S2FTStructureCallback
+    from sparse_lightning.methods import Calibration
+    from sparse_lightning.models import resolve_model_path
+    from sparse_lightning.sparse.inject import freeze_except
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(MODEL), dtype=torch.float32)
+    model.eval()
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    ids = torch.randint(0, model.config.vocab_size, (batch_count, 1, TOKENS), generator=torch.Generator().manual_seed(0))
+    calibration = Calibration.from_batches(model, [{"input_ids": i, "labels": i} for i in ids])
+    batches, loss_fn = calibration.batches(batch_count), calibration.loss_fn
+
+    if case.startswith("sift"):
+        GradientTopKCallback(density=0.01).attach(model)
+        freeze_except(model, [])
+        loss_fn(batches[0]).backward()  # pages every weight in; the selection's own passes come after the reset
+        model.zero_grad(set_to_none=True)
+        if case == "sift":
+            from sparse_lightning.methods.sift import select_by_gradient
+
+            def select() -> None:
+                select_by_gradient(model, batches, loss_fn)
+        else:
+            from sparse_lightning.methods.sift import select_top_k, summed_weight_gradients, unselected_layers
+
+            def select() -> None:
+                layers = unselected_layers(model)
+                scores = summed_weight_gradients(model, layers, batches, loss_fn)
+                for name, layer in layers.items():
+                    select_top_k(layer, scores[name].abs_())
+    else:
+        model.requires_grad_(False)
+        with torch.no_grad():
+            loss_fn(batches[0])  # pages every weight in
+        callback = S2FTStructureCallback(select_by=case.removeprefix("s2ft-"), calibration_batches=batch_count)
+
+        def select() -> None:
+            callback.attach(model, calibration)
+
+    Path("/proc/self/clear_refs").write_text("5")
+    before = status_bytes("VmRSS")
+    cpu = time.process_time()
+    select()
+    cpu = time.process_time() - cpu
+    extra = status_bytes("VmHWM") - before
+    return {"case": case, "batches": batch_count, "extra_peak_mib": extra / 2**20,
+            "ratio": extra / parameter_bytes, "parameter_mib": parameter_bytes / 2**20, "cpu_s": cpu,
+            "library": str(Path(sparse_lightning.__file__).resolve().parents[1])}
+
+
+def commit_of(path: str) -> str:
+    try:
+        return subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def run_child(case: str, batch_count: int) -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    out = subprocess.run([sys.executable, __file__, "--child", case, str(batch_count)], env=env, capture_output=True,
+                         text=True)
+    if out.returncode:
+        raise RuntimeError(f"{case} with {batch_count} batch(es) failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| library | case | calibration batches | extra peak (MiB) | x parameter bytes | selection CPU s |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["case"], r["batches"], r["label"] != "before")):
+        lines.append(f"| {r['label']} ({r['commit']}) | {r['case']} | {r['batches']} | {r['extra_peak_mib']:.0f} "
+                     f"| {r['ratio']:.3f} | {r['cpu_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", nargs=2, metavar=("CASE", "BATCHES"), help=argparse.SUPPRESS)
+    parser.add_argument("--label", default="after", help="name of the library under test in the table")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, among {CASES}")
+    parser.add_argument("--batches", default=",".join(map(str, BATCH_COUNTS)), help="calibration batch counts")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/selection_memory.json"))
+    parser.add_argument("--output", type=Path, help="write the markdown table here too")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child[0], int(args.child[1]))))
+        return
+    rows = json.loads(args.json.read_text()) if args.json.exists() else []
+    for case in args.cases.split(","):
+        for count in map(int, args.batches.split(",")):
+            row = {**run_child(case, count), "label": args.label}
+            row["commit"] = commit_of(row["library"])
+            print(f"{args.label:8s} {case:16s} {count} batch(es): +{row['extra_peak_mib']:.0f} MiB = "
+                  f"{row['ratio']:.3f}x parameter bytes, {row['cpu_s']:.1f} s CPU", flush=True)
+            rows = [r for r in rows if (r["label"], r["case"], r["batches"]) != (args.label, case, count)] + [row]
+            args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    print(table(rows))
+    if args.output:
+        args.output.write_text(f"# Selection memory, SmolLM2-135M fp32, batches of 1 x {TOKENS} tokens\n\n"
+                               f"Made by `benchmarks/selection_memory.py` (see its docstring for the commands).\n\n"
+                               f"{table(rows)}\n")
+
+
+if __name__ == "__main__":
+    main()

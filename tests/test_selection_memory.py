@@ -1,0 +1,221 @@
+"""Bounded-memory selection chooses exactly what the all-at-once dense sum chooses: SIFT's indices, and S2FT's
+gradient scores.
+
+The reference below is the selection as it was computed before memory was bounded: a full-size fp32 accumulator for
+every target weight, every calibration batch's dense gradient added into it, then each weight's top-k of |sum|. The
+library takes each top-k inside backward from one batch, and sums groups of layers in turn from several; both must
+give the same index sets, bit for bit, on several families, with budgets that force one layer per group. S2FT's
+gradient scores are checked the same way against summing every trained projection's `.grad` at once.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    LlamaConfig,
+    Phi3Config,
+)
+
+from sparse_lightning.callbacks import GradientTopKCallback
+from sparse_lightning.methods import select_by_gradient
+from sparse_lightning.methods import sift
+from sparse_lightning.score_groups import groups_within
+from sparse_lightning.sparse import freeze_except, sparse_delta_layers
+from sparse_lightning.structure import find_groups
+from sparse_lightning.structure.families import base_linear
+from sparse_lightning.structure.scores import gradient_scores, unit_norms_sq
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB = 96
+
+
+def tiny(family: str) -> nn.Module:
+    torch.manual_seed(0)
+    if family == "bert":
+        config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=48, max_position_embeddings=64, num_labels=2)
+        return BertForSequenceClassification(config).eval()
+    config = {"llama": lambda: LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+              "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+              "phi3": lambda: Phi3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         pad_token_id=0)}[family]()
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def batches(family: str, count: int) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(1, VOCAB, (2, 10), generator=generator)
+        labels = torch.randint(0, 2, (2,), generator=generator) if family == "bert" else ids
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def with_deltas(family: str, density: float = 0.05) -> nn.Module:
+    model = tiny(family)
+    GradientTopKCallback(density=density).attach(model)
+    freeze_except(model, [])
+    return model
+
+
+def dense_sum_selection(model: nn.Module, calibration: list[dict], loss_fn) -> dict[str, torch.Tensor]:
+    """The reference: every layer's fp32 sum at once, then top-k of |sum| (sorted flat positions)."""
+    layers = sparse_delta_layers(model)
+    sums = {name: torch.zeros(layer.weight_shape) for name, layer in layers.items()}
+    for name, layer in layers.items():
+        layer.weight_grad_observer = sums[name].add_
+    for batch in calibration:
+        loss_fn(batch).backward()
+    for layer in layers.values():
+        layer.weight_grad_observer = None
+    model.zero_grad(set_to_none=True)
+    return {name: torch.topk(sums[name].abs().view(-1), layers[name].k, sorted=False).indices.sort().values
+            for name in layers}
+
+
+def chosen(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: layer.delta_indices.long() for name, layer in sparse_delta_layers(model).items()}
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "gpt2"])
+@pytest.mark.parametrize("count, score_memory", [(1, 0.125), (3, 1.0), (3, 0.3), (3, 1e-6)])
+def test_selection_equals_the_dense_sum(family: str, count: int, score_memory: float) -> None:
+    model = with_deltas(family)
+    calibration = batches(family, count)
+    reference_model = copy.deepcopy(model)
+    reference = dense_sum_selection(reference_model, calibration, lambda batch: reference_model(**batch).loss)
+    select_by_gradient(model, calibration, lambda batch: model(**batch).loss, score_memory=score_memory)
+    got = chosen(model)
+    assert got.keys() == reference.keys() and len(got) >= 8
+    for name in reference:
+        assert torch.equal(got[name], reference[name]), name
+    assert all(bool(layer.delta_selected) for layer in sparse_delta_layers(model).values())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_several_batches_run_once_per_group_of_layers() -> None:
+    """A budget of one layer's worth of the total runs the batches once per group of that size, in model order."""
+    model = with_deltas("llama")
+    layers = sparse_delta_layers(model)
+    sizes = {name: 4 * layer.weight_shape.numel() for name, layer in layers.items()}
+    groups = groups_within(sizes, 0.2)
+    assert 1 < len(groups) < len(layers) and [n for g in groups for n in g] == list(layers)
+    assert all(sum(sizes[n] for n in g) <= 0.2 * sum(sizes.values()) for g in groups)
+    calls = []
+
+    def loss_fn(batch):
+        calls.append(batch)
+        return model(**batch).loss
+
+    select_by_gradient(model, batches("llama", 2), loss_fn, score_memory=0.2)
+    assert len(calls) == 2 * len(groups)
+
+
+def test_one_batch_chooses_inside_backward_without_summing(monkeypatch) -> None:
+    model = with_deltas("llama")
+    reference_model = copy.deepcopy(model)
+    calibration = batches("llama", 1)
+    reference = dense_sum_selection(reference_model, calibration, lambda batch: reference_model(**batch).loss)
+
+    def no_sum(*args, **kwargs):
+        raise AssertionError("one calibration batch must not hold summed scores")
+
+    monkeypatch.setattr(sift, "summed_weight_gradients", no_sum)
+    select_by_gradient(model, calibration, lambda batch: model(**batch).loss)
+    assert all(torch.equal(chosen(model)[name], reference[name]) for name in reference)
+
+
+class Twice(nn.Module):
+    """One Linear applied twice per forward, one never: their scores are a sum and zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared, self.other, self.unused = nn.Linear(6, 6), nn.Linear(6, 3), nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.other(torch.tanh(self.shared(torch.tanh(self.shared(x))))).square().sum()
+
+
+def test_a_layer_run_twice_in_one_batch_is_scored_by_its_summed_gradient() -> None:
+    torch.manual_seed(0)
+    model = Twice()
+    GradientTopKCallback(density=0.2, target_modules=["shared", "other", "unused"]).attach(model)
+    freeze_except(model, [])
+    calibration = [torch.randn(4, 6)]
+    reference_model = copy.deepcopy(model)
+    reference = dense_sum_selection(reference_model, calibration, reference_model)
+    select_by_gradient(model, calibration, model)
+    got = chosen(model)
+    assert all(torch.equal(got[name], reference[name]) for name in reference)
+
+
+@pytest.mark.parametrize("score_memory", [0.0, -0.5, 1.5])
+def test_score_memory_out_of_range_is_refused(score_memory: float) -> None:
+    with pytest.raises(ValueError, match=r"score_memory must be in \(0, 1\]"):
+        GradientTopKCallback(score_memory=score_memory)
+    model = with_deltas("llama")
+    with pytest.raises(ValueError, match=r"score_memory must be in \(0, 1\]"):
+        select_by_gradient(model, batches("llama", 2), lambda batch: model(**batch).loss, score_memory=score_memory)
+    assert not any(bool(layer.delta_selected) for layer in sparse_delta_layers(model).values())
+
+
+def test_groups_keep_model_order_and_an_oversized_weight_alone() -> None:
+    sizes = {"a": 10, "b": 10, "c": 60, "d": 10, "e": 10}
+    assert groups_within(sizes, 0.2) == [["a", "b"], ["c"], ["d", "e"]]
+    assert groups_within(sizes, 1.0) == [list(sizes)]
+    assert groups_within(sizes, 1e-9) == [[name] for name in sizes]
+
+
+def all_at_once_gradient_scores(model: nn.Module, groups, roles, calibration, loss_fn) -> dict[str, torch.Tensor]:
+    """The reference: every trained projection's `.grad` summed over the batches at once, then per-unit norms."""
+    weights = {(g.owner, r): base_linear(model, g.roles[r]).weight for g in groups for r in roles if r in g.roles}
+    model.requires_grad_(False)
+    for weight in weights.values():
+        weight.requires_grad_(True)
+    for batch in calibration:
+        loss_fn(batch).backward()
+    grads = {key: w.grad.clone() for key, w in weights.items()}
+    model.zero_grad(set_to_none=True)
+    model.requires_grad_(True)
+    return {g.owner: unit_norms_sq(g, {r: grads[(g.owner, r)] for r in roles if (g.owner, r) in grads}).sqrt()
+            for g in groups}
+
+
+@pytest.mark.parametrize("family, roles", [("llama", ["o", "v", "down", "up", "gate"]), ("phi3", ["o", "v", "down"])])
+@pytest.mark.parametrize("count, score_memory", [(1, 0.125), (3, 1.0), (3, 0.3), (3, 1e-6)])
+def test_s2ft_gradient_scores_equal_the_all_at_once_sum(family: str, roles: list[str], count: int,
+                                                         score_memory: float) -> None:
+    model = tiny(family)
+    groups = find_groups(model)
+    calibration = batches(family, count)
+    reference_model = copy.deepcopy(model)
+    reference = all_at_once_gradient_scores(reference_model, groups, roles, calibration,
+                                            lambda batch: reference_model(**batch).loss)
+    flags = [p.requires_grad for p in model.parameters()]
+    calls = []
+
+    def loss_fn(batch):
+        calls.append(batch)
+        return model(**batch).loss
+
+    scores = gradient_scores(model, groups, roles, calibration, loss_fn, score_memory=score_memory)
+    assert scores.keys() == reference.keys() and len(scores) == 4
+    for owner in reference:
+        assert torch.equal(scores[owner], reference[owner]), owner
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    if score_memory < 0.01:  # one weight per group: the batches ran once per distinct trained weight
+        assert len(calls) == count * len({id(base_linear(model, g.roles[r]).weight)
+                                          for g in groups for r in roles if r in g.roles})
