@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-CASES = ["sift", "sift-dense-sum", "s2ft-gradient", "s2ft-activation"]
+CASES = ["forward-backward", "sift", "sift-dense-sum", "s2ft-gradient", "s2ft-activation"]
 BATCH_COUNTS = [1, 4]
 MODEL = "SmolLM2-135M-Instruct"
 TOKENS = 64
@@ -65,12 +65,18 @@ def measure(case: str, batch_count: int) -> dict[str, Any]:
     calibration = Calibration.from_batches(model, [{"input_ids": i, "labels": i} for i in ids])
     batches, loss_fn = calibration.batches(batch_count), calibration.loss_fn
 
-    if case.startswith("sift"):
+    if case == "forward-backward" or case.startswith("sift"):
         GradientTopKCallback(density=0.01).attach(model)
         freeze_except(model, [])
         loss_fn(batches[0]).backward()  # pages every weight in; the selection's own passes come after the reset
         model.zero_grad(set_to_none=True)
-        if case == "sift":
+        if case == "forward-backward":
+
+            def select() -> None:
+                for batch in batches:
+                    loss_fn(batch).backward()
+                model.zero_grad(set_to_none=True)
+        elif case == "sift":
             from sparse_lightning.methods.sift import select_by_gradient
 
             def select() -> None:

@@ -11,6 +11,9 @@ gradient scores are checked the same way against summing every trained projectio
 from __future__ import annotations
 
 import copy
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -34,6 +37,8 @@ from sparse_lightning.structure.families import base_linear
 from sparse_lightning.structure.scores import gradient_scores, unit_norms_sq
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+SELECTION_SCRIPT = Path(__file__).resolve().parent / "distributed_scripts" / "selection_run.py"
 
 VOCAB = 96
 
@@ -219,3 +224,38 @@ def test_s2ft_gradient_scores_equal_the_all_at_once_sum(family: str, roles: list
     if score_memory < 0.01:  # one weight per group: the batches ran once per distinct trained weight
         assert len(calls) == count * len({id(base_linear(model, g.roles[r]).weight)
                                           for g in groups for r in roles if r in g.roles})
+
+
+@pytest.fixture(scope="module")
+def selection_run() -> ModuleType:
+    """tests/distributed_scripts/selection_run.py: its tiny model, each rank's batches and its settings."""
+    spec = importlib.util.spec_from_file_location("selection_run", SELECTION_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.multiprocess
+def test_every_rank_holds_the_dense_sum_selection(selection_run: ModuleType, launch_ranks, tmp_path: Path) -> None:
+    """On 2 ranks, replicated and FSDP2-sharded, from 1 and 3 batches: each rank's indices are those of one process
+    summing both ranks' gradients at once (each rank's batches summed in order, then the two sums: what the all-reduce
+    adds)."""
+    launch_ranks(SELECTION_SCRIPT, ["--output", str(tmp_path)], "the 2-rank selection", 300)
+    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    for count in selection_run.BATCH_COUNTS:
+        sums = []
+        for rank in range(2):
+            model = selection_run.tiny_model()
+            layers = sparse_delta_layers(model)
+            sums.append({name: torch.zeros(layer.weight_shape) for name, layer in layers.items()})
+            for name, layer in layers.items():
+                layer.weight_grad_observer = sums[-1][name].add_
+            for batch in selection_run.rank_batches(rank, count):
+                model(**batch).loss.backward()
+        for name, layer in layers.items():
+            summed = (sums[0][name] + sums[1][name]).abs().view(-1)
+            expected = torch.topk(summed, layer.k, sorted=False).indices.sort().values
+            for rank in range(2):
+                for strategy in ("replicas", "fsdp2"):
+                    got = results[rank][f"{strategy}-{count}"][name].long()
+                    assert torch.equal(got, expected), (rank, strategy, count, name)

@@ -1,0 +1,92 @@
+"""SIFT's bounded-memory selection on 2 CPU ranks (gloo): every rank ends with the same indices, those of the dense sum.
+
+Each rank builds the same tiny LLaMA, attaches SIFT's deltas and scores its own calibration batches (`rank_batches`),
+once on replicas (as under DDP) and once sharded with FSDP2 (`fully_shard` per block, as the library shards), from one
+batch (top-k inside backward, summed over ranks there) and from several (groups of layers, one all-reduce per group),
+with a budget that forces several groups. Every rank writes `rank<r>.pt`: {"<strategy>-<batches>": {name: indices}}.
+tests/test_selection_memory.py compares them with the dense sum over both ranks' batches in one process.
+
+    python selection_run.py --output OUT [--ranks 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
+
+from sparse_lightning.callbacks import GradientTopKCallback  # noqa: E402
+from sparse_lightning.methods import select_by_gradient  # noqa: E402
+from sparse_lightning.sparse import freeze_except, sparse_delta_layers  # noqa: E402
+
+VOCAB = 96
+BATCH_COUNTS = (1, 3)
+SCORE_MEMORY = 0.3  # several groups of layers
+DENSITY = 0.05
+
+
+def tiny_model() -> torch.nn.Module:
+    """The same tiny GQA LLaMA with SIFT's deltas attached, on every rank and in the test."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    GradientTopKCallback(density=DENSITY).attach(model)
+    freeze_except(model, [])
+    return model
+
+
+def rank_batches(rank: int, count: int) -> list[dict[str, torch.Tensor]]:
+    """Rank `rank`'s own calibration batches."""
+    generator = torch.Generator().manual_seed(100 + rank)
+    ids = [torch.randint(1, VOCAB, (2, 10), generator=generator) for _ in range(count)]
+    return [{"input_ids": i, "labels": i} for i in ids]
+
+
+def worker(rank: int, world: int, output: Path) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from sparse_lightning.modules.fsdp2 import fully_shard_model
+
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("data_parallel",))
+        results = {}
+        for strategy in ("replicas", "fsdp2"):
+            for count in BATCH_COUNTS:
+                model = tiny_model()
+                if strategy == "fsdp2":
+                    fully_shard_model(model, mesh)
+                select_by_gradient(model, rank_batches(rank, count), lambda batch: model(**batch).loss,
+                                   score_memory=SCORE_MEMORY)
+                results[f"{strategy}-{count}"] = {name: layer.delta_indices.clone()
+                                                  for name, layer in sparse_delta_layers(model).items()}
+        torch.save(results, output / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--ranks", type=int, default=2)
+    args = parser.parse_args()
+    args.output.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    mp.spawn(worker, args=(args.ranks, args.output), nprocs=args.ranks, join=True)
+
+
+if __name__ == "__main__":
+    main()
