@@ -14,6 +14,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sparse_lightning.modules import SparseFineTuningModule
+from sparse_lightning.run_folder import claim_run_folders
 
 
 class SaveConfigToRunDirectory(SaveConfigCallback):
@@ -84,7 +85,18 @@ class SparseLightningCLI(LightningCLI):
             rank_zero_info("final metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
 
     def before_fit(self) -> None:
+        self._claim_run_folder()
         warn_if_no_validation_before_the_end(self.trainer)
+
+    def before_validate(self) -> None:
+        self._claim_run_folder()
+
+    def before_test(self) -> None:
+        self._claim_run_folder()
+
+    def _claim_run_folder(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        claim_run_folders(self.trainer, config.get("trainer", {}).get("logger"))
 
     def after_fit(self) -> None:
         self._report()
@@ -147,15 +159,19 @@ def export_main(argv: list[str]) -> None:
                              "(peft>=0.17 loads it with PeftModel.from_pretrained); peft-supertuning: a PEFT "
                              "Super-Tuning adapter (peft>=0.21)")
     parser.add_argument("--merged", type=bool, default=False, help="also write a merged plain HF model to OUTPUT/merged")
+    parser.add_argument("--replace", type=bool, default=False,
+                        help="replace a non-empty OUTPUT whole (otherwise refused); the export is written aside and "
+                             "moved into place complete either way")
     parser.add_argument("--module_class", type=str, default=None,
                         help="LightningModule class to rebuild the checkpoint with, when it is not one of "
                              "sparse_lightning's (a class a checkpoint names is imported only from sparse_lightning)")
     args = parser.parse_args(argv)
     if args.format == "delta":
-        written = export_checkpoint(args.ckpt_path, args.output, merged=args.merged, module_class=args.module_class)
+        written = export_checkpoint(args.ckpt_path, args.output, merged=args.merged, module_class=args.module_class,
+                                    replace=args.replace)
     else:
         written = export_checkpoint_peft(args.ckpt_path, args.output, format=args.format, merged=args.merged,
-                                         module_class=args.module_class)
+                                         module_class=args.module_class, replace=args.replace)
     for kind, path in written.items():
         print(f"wrote {kind}: {path}")
 

@@ -67,9 +67,7 @@ def load_model(model: str | Path, base_model: str | None = None) -> tuple[nn.Mod
         if (path / DELTA_CONFIG).is_file():
             base = base_model or delta_base_model(path)
             hf_model, tokenizer = _base(base, path)
-            init = _read_json(path / DELTA_CONFIG).get("init_delta")
-            if init:  # trained from base + init_delta (fit --model.init_delta): that first
-                apply_delta(hf_model, init)
+            init = _read_json(path / DELTA_CONFIG).get("init_delta")  # apply_delta applies it first, as fit did
             return apply_delta(hf_model, path), tokenizer, f"delta {path} on {base}" + (f" + {init}" if init else "")
         if (path / "config.json").is_file():
             hf_model, tokenizer = _base(str(path), path)

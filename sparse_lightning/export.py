@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from sparse_lightning.export_target import check_export_target, published, staged_export
 from sparse_lightning.sparse import delta_layers, merge_and_unwrap
 from sparse_lightning.sparse.frozen_delta import is_delta_parameter
 from sparse_lightning.sparse.quantized import dequantize_model
@@ -71,7 +73,7 @@ def export_delta(model: nn.Module, output: str | Path, metadata: dict[str, Any],
     params = dict(model.named_parameters())
     for name in dense:
         tensors[name] = params[name].detach().cpu().contiguous()
-    _require_finite(tensors, f"the delta for {output}")
+    _require_finite(tensors, "the delta")
     output.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(output / DELTA_WEIGHTS))
     config = {"format": FORMAT, **metadata, "targets": targets, "dense": dense}
@@ -104,22 +106,104 @@ def apply_delta(model: nn.Module, delta_dir: str | Path) -> nn.Module:
     """Add an exported delta onto a plain base model in place (the model then equals the merged one).
 
     The whole directory is checked first (format and version, every target weight and its shape, index range,
-    uniqueness and count, finite values, the dense parameters); any problem raises `DeltaFileError` naming the file,
-    the tensor and the problem, and leaves the model untouched. Low-precision weights get the delta added in fp32 and
-    rounded once. A PEFT SHiRA or Super-Tuning adapter directory (`adapter_config.json`) is read the same way
-    (`sparse_lightning.peft_interop.apply_peft_adapter`).
+    uniqueness and count, values finite in fp32, the dtype they are added in, and base + delta finite in the weight's
+    dtype, the dense parameters); any problem raises `DeltaFileError` naming the file, the tensor and the problem, and
+    leaves the model untouched. Low-precision weights get the delta added in fp32 and rounded once. A delta trained
+    from `init_delta` (recorded in its config) gets that delta applied first, as training did. A PEFT SHiRA or
+    Super-Tuning adapter directory (`adapter_config.json`) is read the same way
+    (`sparse_lightning.peft_interop.apply_peft_adapter`). A delta trained on a quantized base warns: on a
+    full-precision base the result differs from the trained model by the quantization error.
     """
-    if (Path(delta_dir) / "adapter_config.json").is_file():
-        from sparse_lightning.peft_interop import apply_peft_adapter
-
-        return apply_peft_adapter(model, delta_dir)
-    updates = _checked_updates(model, Path(delta_dir))
-    for weight, dim, index, delta in updates:
-        if dim is None:  # a dense parameter, replaced
-            weight.copy_(delta)
-        else:
-            _add_rounding_once(weight, dim, index, delta)
+    chain = _init_chain(Path(delta_dir))
+    undo: list[tuple[Tensor, int | None, Tensor | None, Tensor]] = []
+    try:
+        for directory in chain:
+            for weight, dim, index, delta in _checked_any(model, directory):
+                undo.append((weight, dim, index, _values_at(weight, dim, index).clone()))
+                _write_update(weight, dim, index, delta)
+    except BaseException:
+        for weight, dim, index, saved in reversed(undo):  # an init_delta applied before a later directory failed
+            _put_values(weight, dim, index, saved)
+        raise
     return model
+
+
+def _init_chain(delta_dir: Path) -> list[Path]:
+    """The directories to apply, in order: the `init_delta` a delta records (and its own, ...), then the delta."""
+    chain = [delta_dir]
+    while True:
+        config_path = chain[0] / DELTA_CONFIG
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return chain  # not ours, or unreadable: the checks report it
+        init = config.get("init_delta") if isinstance(config, dict) else None
+        if not init:
+            return chain
+        path = Path(str(init)).expanduser()
+        if not path.is_dir():
+            raise DeltaFileError(f"{config_path}: this delta was trained from init_delta {init} (base + that delta), "
+                                 "which is not a directory here: put it there or fix init_delta in the config; the "
+                                 "model was not changed")
+        if any(path.resolve() == seen.resolve() for seen in chain) or len(chain) > 16:
+            raise DeltaFileError(f"{config_path}: init_delta {init} leads back to a delta already in the chain; the "
+                                 "model was not changed")
+        chain.insert(0, path)
+
+
+def _checked_any(model: nn.Module, directory: Path) -> list[tuple[Tensor, int | None, Tensor | None, Tensor]]:
+    """`_checked_updates` for our delta directories, `_checked_peft_updates` for a PEFT adapter, in one form."""
+    if (directory / "adapter_config.json").is_file():
+        from sparse_lightning.peft_interop import _checked_peft_updates
+
+        return [(weight, None if flat is None else -1, flat, values)
+                for weight, flat, values in _checked_peft_updates(model, directory)]
+    updates = _checked_updates(model, directory)
+    _warn_if_quantized_run(directory)
+    return updates
+
+
+def _warn_if_quantized_run(directory: Path) -> None:
+    quantize = json.loads((directory / DELTA_CONFIG).read_text(encoding="utf-8")).get("quantize")
+    if quantize:
+        warnings.warn(f"{directory} was trained on a {quantize}-quantized base: on another base (this one, unless you "
+                      f"quantized it the same way) the result differs from the trained model by the quantization "
+                      "error; the trained model itself is the merged export (--merged true)", stacklevel=3)
+
+
+def _write_update(weight: Tensor, dim: int | None, index: Tensor | None, delta: Tensor) -> None:
+    if dim is None:  # a dense parameter, replaced
+        weight.copy_(delta)
+    else:
+        _add_rounding_once(weight, dim, index, delta)
+
+
+def _values_at(weight: Tensor, dim: int | None, index: Tensor | None) -> Tensor:
+    """The weight's values an update writes (the whole weight for a dense replacement)."""
+    if dim is None:
+        return weight.detach()
+    target = weight.detach().view(-1) if dim == -1 else weight.detach()
+    return target.index_select(0 if dim == -1 else dim, index.to(device=target.device, dtype=torch.long))
+
+
+def _put_values(weight: Tensor, dim: int | None, index: Tensor | None, values: Tensor) -> None:
+    if dim is None:
+        weight.copy_(values)
+    else:
+        target = weight.view(-1) if dim == -1 else weight
+        target.index_copy_(0 if dim == -1 else dim, index.to(device=target.device, dtype=torch.long), values)
+
+
+def overflowing(weight: Tensor, dim: int | None, index: Tensor | None, delta: Tensor) -> int:
+    """How many entries of `weight` an update would leave non-finite: base + delta summed in fp32 and rounded to the
+    weight's dtype (a dense replacement: the value in that dtype). A float64 1e300 passes a float64 finite check and
+    is inf in fp32; an fp16 weight overflows at 65504."""
+    if dim is None:
+        result = delta.to(weight.dtype)
+    else:
+        result = (_values_at(weight, dim, index).float() + delta.to(device=weight.device, dtype=torch.float32))
+        result = result.to(weight.dtype)
+    return int((~torch.isfinite(result)).sum())
 
 
 def delta_base_model(delta_dir: str | Path) -> str | None:
@@ -191,8 +275,9 @@ def _checked_updates(model: nn.Module, delta_dir: Path) -> list[tuple[Tensor, in
             want = "integer" if integer else "floating-point"
             raise fail(weights_path, f"tensor {key!r} must be a {ndim}-D {want} tensor, got {value.dim()}-D "
                                      f"{value.dtype}")
-        if not integer and not bool(torch.isfinite(value).all()):
-            raise fail(weights_path, f"tensor {key!r} holds {int((~torch.isfinite(value)).sum())} non-finite value(s)")
+        if not integer and not bool(torch.isfinite(value.float()).all()):
+            raise fail(weights_path, f"tensor {key!r} holds {int((~torch.isfinite(value.float())).sum())} non-finite "
+                                     "value(s) in fp32, the dtype deltas are added in")
         return value
 
     def positions(key: str, size: int) -> Tensor:
@@ -253,7 +338,20 @@ def _checked_updates(model: nn.Module, delta_dir: Path) -> list[tuple[Tensor, in
     touched = [id(weight) for weight, *_ in updates]
     if len(set(touched)) != len(touched):
         raise fail(config_path, "two entries change the same parameter")
+    require_finite_results(model, updates, lambda problem: fail(weights_path, problem))
     return updates
+
+
+def require_finite_results(model: nn.Module, updates: list[tuple[Tensor, int | None, Tensor | None, Tensor]],
+                           fail) -> None:
+    """Refuse updates that would leave a weight non-finite in its own dtype (`overflowing`); `fail(problem)` makes the
+    error."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    for weight, dim, index, delta in updates:
+        bad = overflowing(weight, dim, index, delta)
+        if bad:
+            raise fail(f"adding it would make {bad} entries of {names.get(id(weight), 'a parameter')} non-finite in "
+                       f"{str(weight.dtype).removeprefix('torch.')} (values too large for that dtype)")
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
@@ -334,41 +432,70 @@ def load_trained_module(ckpt_path: str | Path, module_class: str | None = None):
 
 
 def export_checkpoint(ckpt_path: str | Path, output: str | Path, merged: bool = False,
-                      module_class: str | None = None) -> dict[str, Path]:
+                      module_class: str | None = None, replace: bool = False) -> dict[str, Path]:
     """Export a checkpoint's delta to `output` (sparse methods) and, if `merged`, a plain HF model to
-    `output/merged` that vanilla transformers loads."""
-    from sparse_lightning.model_card import run_facts, write_model_cards
+    `output/merged` that vanilla transformers loads. `output` must be new or empty unless `replace` (then it is
+    replaced whole); it appears complete or not at all (`sparse_lightning.export_target`)."""
+    from sparse_lightning.model_card import run_facts
 
+    target = check_export_target(output, replace, keep=[ckpt_path])
     module, info = load_trained_module(ckpt_path, module_class)
     hf_trainable = [name.removeprefix("model.") for name in info["trainable"]]
     metadata = {key: info[key] for key in ("method", "base_model", "callbacks")}
-    if info.get("init_delta"):  # trained from base + init_delta: this delta adds onto that
-        metadata["init_delta"] = info["init_delta"]
+    metadata.update(run_start(module.hparams))
     facts = run_facts(module.model, hf_trainable, checkpoint=ckpt_path)  # before the in-place merge
-    written = _export(module.model, output, merged, metadata, hf_trainable, in_place=True)
-    write_model_cards(written, metadata, facts)  # a README.md model card in every directory written
-    return written
+    return _export_with_cards(module.model, target, replace, merged, metadata, hf_trainable, facts, in_place=True)
 
 
-def export_model(model: nn.Module, output: str | Path, merged: bool = False, base_model: str | None = None) -> dict[str, Path]:
+def export_model(model: nn.Module, output: str | Path, merged: bool = False, base_model: str | None = None,
+                 replace: bool = False) -> dict[str, Path]:
     """Export a trained model without a checkpoint: `model` is a `SparseFineTuningModule` or an HF model with
     deltas attached. Writes the delta (densely trained parameters included) and, if `merged`, a plain HF model to
-    `output/merged`; the model passed in is left as it was (the merge happens on a copy)."""
+    `output/merged`; the model passed in is left as it was (the merge happens on a copy). `output` as in
+    `export_checkpoint`."""
+    from sparse_lightning.model_card import run_facts
+
+    target = check_export_target(output, replace)
     module = model if isinstance(model, LightningModule) else None
     hf_model = module.model if module is not None else model
     if module is not None:
         callbacks = [cb.describe() for cb in module.sparse_callbacks()]
-        metadata = {"method": module.method, "base_model": module.hparams.model_name_or_path, "callbacks": callbacks}
+        metadata = {"method": module.method, "base_model": module.hparams.model_name_or_path, "callbacks": callbacks,
+                    **run_start(module.hparams)}
     else:
         methods = sorted({type(layer).__name__ for layer in delta_layers(hf_model).values()})
         metadata = {"method": "+".join(methods) or "full", "callbacks": [],
                     "base_model": base_model or getattr(getattr(hf_model, "config", None), "_name_or_path", None)}
     trainable = [name for name, param in hf_model.named_parameters() if param.requires_grad]
-    from sparse_lightning.model_card import run_facts, write_model_cards
+    facts = run_facts(hf_model, trainable, module=module)
+    return _export_with_cards(hf_model, target, replace, merged, metadata, trainable, facts, in_place=False)
 
-    written = _export(hf_model, output, merged, metadata, trainable, in_place=False)
-    write_model_cards(written, metadata, run_facts(hf_model, trainable, module=module))  # README.md in each
-    return written
+
+def _export_with_cards(model: nn.Module, target: Path, replace: bool, merged: bool, metadata: dict[str, Any],
+                       trainable: list[str], facts: dict[str, Any], in_place: bool) -> dict[str, Path]:
+    """`_export` and a README.md model card in every directory, written aside and moved to `target` whole."""
+    from sparse_lightning.model_card import write_model_cards
+
+    with staged_export(target, replace) as staging:
+        written = _export(model, staging, merged, metadata, trainable, in_place)
+        write_model_cards(written, metadata, facts, staged=(staging, target))
+    return published(written, staging, target)
+
+
+def run_start(hparams: Any) -> dict[str, Any]:
+    """What the trained model is besides base + delta, recorded with the delta: `init_delta` (trained from base + that
+    delta: `apply_delta` applies it first) and `quantize` (trained on a quantized base: `apply_delta` warns on a
+    full-precision one)."""
+    return {key: hparams.get(key) for key in ("init_delta", "quantize") if hparams.get(key)}
+
+
+def _require_finite_model(model: nn.Module, what: str) -> None:
+    """Every floating tensor about to be written, frozen base included, is finite."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"refusing to write {what}: {name} holds {bad} non-finite value(s) (NaN/Inf); a frozen "
+                             "weight holding them came from the base model or checkpoint: check those files")
 
 
 def _export(model: nn.Module, output: str | Path, merged: bool, metadata: dict[str, Any], trainable: list[str],
@@ -385,7 +512,9 @@ def _export(model: nn.Module, output: str | Path, merged: bool, metadata: dict[s
         if hasattr(model, "merge_and_unload"):  # the PEFT LoRA baseline; QLoRA's base de-quantized first, as PEFT
             model = dequantize_model(model).merge_and_unload()  # adds into base_layer.weight (never re-quantized)
         merged_dir = Path(output) / "merged"
-        restore_original_layout(dequantize_model(merge_and_unwrap(model))).save_pretrained(merged_dir)
+        model = restore_original_layout(dequantize_model(merge_and_unwrap(model)))
+        _require_finite_model(model, "the merged model")
+        model.save_pretrained(merged_dir)
         if metadata.get("base_model"):
             _save_tokenizer(metadata["base_model"], merged_dir)
         _readable_by_all(*(path for path in merged_dir.rglob("*") if path.is_file()))

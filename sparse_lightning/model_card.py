@@ -118,13 +118,17 @@ def _trainer_facts(module: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------- cards
 
 
-def write_model_cards(written: dict[str, Path], metadata: dict[str, Any], facts: dict[str, Any]) -> None:
-    """A `README.md` in every directory an export wrote (`written`: kind -> directory)."""
+def write_model_cards(written: dict[str, Path], metadata: dict[str, Any], facts: dict[str, Any],
+                      staged: tuple[Path, Path] | None = None) -> None:
+    """A `README.md` in every directory an export wrote (`written`: kind -> directory). `staged` = (staging, target):
+    the files are still in staging and will be moved to target, the paths a card shows."""
     from sparse_lightning.export import _readable_by_all
+    from sparse_lightning.export_target import published
 
-    for directory in dict.fromkeys(Path(path) for path in written.values()):
-        card = directory / CARD
-        card.write_text(model_card(directory, metadata, facts, written), encoding="utf-8")
+    shown = written if staged is None else published(written, *staged)
+    for kind in {str(path): kind for kind, path in written.items()}.values():  # one card per directory
+        card = Path(written[kind]) / CARD
+        card.write_text(model_card(shown[kind], metadata, facts, shown, files=Path(written[kind])), encoding="utf-8")
         _readable_by_all(card)
 
 
@@ -146,9 +150,10 @@ def _directory_kind(directory: Path) -> tuple[str, dict[str, Any]]:
     return "unknown", {}
 
 
-def model_card(directory: Path, metadata: dict[str, Any], facts: dict[str, Any], written: dict[str, Path]) -> str:
-    """The card's Markdown for one export directory."""
-    kind, config = _directory_kind(directory)
+def model_card(directory: Path, metadata: dict[str, Any], facts: dict[str, Any], written: dict[str, Path],
+               files: Path | None = None) -> str:
+    """The card's Markdown for one export directory (its files read from `files`, default `directory`)."""
+    kind, config = _directory_kind(files or directory)
     method = metadata.get("method") or "unknown"
     if method not in METHOD_NAMES and any(layer in method for layer in BLOCK_LAYERS):
         method_text = "S2FT dense blocks on a few heads / FFN channels (exported from a bare model)"

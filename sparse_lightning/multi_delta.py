@@ -28,6 +28,8 @@ from torch import Tensor, nn
 
 from sparse_lightning.sparse import delta_layers
 
+#: The largest finite fp32 value: a fusion weight beyond it is inf once it scales the fp32 values.
+FP32_MAX = float(torch.finfo(torch.float32).max)
 #: Positions along which a part writes: -1 flat row-major entries, 0 rows, 1 columns, None a whole parameter.
 Dim = int | None
 
@@ -118,8 +120,7 @@ class MultiDelta:
     def load(self, name: str, path: str | Path) -> MultiDelta:
         """Read and validate a delta directory (this library's or a PEFT SHiRA / Super-Tuning adapter) under `name`;
         the model is not changed (the active delta stays active). Returns self, so loads chain."""
-        from sparse_lightning.export import _checked_updates
-        from sparse_lightning.peft_interop import _checked_peft_updates, is_peft_adapter
+        from sparse_lightning.export import _checked_any, _init_chain
 
         if not isinstance(name, str) or not name:
             raise ValueError(f"a delta name must be a non-empty string, got {name!r}")
@@ -128,13 +129,14 @@ class MultiDelta:
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: no such delta directory")
+        init = _init_chain(path)[:-1]
+        if init:  # its values add onto base + init_delta: alone it is not the trained model
+            raise ValueError(f"{path} was trained from init_delta {init[-1]}: load that too and fuse them "
+                             f"(load('start', {str(init[-1])!r}), then fuse(['start', {name!r}], as_name=...)); the "
+                             "model was not changed")
         names = {id(param): param_name for param_name, param in self.model.named_parameters()}
         with self._base():  # read against the base (Super-Tuning may pick positions from its weights)
-            if is_peft_adapter(path):
-                updates = [(weight, None if flat is None else -1, flat, values)
-                           for weight, flat, values in _checked_peft_updates(self.model, path)]
-            else:
-                updates = _checked_updates(self.model, path)
+            updates = _checked_any(self.model, path)
         parts = []
         for weight, dim, index, delta in updates:
             if not weight.is_floating_point():
@@ -192,6 +194,18 @@ class MultiDelta:
         finally:
             self.activate(active)
 
+    def _require_finite(self, parts: list[_Part], names: Sequence[str], scales: list[float]) -> None:
+        """A fused delta whose values, or base + values in the weight's dtype, are not finite is refused."""
+        from sparse_lightning.export import overflowing
+
+        with self._base():
+            for part in parts:
+                bad = overflowing(part.weight, part.dim, part.index, part.delta)
+                if bad:
+                    raise ValueError(f"fusing {', '.join(names)} with weights {scales} would make {bad} entries of "
+                                     f"{part.name} non-finite in {str(part.weight.dtype).removeprefix('torch.')}: use "
+                                     "smaller weights; nothing was loaded")
+
     def _parts(self, name: str) -> list[_Part]:
         if name not in self._deltas:
             loaded = ", ".join(map(repr, self._deltas)) or "none"
@@ -211,9 +225,9 @@ class MultiDelta:
         if as_name in self._deltas or not isinstance(as_name, str) or not as_name:
             raise ValueError(f"as_name must be a new, non-empty name, got {as_name!r} (loaded: {self.names})")
         scales = [1.0] * len(names) if weights is None else [float(w) for w in weights]
-        if len(scales) != len(names) or not all(math.isfinite(w) for w in scales):
-            raise ValueError(f"weights must be {len(names)} finite numbers, one per delta in {list(names)}, "
-                             f"got {weights!r}")
+        if len(scales) != len(names) or not all(math.isfinite(w) and abs(w) <= FP32_MAX for w in scales):
+            raise ValueError(f"weights must be {len(names)} finite numbers, one per delta in {list(names)}, each within "
+                             f"fp32's range (|w| <= {FP32_MAX:.3g}: deltas are added in fp32), got {weights!r}")
         by_weight: dict[str, list[_Part]] = {}
         for name, scale in zip(names, scales):
             for part in self._parts(name):
@@ -229,6 +243,7 @@ class MultiDelta:
             part, overlap = _fuse(parts, names)
             fused.append(part)
             report.entries[weight_name], report.overlaps[weight_name] = part.entries, overlap
+        self._require_finite(fused, names, scales)
         self._deltas[as_name] = fused
         if report.overlapping:
             weights = sum(1 for count in report.overlaps.values() if count)

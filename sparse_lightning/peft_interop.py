@@ -30,6 +30,7 @@ import json
 import math
 import re
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,6 +39,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from sparse_lightning.export_target import check_export_target, published, staged_export
+from sparse_lightning.name_pattern import NamePattern, NamePatternError
 from sparse_lightning.sparse import delta_layers
 from sparse_lightning.sparse.frozen_delta import is_delta_parameter, is_transposed_linear
 
@@ -56,6 +59,8 @@ TASK_TYPES = (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_
               ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"))
 #: Heads PEFT adds to `modules_to_save` itself for a sequence classifier.
 SEQ_CLS_HEADS = ("classifier", "score")
+#: What a `modules_to_save` entry may be: a module name or dotted suffix of one.
+MODULE_NAME = re.compile(r"\w+(\.\w+)*")
 
 
 class PeftExportError(ValueError):
@@ -218,7 +223,7 @@ def write_peft_adapter(model: nn.Module, output: str | Path, dense: list[str], p
 
     output = Path(output)
     config, tensors, _ = peft_adapter(model, dense, peft_type, base_model)
-    _require_finite(tensors, f"the PEFT adapter for {output}")
+    _require_finite(tensors, "the PEFT adapter")
     output.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(output / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (output / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -227,42 +232,46 @@ def write_peft_adapter(model: nn.Module, output: str | Path, dense: list[str], p
 
 
 def export_peft(model: nn.Module, output: str | Path, format: str = "peft", merged: bool = False,
-                base_model: str | None = None) -> dict[str, Path]:
+                base_model: str | None = None, replace: bool = False) -> dict[str, Path]:
     """Export a trained model as a PEFT adapter directory (`format` "peft": SHiRA, "peft-supertuning":
     Super-Tuning) and, if `merged`, a plain HF model in `output/merged`; each directory gets a model card. `model`
-    is a `SparseFineTuningModule` or an HF model with deltas attached; it is left as it was."""
+    is a `SparseFineTuningModule` or an HF model with deltas attached; it is left as it was. `output` must be new or
+    empty unless `replace`; it appears complete or not at all."""
+    from sparse_lightning.export import run_start
     from sparse_lightning.model_card import run_facts
 
+    target = check_export_target(output, replace)
     module = model if isinstance(model, LightningModule) else None
     hf_model = module.model if module is not None else model
     if module is not None:
         metadata = {"method": module.method, "base_model": module.hparams.model_name_or_path,
-                    "callbacks": [cb.describe() for cb in module.sparse_callbacks()]}
+                    "callbacks": [cb.describe() for cb in module.sparse_callbacks()], **run_start(module.hparams)}
     else:
         methods = sorted({type(layer).__name__ for layer in delta_layers(hf_model).values()})
         metadata = {"method": "+".join(methods) or "full", "callbacks": [],
                     "base_model": base_model or getattr(getattr(hf_model, "config", None), "_name_or_path", None)}
     trainable = [name for name, param in hf_model.named_parameters() if param.requires_grad]
     facts = run_facts(hf_model, trainable, module=module)
-    return _export_peft(hf_model, output, format, merged, metadata, trainable, facts, in_place=False)
+    return _export_peft(hf_model, target, replace, format, merged, metadata, trainable, facts, in_place=False)
 
 
 def export_checkpoint_peft(ckpt_path: str | Path, output: str | Path, format: str = "peft", merged: bool = False,
-                           module_class: str | None = None) -> dict[str, Path]:
+                           module_class: str | None = None, replace: bool = False) -> dict[str, Path]:
     """`export_peft` for a checkpoint written by `sparse-lightning fit` (read with `weights_only=True`)."""
-    from sparse_lightning.export import load_trained_module
+    from sparse_lightning.export import load_trained_module, run_start
     from sparse_lightning.model_card import run_facts
 
+    target = check_export_target(output, replace, keep=[ckpt_path])
     module, info = load_trained_module(ckpt_path, module_class)
     trainable = [name.removeprefix("model.") for name in info["trainable"]]
-    metadata = {key: info[key] for key in ("method", "base_model", "callbacks")}
+    metadata = {**{key: info[key] for key in ("method", "base_model", "callbacks")}, **run_start(module.hparams)}
     facts = run_facts(module.model, trainable, checkpoint=ckpt_path)
-    return _export_peft(module.model, output, format, merged, metadata, trainable, facts, in_place=True)
+    return _export_peft(module.model, target, replace, format, merged, metadata, trainable, facts, in_place=True)
 
 
-def _export_peft(model: nn.Module, output: str | Path, format: str, merged: bool, metadata: dict[str, Any],
+def _export_peft(model: nn.Module, target: Path, replace: bool, format: str, merged: bool, metadata: dict[str, Any],
                  trainable: list[str], facts: dict[str, Any], in_place: bool) -> dict[str, Path]:
-    from sparse_lightning.export import _readable_by_all, _save_tokenizer
+    from sparse_lightning.export import _readable_by_all, _require_finite_model, _save_tokenizer
     from sparse_lightning.model_card import write_model_cards
     from sparse_lightning.sparse import merge_and_unwrap
     from sparse_lightning.structure import restore_original_layout
@@ -273,18 +282,25 @@ def _export_peft(model: nn.Module, output: str | Path, format: str, merged: bool
         what = "a LoRA model: it is a PEFT adapter already (save it with save_pretrained)" if hasattr(
             model, "peft_config") else f"a {metadata['method']} model, not a sparse delta"
         raise PeftExportError(f"{what}; export it merged (--format delta --merged true)")
+    if metadata.get("init_delta"):
+        raise PeftExportError(f"this run started from init_delta {metadata['init_delta']}, which a PEFT adapter "
+                              "cannot carry (PEFT would load it onto the plain base): export --format delta (it records "
+                              "init_delta, and apply_delta applies both) or --format delta --merged true")
     dense = [name for name in trainable if not is_delta_parameter(name)]
-    written = {"peft": write_peft_adapter(model, output, dense, FORMATS[format], metadata.get("base_model"))}
-    if merged:
-        model = model if in_place else copy.deepcopy(model)
-        merged_dir = Path(output) / "merged"
-        restore_original_layout(merge_and_unwrap(model)).save_pretrained(merged_dir)
-        if metadata.get("base_model"):
-            _save_tokenizer(metadata["base_model"], merged_dir)
-        _readable_by_all(*(path for path in merged_dir.rglob("*") if path.is_file()))
-        written["merged"] = merged_dir
-    write_model_cards(written, metadata, facts)
-    return written
+    with staged_export(target, replace) as staging:
+        written = {"peft": write_peft_adapter(model, staging, dense, FORMATS[format], metadata.get("base_model"))}
+        if merged:
+            model = model if in_place else copy.deepcopy(model)
+            merged_dir = staging / "merged"
+            merged_model = restore_original_layout(merge_and_unwrap(model))
+            _require_finite_model(merged_model, "the merged model")
+            merged_model.save_pretrained(merged_dir)
+            if metadata.get("base_model"):
+                _save_tokenizer(metadata["base_model"], merged_dir)
+            _readable_by_all(*(path for path in merged_dir.rglob("*") if path.is_file()))
+            written["merged"] = merged_dir
+        write_model_cards(written, metadata, facts, staged=(staging, target))
+    return published(written, staging, target)
 
 
 # ------------------------------------------------------------------------------------------------- reading
@@ -294,17 +310,19 @@ def is_peft_adapter(directory: str | Path) -> bool:
     return (Path(directory) / ADAPTER_CONFIG).is_file()
 
 
-def _matches(patterns: Any, name: str) -> bool:
-    """PEFT's rule for `target_modules`: a string is a regex matched whole, a list names modules exactly or by a
+def _selector(patterns: str | list[str]) -> Callable[[str], bool]:
+    """PEFT's rule for `target_modules`: a string is a regex matched whole (here by a linear-time matcher, so a
+    crafted file cannot hang us: `NamePatternError` for what it cannot do), a list names modules exactly or by a
     dotted suffix."""
     if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
+        return NamePattern(patterns).fullmatch
+    return lambda name: any(name == p or name.endswith("." + p) for p in patterns)
 
 
 def _saved_by(patterns: list[str], name: str) -> bool:
-    """PEFT's exclusion of `modules_to_save` modules from the adapted ones."""
-    return any(re.match(rf"(^|.*\.){p}($|\..*)", name) for p in patterns)
+    """PEFT's exclusion of `modules_to_save` modules (`re.match(rf"(^|.*\.){p}($|\..*)", name)`), for module names
+    taken literally (`MODULE_NAME` checks them before)."""
+    return any(f".{p}." in f".{name}." for p in patterns)
 
 
 @torch.no_grad()
@@ -323,7 +341,7 @@ def apply_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
 
 
 def _checked_peft_updates(model: nn.Module, adapter_dir: Path) -> list[tuple[Tensor, Tensor | None, Tensor]]:
-    from sparse_lightning.export import DeltaFileError
+    from sparse_lightning.export import DeltaFileError, require_finite_results
 
     config_path, weights_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
 
@@ -351,6 +369,14 @@ def _checked_peft_updates(model: nn.Module, adapter_dir: Path) -> list[tuple[Ten
     saved = config.get("modules_to_save") or []
     if not isinstance(saved, list) or not all(isinstance(name, str) for name in saved):
         raise fail(config_path, "'modules_to_save' must be a list of module names or null")
+    odd = [name for name in saved if not MODULE_NAME.fullmatch(name)]
+    if odd:
+        raise fail(config_path, f"'modules_to_save' entry {odd[0]!r} is not a module name (letters, digits, _ and "
+                                "dots)")
+    try:
+        selects = _selector(targets_spec)
+    except NamePatternError as error:
+        raise fail(config_path, f"'target_modules' {error}") from None
     if config.get("task_type") == "SEQ_CLS":
         saved = [*saved, *SEQ_CLS_HEADS]
     if peft_type == SHIRA:
@@ -393,7 +419,7 @@ def _checked_peft_updates(model: nn.Module, adapter_dir: Path) -> list[tuple[Ten
 
     # every module target_modules selects (as PEFT would) must have its tensors, and every tensor a selected module
     selected = [name for name, module in modules.items()
-                if name and _matches(targets_spec, name) and not _saved_by(saved, name)]
+                if name and selects(name) and not _saved_by(saved, name)]
     saved_indices = peft_type == SHIRA or bool(config.get("save_precomputed_indices", True))
     required = suffixes if saved_indices else ("supertuning_values",)
     for name in selected:
@@ -409,8 +435,9 @@ def _checked_peft_updates(model: nn.Module, adapter_dir: Path) -> list[tuple[Ten
         if not value.is_floating_point() or value.dim() != 1 or value.numel() != count:
             raise fail(weights_path, f"tensor {key!r} must be a 1-D floating-point tensor of {count} values, got "
                                      f"{value.dim()}-D {value.dtype} {list(value.shape)}")
-        if not bool(torch.isfinite(value).all()):
-            raise fail(weights_path, f"tensor {key!r} holds {int((~torch.isfinite(value)).sum())} non-finite value(s)")
+        if not bool(torch.isfinite(value.float()).all()):
+            raise fail(weights_path, f"tensor {key!r} holds {int((~torch.isfinite(value.float())).sum())} non-finite "
+                                     "value(s) in fp32, the dtype deltas are added in")
         return value.float()
 
     def check_integer(key: str, value: Tensor, shape: list[int]) -> Tensor:
@@ -481,4 +508,6 @@ def _checked_peft_updates(model: nn.Module, adapter_dir: Path) -> list[tuple[Ten
     if not updates:
         raise fail(config_path, "target_modules selects no module of this model and no parameter is saved; was the "
                                 f"adapter trained on {base}?")
+    require_finite_results(model, [(weight, None if flat is None else -1, flat, values)
+                                   for weight, flat, values in updates], lambda problem: fail(weights_path, problem))
     return updates

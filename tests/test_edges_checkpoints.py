@@ -82,7 +82,8 @@ def test_export_refuses_a_checkpoint_that_would_run_code(genuine: Path, tmp_path
 
 def test_the_command_line_prints_one_line_and_exits_1(genuine: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     path, marker = crafted_checkpoint(genuine, tmp_path)
-    monkeypatch.setattr(sys, "argv", ["sparse-lightning", "export", "--ckpt_path", str(path), "--output", str(tmp_path)])
+    monkeypatch.setattr(sys, "argv", ["sparse-lightning", "export", "--ckpt_path", str(path),
+                                      "--output", str(tmp_path / "out")])
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
     assert exit_info.value.code == 1

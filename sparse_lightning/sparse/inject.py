@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 
@@ -9,14 +10,21 @@ import torch
 from torch import nn
 
 from sparse_lightning.architectures import architecture_of
+from sparse_lightning.name_pattern import NamePattern
 from sparse_lightning.sparse.block import attach_blocks_from_state_dict
 from sparse_lightning.sparse.delta import SparseDeltaLinear
 from sparse_lightning.sparse.frozen_delta import delta_layers, is_delta_parameter, is_linear, replace_submodule
 from sparse_lightning.structure.records import attach_orders_from_state_dict
 
 def name_matches(name: str, pattern: str) -> bool:
-    """PEFT-style matching: the full name, a dotted suffix of it, or a regular expression on the full name."""
-    return name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None
+    """PEFT-style matching: the full name, a dotted suffix of it, or a regular expression on the full name (matched in
+    linear time: a pattern from a config or checkpoint cannot hang us)."""
+    return name == pattern or name.endswith("." + pattern) or _compiled(pattern).fullmatch(name)
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(pattern: str) -> NamePattern:
+    return NamePattern(pattern)
 
 
 def default_targets(model: nn.Module) -> tuple[str, ...]:
