@@ -202,8 +202,8 @@ def budget_of(module) -> dict[str, Any]:
         return {}
     if method.method == "s2ft":
         return {"num_params": sum(p.numel() for p in module.parameters() if p.requires_grad)}
-    return {key: getattr(method, key) for key in ("density", "num_params", "lora_rank")
-            if getattr(method, key, None) is not None}
+    return {key: getattr(method, key) for key in ("density", "num_params", "lora_rank", "calibration_batches",
+                                                  "score_memory") if getattr(method, key, None) is not None}
 
 
 def free_port() -> int:

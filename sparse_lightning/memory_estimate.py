@@ -24,7 +24,7 @@ which shards parameters, gradients and optimizer state 1/N but not buffers such 
   unit (embeddings, final norm, an untied head) unsharded for the whole step, in the compute dtype.
 
 Phases (what `benchmarks/memory_table.py` measures): load (base, trainable tensors; under FSDP2 each rank's shard
-plus the largest tensor being read), selection (SIFT's calibration passes: resident + scoring + one batch's
+plus one tensor's slice being read, or the whole model for LoRA and S2FT, which load it whole), selection (SIFT's calibration passes: resident + scoring + one batch's
 activations), step (resident + gradients + optimizer + activations + method extras) and save (resident after the
 step, the gradients and optimizer state still held, what rank 0 gathers under FSDP2, and the checkpoint's bytes:
 one memory on a CPU run; on GPUs what a save adds is host memory on rank 0, so `peak` leaves it out). Not
@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from sparse_lightning.score_groups import DEFAULT_SCORE_MEMORY
 
 METHODS = ("full", "lora", "sift", "spiel_ag", "spiel_ma", "s2ft", "random_mask")
 ELEMENT_SPARSE = ("sift", "spiel_ag", "spiel_ma", "random_mask")
@@ -151,7 +153,7 @@ class Plan:
     gradient_checkpointing: bool = False
     #: SIFT's calibration batches and its scoring budget (`GradientTopKCallback`'s own settings)
     calibration_batches: int = 4
-    score_memory: float = 0.125
+    score_memory: float = DEFAULT_SCORE_MEMORY
     #: whether checkpoints hold the frozen base too (`False`: what trains, the library's default)
     full_checkpoint: bool = False
 
@@ -266,6 +268,19 @@ def held_bytes(shape: ModelShape, plan: Plan, k: int) -> dict[str, int]:
     return c
 
 
+def load_transient(shape: ModelShape, plan: Plan) -> int:
+    """What loading holds beyond the resident model: nothing in one process (`from_pretrained` fills the weights in
+    place); under FSDP2 one tensor's slice at a time when every rank reads only its rows, the whole model on every
+    rank for LoRA and S2FT (PEFT initialises from, and S2FT permutes, the full weights) before `fully_shard` keeps
+    1/N of it."""
+    b, n = DTYPE_BYTES[plan.dtype], plan.gpus
+    if n == 1:
+        return 0
+    if plan.method in ("lora", "s2ft"):
+        return shape.parameters * b
+    return shape.largest_tensor * b // n
+
+
 def checkpoint_bytes(shape: ModelShape, plan: Plan, k: int) -> int:
     """What a checkpoint holds: what trains (element-sparse: values and int32 indices), its optimizer state, and
     the frozen base only when asked for (full fine-tuning: the weights are what trains)."""
@@ -296,7 +311,7 @@ def estimate(model: str | Any, plan: Plan, shape: ModelShape | None = None, name
     indices_saved = 4 * k if plan.method in ELEMENT_SPARSE else 0
     gathered = (checkpoint - indices_saved) * (n - 1) // n
     phases = {
-        "load": resident + (DTYPE_BYTES[plan.dtype] * shape.largest_tensor if n > 1 else 0),
+        "load": resident + load_transient(shape, plan),
         "selection": resident + (c["selection"] + c["activations"] + unsharded if "selection" in c else 0),
         "step": resident + c["gradients"] + c["optimizer"] + c.get("method_state", 0) + c["activations"] + unsharded,
         "save": resident + c["gradients"] + c["optimizer"] + gathered + checkpoint,
