@@ -39,7 +39,9 @@ def test_llama_shapes_count_their_published_parameters(llama8b) -> None:
 def test_more_gpus_never_need_more_memory_per_gpu(method: str, llama8b) -> None:
     config = load_config("8b")
     peaks = [estimate(config, Plan(method, gpus=n), llama8b) for n in (1, 8, 64)]
-    for phase in ("load", "selection", "step"):
+    # LoRA and S2FT load the whole model on every rank before FSDP2 keeps a shard (PEFT initialises from, and S2FT
+    # permutes, whole weights): their load is the one phase that does not shrink
+    for phase in ("selection", "step") if method in ("lora", "s2ft") else ("load", "selection", "step"):
         values = [e.phases[phase] for e in peaks]
         assert values == sorted(values, reverse=True), (phase, values)
     assert peaks[0].peak > peaks[-1].peak
