@@ -36,7 +36,9 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-METHODS = ("full", "lora", "sift", "spiel_ag", "spiel_ma", "s2ft", "random_mask")
-PHASES = ("load", "selection", "step", "save")
+from sparse_lightning.memory_estimate import METHODS, PHASES  # noqa: E402
+
 MIB = 2**20
 #: optimizer steps: the second holds the optimizer state with the gradients and activations; SpIEL's shipped cycle
 #: (S=20, A=5) reselects everything before step 6 (window steps 1-5), so SpIEL runs 6
@@ -237,6 +239,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the base's dtype")
     parser.add_argument("--batch-size", type=int, default=2, help="rows per batch per rank")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per packed row")
+    parser.add_argument("--jobs", type=int, default=1, help="configurations measured at once (each in its own "
+                        "processes, so each one's peak is its own; only the wall time changes)")
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks/results/memory_table.md")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/memory_table"))
     parser.add_argument("--report-only", metavar="COMMAND", help="rewrite OUTPUT from SCRATCH/measured.json (kept by "
@@ -253,15 +257,22 @@ def main() -> None:
     args.scratch.mkdir(parents=True, exist_ok=True)
     # a run measures the configurations it names and keeps the others' last measurement (each row names its commit)
     measured = json.loads(raw.read_text()) if raw.is_file() else {}
-    for ranks in map(int, args.ranks.split(",")):
-        for method in args.methods.split(","):
-            started = time.time()
-            measured[f"{method}/{ranks}"] = records = measure(args, method, ranks)
+    def run(method: str, ranks: int) -> None:
+        started = time.time()
+        records = measure(args, method, ranks)
+        with lock:
+            measured[f"{method}/{ranks}"] = records
             raw.write_text(json.dumps(measured))
-            peaks = ", ".join(f"{p} {max(r['phases'][p]['peak'] - r['baseline'] for r in records) / MIB:,.0f}"
-                              for p in PHASES)
-            print(f"[{method}, {ranks} rank(s)] peak above baseline, MiB: {peaks} ({time.time() - started:.0f} s)",
-                  flush=True)
+        peaks = ", ".join(f"{p} {max(r['phases'][p]['peak'] - r['baseline'] for r in records) / MIB:,.0f}"
+                          for p in PHASES)
+        print(f"[{method}, {ranks} rank(s)] peak above baseline, MiB: {peaks} ({time.time() - started:.0f} s)",
+              flush=True)
+
+    lock = threading.Lock()
+    configurations = [(m, int(r)) for r in args.ranks.split(",") for m in args.methods.split(",")]
+    with ThreadPoolExecutor(args.jobs) as pool:  # a process's own peak RSS does not depend on its neighbours
+        for future in [pool.submit(run, *configuration) for configuration in configurations]:
+            future.result()
     from benchmarks.memory_table_report import write_report
 
     write_report(measured, args.output, " ".join(["python", "benchmarks/memory_table.py", *sys.argv[1:]]))

@@ -8,10 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sparse_lightning.memory_estimate import Plan, estimate, load_config, model_shape
+from sparse_lightning.memory_estimate import PHASES, Plan, estimate, load_config, model_shape
 
 MIB = 2**20
-PHASES = ("load", "selection", "step", "save")
 
 
 def predictions(measured: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

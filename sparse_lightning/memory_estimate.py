@@ -40,11 +40,12 @@ from typing import Any
 
 import torch
 
-from sparse_lightning.score_groups import DEFAULT_SCORE_MEMORY
+from sparse_lightning.score_groups import DEFAULT_SCORE_MEMORY, check_score_memory
 
 METHODS = ("full", "lora", "sift", "spiel_ag", "spiel_ma", "s2ft", "random_mask")
 ELEMENT_SPARSE = ("sift", "spiel_ag", "spiel_ma", "random_mask")
 DEVICE_PHASES = ("load", "selection", "step")
+PHASES = (*DEVICE_PHASES, "save")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 #: Element-sparse index bytes per trainable entry: the int32 index buffer (int64 for weights of 2^31 entries or
 #: more) and the sparse function's cached CSR columns (int64).
@@ -162,9 +163,10 @@ class Plan:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
-        if min(self.gpus, self.batch_size, self.seq_len) < 1:
-            raise ValueError(f"gpus, batch_size and seq_len must be >= 1, got {self.gpus}, {self.batch_size}, "
-                             f"{self.seq_len}")
+        if min(self.gpus, self.batch_size, self.seq_len, self.calibration_batches) < 1:
+            raise ValueError(f"gpus, batch_size, seq_len and calibration_batches must be >= 1, got {self.gpus}, "
+                             f"{self.batch_size}, {self.seq_len}, {self.calibration_batches}")
+        check_score_memory(self.score_memory)
 
 
 @dataclass
@@ -320,7 +322,6 @@ def estimate(model: str | Any, plan: Plan, shape: ModelShape | None = None, name
 
 
 GIB = 2**30
-PHASES = ("load", "selection", "step", "save")
 
 
 def estimate_table(estimates: list[Estimate]) -> str:
@@ -352,6 +353,9 @@ def estimate_main(argv: list[str]) -> None:
     parser.add_argument("--batch_size", type=int, default=1, help="sequences per device per micro-batch")
     parser.add_argument("--seq_len", type=int, default=2048)
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--calibration_batches", type=int, default=4, help="SIFT's")
+    parser.add_argument("--score_memory", type=float, default=DEFAULT_SCORE_MEMORY,
+                        help="SIFT's scoring budget: a fraction of a full fp32 score per target weight, per rank")
     parser.add_argument("--full_checkpoint", action="store_true", help="checkpoints also hold the frozen base")
     parser.add_argument("--json", action="store_true", help="every estimate with its components, as JSON")
     args = parser.parse_args(argv)
@@ -367,7 +371,8 @@ def estimate_main(argv: list[str]) -> None:
         for count in gpus:
             plan = Plan(method, density=args.density, num_params=args.num_params, lora_rank=args.lora_rank,
                         dtype=args.dtype, gpus=count, batch_size=args.batch_size, seq_len=args.seq_len,
-                        gradient_checkpointing=args.gradient_checkpointing, full_checkpoint=args.full_checkpoint)
+                        gradient_checkpointing=args.gradient_checkpointing, full_checkpoint=args.full_checkpoint,
+                        calibration_batches=args.calibration_batches, score_memory=args.score_memory)
             estimates.append(estimate(config, plan, shape, name=args.model))
     if args.json:
         print(json.dumps([e.as_dict() for e in estimates], indent=1))
