@@ -31,6 +31,9 @@ class SparseMethodCallback(Callback):
     default heads; the module freezes everything else in one place (`SparseFineTuningModule.configure_model`)."""
 
     method: str = "sparse"
+    #: Whether `attach` needs only the weights' shapes (not their values): then, under FSDP2, the base is built on
+    #: the meta device and each rank loads only its shard after sharding (modules/sharded_loading.py).
+    attaches_from_shapes: bool = False
 
     def __init__(self, dense_modules: list[str] | None = None) -> None:
         self.dense_modules = dense_modules
@@ -47,6 +50,8 @@ class SparseMethodCallback(Callback):
 
 class ElementSparseCallback(SparseMethodCallback):
     """k trainable entries per target weight, k from a density, a global count or a LoRA rank."""
+
+    attaches_from_shapes = True  # k comes from the shapes; initial indices from a seed (data-driven choices run later)
 
     def __init__(
         self,

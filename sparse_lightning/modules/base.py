@@ -25,6 +25,7 @@ from sparse_lightning.methods.calibration import Calibration
 from sparse_lightning.modules.fsdp2 import fully_shard_model
 from sparse_lightning.modules.lora import LoRASettings, apply_lora
 from sparse_lightning.modules.schedules import Schedule, warmup_then_decay
+from sparse_lightning.modules.sharded_loading import ShardedLoad, build_on_meta, checkpoint_files, load_shards
 from sparse_lightning.sparse import default_targets, freeze_except
 from sparse_lightning.sparse.frozen_delta import is_delta_parameter
 from sparse_lightning.sparse.inject import attach_deltas_from_state_dict
@@ -118,6 +119,8 @@ class SparseFineTuningModule(LightningModule):
         self.optimizer_factory = optimizer
         self.model: nn.Module | None = None
         self._sparse_attached = False
+        self._load_by_shards = False  # set by configure_model under FSDP2; read by load_pretrained
+        self._sharded_load: ShardedLoad | None = None
 
     @property
     def from_pretrained_kwargs(self) -> dict[str, Any]:
@@ -125,8 +128,28 @@ class SparseFineTuningModule(LightningModule):
         return dict(self.hparams.model_kwargs or {})
 
     def build_model(self) -> nn.Module:
-        """Load the Hugging Face model (called once, from `configure_model`)."""
+        """Load the Hugging Face model (called once, from `configure_model`), through `load_pretrained` below so
+        that FSDP2 runs load by shards."""
         raise NotImplementedError
+
+    def load_pretrained(self, auto_class: Any, model_name_or_path: str, **kwargs: Any) -> nn.Module:
+        """`auto_class.from_pretrained(resolved path, **kwargs)`; while `configure_model` loads by shards (FSDP2),
+        the same model with its checkpoint weights on the meta device instead, filled per rank after sharding
+        (modules/sharded_loading.py). A model the shard loader cannot read (no safetensors, keys it cannot map)
+        loads in full, as before."""
+        from sparse_lightning.models import resolve_model_path
+
+        path = resolve_model_path(model_name_or_path)
+        files = checkpoint_files(path) if self._load_by_shards and Path(path).is_dir() else None
+        if files is not None:
+            built = build_on_meta(auto_class, path, files, type(self).head_modules, **kwargs)
+            if built is not None:
+                self._sharded_load = built[1]
+                return built[0]
+        if self._load_by_shards:
+            rank_zero_info(f"{model_name_or_path}: not a safetensors checkpoint this loader can map by name, so every "
+                           "rank loads the whole model before FSDP2 shards it")
+        return auto_class.from_pretrained(path, **kwargs)
 
     def compute_loss(self, batch: dict[str, Any]) -> Tensor:
         """Training loss of one batch; also what calibration passes differentiate."""
@@ -174,7 +197,13 @@ class SparseFineTuningModule(LightningModule):
             if method is not None and fitting and not self._sparse_attached:
                 self._attach_late(method)
             return
+        # Under FSDP2 a method that attaches from weight shapes lets every rank load only its shard; S2FT (permutes
+        # weight values), LoRA (PEFT's initialisation) and init_delta (merged into the weights) need the whole base.
+        self._load_by_shards = (self.device_mesh is not None and self.hparams.lora is None
+                                and not self.hparams.get("init_delta")
+                                and (method is None or not fitting or method.attaches_from_shapes))
         model = self.build_model()
+        self._load_by_shards = False
         model.train()  # from_pretrained returns eval mode, and Lightning keeps each module's mode
         if self.hparams.get("init_delta") and trainer is not None:  # a reload's checkpoint holds the merged weights
             self._merge_init_delta(model)
@@ -193,6 +222,9 @@ class SparseFineTuningModule(LightningModule):
         if self.device_mesh is not None:
             dtype = getattr(torch, self.hparams.fsdp_param_dtype) if self.hparams.fsdp_param_dtype else None
             fully_shard_model(model, self.device_mesh, dtype)
+        if self._sharded_load is not None:
+            load_shards(model, self._sharded_load, trainer.strategy.root_device if trainer else torch.device("cpu"))
+            self._sharded_load = None
 
     def _merge_init_delta(self, model: nn.Module) -> None:
         """Add `init_delta` onto the freshly built base; `apply_delta` checks all of it first (shapes, names,

@@ -70,7 +70,7 @@ class CausalLMModule(SparseFineTuningModule):
         kwargs = self.from_pretrained_kwargs
         if dtype is not None:
             kwargs["dtype"] = dtype
-        return AutoModelForCausalLM.from_pretrained(resolve_model_path(self.hparams.model_name_or_path), **kwargs)
+        return self.load_pretrained(AutoModelForCausalLM, self.hparams.model_name_or_path, **kwargs)
 
     def forward(self, batch: dict[str, Any]) -> Any:
         if "position_ids" in batch:  # packed rows (datamodules.packing): positions restart per example, and with no

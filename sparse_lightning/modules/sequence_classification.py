@@ -11,7 +11,6 @@ from torchmetrics.classification import BinaryF1Score, MatthewsCorrCoef, Multicl
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 from transformers import AutoModelForSequenceClassification
 
-from sparse_lightning.models import resolve_model_path
 from sparse_lightning.modules.base import SparseFineTuningModule
 
 Metric = Literal["accuracy", "accuracy_f1", "matthews", "pearson_spearman"]
@@ -68,9 +67,8 @@ class SequenceClassificationModule(SparseFineTuningModule):
         if names is not None and len(names) != self.hparams.num_labels:
             raise ValueError(f"label_names has {len(names)} names for num_labels={self.hparams.num_labels}")
         labels = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}} if names else {}
-        model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model_path(self.hparams.model_name_or_path), num_labels=self.hparams.num_labels,
-            **labels, **self.from_pretrained_kwargs)
+        model = self.load_pretrained(AutoModelForSequenceClassification, self.hparams.model_name_or_path,
+                                     num_labels=self.hparams.num_labels, **labels, **self.from_pretrained_kwargs)
         self.head_modules = tuple(name for name in type(self).head_modules if hasattr(model, name))
         return model
 

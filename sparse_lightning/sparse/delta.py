@@ -101,7 +101,10 @@ class SparseDeltaLinear(FrozenLinearWithDelta):
         if not 1 <= k <= numel:
             raise ValueError(f"k must be in [1, {numel}] for a {tuple(base.weight.shape)} weight, got {k}")
         super().__init__(base)
-        device = base.weight.device
+        # On a meta base (built to be loaded by shards after FSDP2 wraps it: modules/sharded_loading.py) the delta
+        # is real from the start, on the default device, so a method can choose its indices now; inside a
+        # `torch.device("meta")` context it stays meta.
+        device = base.weight.device if not base.weight.is_meta else torch.get_default_device()
         if indices is None:
             indices = torch.arange(k, device=device)
         self.register_buffer("delta_indices", indices.to(device=device, dtype=index_dtype(numel)))

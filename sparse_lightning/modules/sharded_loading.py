@@ -1,0 +1,192 @@
+"""Loading by shards under FSDP2: no rank ever holds the whole pretrained model.
+
+`from_pretrained` on every rank would put the whole model in each rank's host memory before `fully_shard` keeps
+1/N of it. Instead the model is built on the meta device (`build_on_meta`), the method attaches its delta layers
+(their shapes come from the weight shapes; their own tensors are real from the start), FSDP2 shards the still-empty
+model, and `load_shards` gives every parameter its rank's rows, read from the checkpoint's safetensors files as
+slices (`safe_open(...).get_slice(key)[start:stop]`, one tensor's map open at a time, so no page of the other
+ranks' rows is read and at most one slice's file pages are resident). What the checkpoint does not hold (buffers such as rotary `inv_freq` or
+`position_ids`, and new task heads) is created for real before sharding and initialised by the model's own
+`initialize_weights`, exactly as `from_pretrained` initialises it.
+
+Only safetensors directories load this way (one `model.safetensors` or an index); anything else (a `.bin`
+checkpoint, a hub id) falls back to `from_pretrained` on every rank, said once in the log.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def checkpoint_files(model_dir: str | Path) -> dict[str, Path] | None:
+    """Checkpoint key -> the safetensors file holding it, or None when the directory has no safetensors weights
+    (sharded loading then falls back to a full load)."""
+    root = Path(model_dir)
+    if (root / INDEX_FILE).is_file():
+        weight_map = json.loads((root / INDEX_FILE).read_text())["weight_map"]
+        return {key: root / name for key, name in weight_map.items()}
+    if (root / SINGLE_FILE).is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(root / SINGLE_FILE), framework="pt") as handle:
+            return dict.fromkeys(handle.keys(), root / SINGLE_FILE)
+    return None
+
+
+@dataclass
+class ShardedLoad:
+    """A model built on the meta device and where each of its parameters' values lives in the checkpoint.
+
+    `sources` maps (id of the owning module, parameter name) to the checkpoint key: modules keep their identity
+    through the method's wrapping and FSDP2's sharding, while parameter names and objects do not.
+    """
+
+    files: dict[str, Path]
+    sources: dict[tuple[int, str], str] = field(default_factory=dict)
+
+
+def checkpoint_key(name: str, model: nn.Module, files: dict[str, Path]) -> str | None:
+    """The checkpoint's key for a model parameter: the same name, or with / without the base model's prefix (a
+    `BertModel` checkpoint under `BertForSequenceClassification`, and the reverse), as `from_pretrained` maps them."""
+    prefix = getattr(model, "base_model_prefix", "")
+    candidates = [name]
+    if prefix:
+        candidates += [name.removeprefix(prefix + "."), f"{prefix}.{name}"]
+    return next((key for key in candidates if key in files), None)
+
+
+def default_dtype(config: Any, dtype: Any, files: dict[str, Path]) -> torch.dtype:
+    """What `from_pretrained`'s default `dtype="auto"` resolves to: the config's dtype, else the checkpoint's."""
+    if dtype not in (None, "auto"):
+        return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    configured = getattr(config, "dtype", None)
+    if isinstance(configured, str):
+        configured = getattr(torch, configured, None)
+    if isinstance(configured, torch.dtype):
+        return configured
+    from safetensors import safe_open
+
+    first_key, first_file = next(iter(files.items()))
+    with safe_open(str(first_file), framework="pt") as handle:
+        stored = handle.get_slice(first_key).get_dtype()
+    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(stored, torch.float32)
+
+
+def build_on_meta(auto_class: Any, model_dir: str | Path, files: dict[str, Path], new_modules: tuple[str, ...],
+                  **kwargs: Any) -> tuple[nn.Module, ShardedLoad] | None:
+    """`auto_class.from_pretrained(model_dir, **kwargs)`'s model with every checkpoint parameter on the meta device
+    and everything else real and initialised as `from_pretrained` would. None when the checkpoint lacks a
+    parameter outside `new_modules` (a renamed or converted key: the caller then loads in full)."""
+    from transformers import AutoConfig
+    from transformers import initialization
+
+    config, model_kwargs = AutoConfig.from_pretrained(model_dir, return_unused_kwargs=True, **kwargs)
+    model_kwargs["dtype"] = default_dtype(config, model_kwargs.get("dtype"), files)
+    safe_ops = getattr(initialization, "meta_device_safe_creation_ops", nullcontext)
+    with torch.device("meta"), safe_ops():
+        model = auto_class.from_config(config, **model_kwargs)
+    plan = ShardedLoad(files)
+    owners = {id(p): module for module in model.modules() for p in module.parameters(recurse=False)}
+    missing = []
+    for name, param in model.named_parameters():  # a tied weight once
+        key = checkpoint_key(name, model, files)
+        if key is None:
+            missing.append(name)
+            continue
+        param._is_hf_initialized = True  # initialize_weights leaves it alone: its values come from the checkpoint
+        plan.sources[(id(owners[id(param)]), name.rpartition(".")[2])] = key
+    unexpected = [n for n in missing if not any(n == m or n.startswith(m + ".") for m in new_modules)]
+    if unexpected:
+        return None
+    _materialize(model, {n for n in missing}, files)
+    model.initialize_weights()  # the new heads and the non-persistent buffers, as from_pretrained does
+    return model, plan
+
+
+def _materialize(model: nn.Module, missing: set[str], files: dict[str, Path]) -> None:
+    """Give the parameters the checkpoint lacks and every buffer real (CPU) storage; buffers the checkpoint holds
+    are read in full (they are small), the rest are left for `initialize_weights`."""
+    from safetensors import safe_open
+
+    with ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+        for module_name, module in model.named_modules():
+            for name, param in list(module._parameters.items()):
+                if param is not None and f"{module_name}.{name}".lstrip(".") in missing:
+                    module._parameters[name] = nn.Parameter(torch.empty_like(param, device="cpu"),
+                                                            requires_grad=param.requires_grad)
+            for name, buffer in list(module._buffers.items()):
+                if buffer is None:
+                    continue
+                real = torch.empty_like(buffer, device="cpu")
+                key = checkpoint_key(f"{module_name}.{name}".lstrip("."), model, files)
+                if key is not None and name not in module._non_persistent_buffers_set:
+                    path = files[key]
+                    if path not in handles:
+                        handles[path] = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+                    real.copy_(handles[path].get_tensor(key))
+                    real._is_hf_initialized = True
+                module._buffers[name] = real
+
+
+@torch.no_grad()
+def load_shards(model: nn.Module, plan: ShardedLoad, device: torch.device) -> None:
+    """After `fully_shard`: give every meta parameter its local shard on `device` and fill it with its rows of the
+    checkpoint tensor (FSDP2 shards dim 0 as `torch.chunk` does). Tensors that were real already (deltas, buffers,
+    new heads) are left as they are."""
+    from safetensors import safe_open
+
+    swapping = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)  # in place: tied weights stay one parameter
+    try:
+        model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swapping)
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            key = plan.sources.get((id(module), name))
+            if param is None or key is None or id(param) in seen:
+                continue
+            seen.add(id(param))
+            # Opened per tensor: the file pages this rank's rows touch leave the process when the map closes, so
+            # at most one slice of the file is resident at a time.
+            with safe_open(str(plan.files[key]), framework="pt", device="cpu") as handle:
+                _fill(param, handle.get_slice(key), key)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"sharded loading left {left[0]} (and {len(left) - 1} more) on the meta device")
+
+
+def _fill(param: torch.Tensor, stored: Any, key: str) -> None:
+    """Copy this rank's rows of one checkpoint tensor into `param` (a Shard(0) DTensor or a plain tensor)."""
+    shape = torch.Size(stored.get_shape())
+    if shape != param.shape:
+        raise ValueError(f"checkpoint tensor {key} has shape {tuple(shape)}, the model expects {tuple(param.shape)}: "
+                         "model_name_or_path's config.json and weights disagree")
+    if not hasattr(param, "to_local"):
+        param.copy_(stored[:])
+        return
+    from torch.distributed.tensor import Shard
+
+    placements = tuple(param.placements)
+    if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
+        raise ValueError(f"sharded loading reads row shards (Shard(0)); {key} is placed as {placements}")
+    local = param.to_local()
+    rows = shape[0] if shape else 0
+    chunk = -(-rows // param.device_mesh.size())
+    start = min(rows, param.device_mesh.get_local_rank() * chunk)
+    if local.shape[0] != min(rows, start + chunk) - start:
+        raise RuntimeError(f"{key}: local shard of {local.shape[0]} rows does not match torch.chunk's split")
+    if local.shape[0]:
+        local.copy_(stored[start:start + local.shape[0]])

@@ -1,0 +1,130 @@
+"""Loading by shards against the full load, on 2 CPU ranks under FSDP2 (tests/test_sharded_loading.py).
+
+In the same two processes, one model directory is fitted twice from the same seed with the random mask: `shards`
+(the library's loader: meta-device build, each rank reads its rows) and `full` (every rank runs `from_pretrained`,
+the path before sharded loading). Every rank writes `<loader>/rank<r>.pt`: whether the built model was on the meta
+device, every parameter (gathered) and buffer at `on_train_start`, the step losses and the trained deltas.
+
+    python sharded_load_run.py --model_dir DIR --task causal_lm|classification --output OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from sparse_lightning.callbacks import RandomMaskCallback  # noqa: E402
+from sparse_lightning.models import resolve_model_path  # noqa: E402
+from sparse_lightning.modules import CausalLMModule, SequenceClassificationModule  # noqa: E402
+
+STEPS = 3
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.detach()
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).cpu().clone()
+
+
+def module_class(task: str, loader: str) -> type:
+    base = CausalLMModule if task == "causal_lm" else SequenceClassificationModule
+
+    class Module(base):
+        def build_model(self):
+            model = super().build_model()
+            self.built_on_meta = any(p.is_meta for p in model.parameters())
+            return model
+
+        def load_pretrained(self, auto_class: Any, model_name_or_path: str, **kwargs: Any):
+            if loader == "full":  # the path before sharded loading: the whole model on every rank
+                return auto_class.from_pretrained(resolve_model_path(model_name_or_path), **kwargs)
+            return super().load_pretrained(auto_class, model_name_or_path, **kwargs)
+
+    return Module
+
+
+class Tokens(pl.LightningDataModule):
+    """Random token rows (the same on every rank and run); each rank reads its own rows."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+
+    def train_dataloader(self) -> DataLoader:
+        ids = torch.randint(0, self.vocab, (4 * STEPS, 16), generator=torch.Generator().manual_seed(0))
+        rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids]
+        return DataLoader(rows, batch_size=2)
+
+
+class Record(pl.Callback):
+    def __init__(self, output: Path) -> None:
+        self.output = output
+        self.result: dict[str, Any] = {"losses": []}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = pl_module.model
+        self.result["built_on_meta"] = pl_module.built_on_meta
+        self.result["start_parameters"] = {name: full(p) for name, p in model.named_parameters()}
+        self.result["start_buffers"] = {name: b.detach().cpu().clone() for name, b in model.named_buffers()}
+        self.result["local_parameter_dtypes"] = {name: p.dtype for name, p in model.named_parameters()}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.result["losses"].append(float(outputs["loss"].detach()))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = pl_module.model
+        self.result["trained"] = {name: full(p) for name, p in model.named_parameters() if p.requires_grad}
+        self.output.mkdir(parents=True, exist_ok=True)
+        torch.save(self.result, self.output / f"rank{trainer.global_rank}.pt")
+
+
+def run(model_dir: str, task: str, loader: str, output: Path) -> None:
+    pl.seed_everything(0, verbose=False)
+    if task == "causal_lm":
+        module = module_class(task, loader)(model_dir, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+        from transformers import AutoConfig
+
+        data = Tokens(AutoConfig.from_pretrained(model_dir).vocab_size)
+    else:
+        from datamodules.glue import GLUEDataModule
+
+        module = module_class(task, loader)(model_dir, num_labels=2, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+        data = GLUEDataModule(task="sst2", tokenizer_name_or_path=model_dir,
+                              train_file=str(REPO / "tests" / "data" / "sst2_tiny" / "train.tsv"),
+                              validation_files=[str(REPO / "tests" / "data" / "sst2_tiny" / "dev.tsv")],
+                              batch_size=2, shuffle=False, max_length=32)
+    trainer = pl.Trainer(accelerator="cpu", devices=2,
+                         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                         max_steps=STEPS, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[RandomMaskCallback(density=0.05), Record(output / loader)],
+                         default_root_dir=str(output / "root"))
+    trainer.fit(module, datamodule=data)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model_dir", required=True)
+    parser.add_argument("--task", required=True, choices=["causal_lm", "classification"])
+    parser.add_argument("--output", required=True, type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    for loader in ("shards", "full"):
+        run(args.model_dir, args.task, loader, args.output)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
