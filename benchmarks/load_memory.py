@@ -1,13 +1,15 @@
 """Host memory at the start of training: one process against each rank of a 2-rank FSDP2 run (CPU, gloo).
 
 Each run is the library's public path: `CausalLMModule` + `RandomMaskCallback` (no selection pass, so the load is
-all that happens before training) + a Lightning `Trainer`, one training step on 1 x 64 random tokens. At
-`on_train_start` every rank reads its peak resident memory since the process started (`VmHWM` of
-`/proc/self/status`, which counts file pages a checkpoint's memory map touched too) and its current RSS; the
-ratio column divides each rank's peak by the one-process peak. The FSDP2 runs are launched as a fresh 2-process
-job (Lightning relaunches this script per rank), so no run inherits another's peak.
+all that happens before training) + a Lightning `Trainer`, one training step on 1 x 64 random tokens. Three runs:
+one process; FSDP2 with every rank loading the whole model by `from_pretrained` (the path before loading by shards,
+kept here as the comparison); FSDP2 loading by shards (modules/sharded_loading.py). Every rank records its RSS
+before `configure_model`, its peak (`VmHWM` of `/proc/self/status`, which counts the file pages a checkpoint's
+memory map made resident too) at `on_train_start` and after the first step, and the bytes of the parameters it
+holds. Each run is a fresh launch (Lightning relaunches this script per rank), so no run inherits another's peak;
+`--repeats` launches each run again and the table reports medians.
 
-    OMP_NUM_THREADS=1 python benchmarks/load_memory.py --model SmolLM2-135M-Instruct \\
+    OMP_NUM_THREADS=1 python benchmarks/load_memory.py --model SmolLM2-135M-Instruct --repeats 3 \\
         --output benchmarks/results/load_memory.md
 """
 
@@ -18,6 +20,7 @@ import json
 import os
 import re
 import socket
+import statistics
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -76,7 +79,7 @@ def fit_once(model: str, strategy: str, output: Path) -> None:
             return DataLoader(rows, batch_size=1)
 
     pl.seed_everything(0, verbose=False)
-    if strategy.startswith("fsdp2"):
+    if strategy != "single":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         devices, chosen = 2, ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
@@ -105,39 +108,59 @@ def launch(model: str, strategy: str, output: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(output.glob("rank*.json"))]
 
 
-def table(model: str, single: dict, full: list[dict], ranks: list[dict], command: str) -> str:
+FIELDS = ("before_load_mib", "peak_mib", "parameter_mib", "step_peak_mib")
+RUNS = (("single", "1 process"), ("fsdp2-full", "FSDP2, 2 ranks, whole model on each (before)"),
+        ("fsdp2", "FSDP2, 2 ranks, by shards (after)"))
+
+
+def per_rank(repeats: list[list[dict]]) -> list[dict]:
+    """Each rank's median of every field over the repeats, and the range of its step-1 peak."""
+    ranks = []
+    for records in zip(*repeats):
+        row = {key: statistics.median(r[key] for r in records) for key in FIELDS}
+        row["load_mib"] = statistics.median(r["peak_mib"] - r["before_load_mib"] for r in records)
+        row["step_range"] = (min(r["step_peak_mib"] for r in records), max(r["step_peak_mib"] for r in records))
+        ranks.append({"rank": records[0]["rank"], **row})
+    return ranks
+
+
+def table(model: str, rows: dict[str, list[dict]], repeats: int, command: str) -> str:
+    one = rows["single"][0]
     lines = [f"# Host memory at the start of training: 1 process vs 2-rank FSDP2 ({model}, CPU)", "",
              f"Command: `{command}`", "",
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, torch on CPU, gloo; random mask (density 0.01), one "
-             "step of 1 x 64 tokens; peak = VmHWM at `on_train_start`.", "",
-             "| run | rank | RSS before load | peak at train start | / one process | load: peak - before | "
-             "/ one process | parameters held | peak after step 1 | / one process |",
+             f"step of 1 x 64 tokens; medians of {repeats} fresh launches per run. Peak = VmHWM (since the process "
+             "started) at `on_train_start`; load = that peak minus the RSS before `configure_model`.", "",
+             "| run | rank | RSS before load | peak at train start | / one process | load | / one process | "
+             "parameters held | peak after step 1 (min-max) | / one process |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    load = {id(r): r["peak_mib"] - r["before_load_mib"] for r in [single, *full, *ranks]}
-    runs = (("1 process", [single]), ("FSDP2, 2 ranks, whole model on each (before)", full),
-            ("FSDP2, 2 ranks, by shards", ranks))
-    for name, records in runs:
-        for r in records:
+    for key, name in RUNS:
+        for r in rows[key]:
+            low, high = r["step_range"]
             lines.append(f"| {name} | {r['rank']} | {r['before_load_mib']:,.0f} | {r['peak_mib']:,.0f} | "
-                         f"{r['peak_mib'] / single['peak_mib']:.2f}x | {load[id(r)]:,.0f} | "
-                         f"{load[id(r)] / load[id(single)]:.2f}x | {r['parameter_mib']:,.0f} | "
-                         f"{r['step_peak_mib']:,.0f} | {r['step_peak_mib'] / single['step_peak_mib']:.2f}x |")
+                         f"{r['peak_mib'] / one['peak_mib']:.2f}x | {r['load_mib']:,.0f} | "
+                         f"{r['load_mib'] / one['load_mib']:.2f}x | {r['parameter_mib']:,.0f} | "
+                         f"{r['step_peak_mib']:,.0f} ({low:,.0f}-{high:,.0f}) | "
+                         f"{r['step_peak_mib'] / one['step_peak_mib']:.2f}x |")
     lines += ["", "MiB throughout. \"Parameters held\" counts this rank's local tensors (its FSDP2 shard).", "",
-              f"Reading it: before any model exists a process already holds {single['before_load_mib']:,.0f} MiB "
+              f"Reading it: before any model exists a process already holds {one['before_load_mib']:,.0f} MiB "
               "(torch, Lightning, transformers, the process group), and one process's peak at the start of training "
-              f"is only {load[id(single)]:,.0f} MiB above that: `from_pretrained` leaves the fp32 weights in the "
+              f"is only {one['load_mib']:,.0f} MiB above that: `from_pretrained` leaves the fp32 weights in the "
               "safetensors file's memory map, and they become resident when the first step reads them (peak after "
-              f"step 1: {single['step_peak_mib']:,.0f} MiB). An FSDP2 rank must own its shard in its own memory, so "
-              "the fair per-rank figure is the load column: what the load adds, against the "
-              f"{single['parameter_mib']:,.0f} MiB of parameters."]
+              f"step 1: {one['step_peak_mib']:,.0f} MiB). An FSDP2 rank must own its shard in its own memory, so no "
+              "loader can bring a rank's peak at train start under the one-process figure here; what loading by "
+              "shards changes is the load column: the shard plus one block of rows read (16 MiB) and the deltas, against the "
+              f"{one['parameter_mib']:,.0f} MiB of parameters. The step-1 peak under FSDP2 (all-gathered units, gloo "
+              "buffers) is the step's cost, not the load's, and varies between launches (the range)."]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh launches per run (medians are reported)")
     parser.add_argument("--output", type=Path, help="write the table here (and the records beside it, .json)")
-    parser.add_argument("--worker", choices=["single", "fsdp2-full", "fsdp2"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=[key for key, _ in RUNS], help=argparse.SUPPRESS)
     parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -145,17 +168,19 @@ def main() -> None:
         return
     import tempfile
 
+    records: dict[str, list[list[dict]]] = {key: [] for key, _ in RUNS}
     with tempfile.TemporaryDirectory() as scratch:
-        single = launch(args.model, "single", Path(scratch) / "single")[0]
-        full = launch(args.model, "fsdp2-full", Path(scratch) / "fsdp2-full")
-        ranks = launch(args.model, "fsdp2", Path(scratch) / "fsdp2")
+        for repeat in range(args.repeats):
+            for key, _ in RUNS:
+                records[key].append(launch(args.model, key, Path(scratch) / f"{key}-{repeat}"))
+    rows = {key: per_rank(runs) for key, runs in records.items()}
     command = "OMP_NUM_THREADS=1 python benchmarks/load_memory.py " + " ".join(sys.argv[1:])
-    text = table(args.model, single, full, ranks, command)
+    text = table(args.model, rows, args.repeats, command)
     print(text)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text)
-        args.output.with_suffix(".json").write_text(json.dumps({"single": single, "fsdp2_full_load": full, "fsdp2": ranks}, indent=1))
+        args.output.with_suffix(".json").write_text(json.dumps({"medians": rows, "runs": records}, indent=1))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
 1/N of it. Instead the model is built on the meta device (`build_on_meta`), the method attaches its delta layers
 (their shapes come from the weight shapes; their own tensors are real from the start), FSDP2 shards the still-empty
 model, and `load_shards` gives every parameter its rank's rows, read from the checkpoint's safetensors files as
-slices (`safe_open(...).get_slice(key)[start:stop]`, one tensor's map open at a time, so no page of the other
-ranks' rows is read and at most one slice's file pages are resident). What the checkpoint does not hold (buffers such as rotary `inv_freq` or
+slices (`safe_open(...).get_slice(key)[start:stop]`, a block of rows per memory map, so no page of the other
+ranks' rows is read and at most one block's file pages are resident). What the checkpoint does not hold (buffers such as rotary `inv_freq` or
 `position_ids`, and new task heads) is created for real before sharding and initialised by the model's own
 `initialize_weights`, exactly as `from_pretrained` initialises it.
 
@@ -26,6 +26,7 @@ from torch import nn
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+READ_BYTES = 16 * 2**20  # rows read per memory map: bounds what the checkpoint file adds to a rank's memory
 
 
 def checkpoint_files(model_dir: str | Path) -> dict[str, Path] | None:
@@ -108,7 +109,7 @@ def build_on_meta(auto_class: Any, model_dir: str | Path, files: dict[str, Path]
     unexpected = [n for n in missing if not any(n == m or n.startswith(m + ".") for m in new_modules)]
     if unexpected:
         return None
-    _materialize(model, {n for n in missing}, files)
+    _materialize(model, set(missing), files)
     model.initialize_weights()  # the new heads and the non-persistent buffers, as from_pretrained does
     return model, plan
 
@@ -121,13 +122,11 @@ def _materialize(model: nn.Module, missing: set[str], files: dict[str, Path]) ->
     with ExitStack() as stack:
         handles: dict[Path, Any] = {}
         for module_name, module in model.named_modules():
-            for name, param in list(module._parameters.items()):
-                if param is not None and f"{module_name}.{name}".lstrip(".") in missing:
-                    module._parameters[name] = nn.Parameter(torch.empty_like(param, device="cpu"),
-                                                            requires_grad=param.requires_grad)
-            for name, buffer in list(module._buffers.items()):
-                if buffer is None:
-                    continue
+            for name, param in list(module.named_parameters(recurse=False)):
+                if f"{module_name}.{name}".lstrip(".") in missing:
+                    setattr(module, name, nn.Parameter(torch.empty_like(param, device="cpu"),
+                                                       requires_grad=param.requires_grad))
+            for name, buffer in list(module.named_buffers(recurse=False)):
                 real = torch.empty_like(buffer, device="cpu")
                 key = checkpoint_key(f"{module_name}.{name}".lstrip("."), model, files)
                 if key is not None and name not in module._non_persistent_buffers_set:
@@ -136,7 +135,7 @@ def _materialize(model: nn.Module, missing: set[str], files: dict[str, Path]) ->
                         handles[path] = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
                     real.copy_(handles[path].get_tensor(key))
                     real._is_hf_initialized = True
-                module._buffers[name] = real
+                setattr(module, name, real)  # stays persistent or not, as registered
 
 
 @torch.no_grad()
@@ -154,39 +153,55 @@ def load_shards(model: nn.Module, plan: ShardedLoad, device: torch.device) -> No
         torch.__future__.set_swap_module_params_on_conversion(swapping)
     seen: set[int] = set()
     for module in model.modules():
-        for name, param in module._parameters.items():
+        for name, param in module.named_parameters(recurse=False):
             key = plan.sources.get((id(module), name))
-            if param is None or key is None or id(param) in seen:
+            if key is None or id(param) in seen:
                 continue
             seen.add(id(param))
-            # Opened per tensor: the file pages this rank's rows touch leave the process when the map closes, so
-            # at most one slice of the file is resident at a time.
-            with safe_open(str(plan.files[key]), framework="pt", device="cpu") as handle:
-                _fill(param, handle.get_slice(key), key)
+            path = plan.files[key]
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                shape = torch.Size(handle.get_slice(key).get_shape())
+            local, start = _local_rows(param, shape, key)
+            _copy_rows(path, key, local, start)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"sharded loading left {left[0]} (and {len(left) - 1} more) on the meta device")
 
 
-def _fill(param: torch.Tensor, stored: Any, key: str) -> None:
-    """Copy this rank's rows of one checkpoint tensor into `param` (a Shard(0) DTensor or a plain tensor)."""
-    shape = torch.Size(stored.get_shape())
+def _local_rows(param: torch.Tensor, shape: torch.Size, key: str) -> tuple[torch.Tensor, int]:
+    """The tensor this rank holds of `param` (a Shard(0) DTensor, or a plain tensor: all of it) and the checkpoint
+    row it starts at; FSDP2 splits rows as `torch.chunk` does."""
     if shape != param.shape:
         raise ValueError(f"checkpoint tensor {key} has shape {tuple(shape)}, the model expects {tuple(param.shape)}: "
                          "model_name_or_path's config.json and weights disagree")
     if not hasattr(param, "to_local"):
-        param.copy_(stored[:])
-        return
+        return param.data, 0
     from torch.distributed.tensor import Shard
 
     placements = tuple(param.placements)
     if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
         raise ValueError(f"sharded loading reads row shards (Shard(0)); {key} is placed as {placements}")
     local = param.to_local()
-    rows = shape[0] if shape else 0
+    rows = shape[0]
     chunk = -(-rows // param.device_mesh.size())
     start = min(rows, param.device_mesh.get_local_rank() * chunk)
     if local.shape[0] != min(rows, start + chunk) - start:
         raise RuntimeError(f"{key}: local shard of {local.shape[0]} rows does not match torch.chunk's split")
-    if local.shape[0]:
-        local.copy_(stored[start:start + local.shape[0]])
+    return local, start
+
+
+def _copy_rows(path: Path, key: str, local: torch.Tensor, start: int) -> None:
+    """local[i] = checkpoint[key][start + i], about READ_BYTES at a time, each block through its own memory map:
+    the file pages a block touches leave the process when its map closes, so the file adds at most one block."""
+    from safetensors import safe_open
+
+    if local.dim() == 0:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            local.copy_(handle.get_tensor(key))
+        return
+    row_bytes = max(1, local[0].numel() * local.element_size()) if local.shape[0] else 1
+    step = max(1, READ_BYTES // row_bytes)
+    for first in range(0, local.shape[0], step):
+        last = min(local.shape[0], first + step)
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            local[first:last].copy_(handle.get_slice(key)[start + first:start + last])
