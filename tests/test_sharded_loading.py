@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
+from sparse_lightning.models import resolve_model_path
 from sparse_lightning.modules import sharded_loading
 from sparse_lightning.modules.sharded_loading import build_on_meta, checkpoint_files, load_shards
 
@@ -115,3 +116,25 @@ def test_two_fsdp2_ranks_loading_by_shards_train_what_the_full_load_trains(
                 assert torch.equal(shards[key][name], tensor), f"{key}: {name}"
         assert shards["local_parameter_dtypes"] == full["local_parameter_dtypes"]
         assert shards["losses"] == full["losses"] and len(full["losses"]) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("alias", "auto_class", "kwargs", "heads"), [
+    ("all-MiniLM-L6-v2", AutoModelForSequenceClassification, {"num_labels": 2}, ("classifier",)),
+    ("SmolLM2-135M-Instruct", AutoModelForCausalLM, {}, ()),
+])
+def test_the_real_models_load_by_shards_as_from_pretrained_loads_them(alias, auto_class, kwargs, heads) -> None:
+    """MiniLM (a BertModel checkpoint: keys without the `bert.` prefix, a new classifier) and SmolLM2 (tied
+    embeddings, rotary buffers): every tensor equal to from_pretrained's from the same seed."""
+    path = resolve_model_path(alias)
+    torch.manual_seed(0)
+    reference = state(auto_class.from_pretrained(path, **kwargs))
+    torch.manual_seed(0)
+    built = build_on_meta(auto_class, path, checkpoint_files(path), heads, **kwargs)
+    assert built is not None, f"{alias}: a checkpoint key did not map"
+    model, plan = built
+    load_shards(model, plan, torch.device("cpu"))
+    loaded = state(model)
+    assert loaded.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
