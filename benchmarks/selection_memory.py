@@ -46,8 +46,10 @@ def status_bytes(key: str) -> int:
     return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024
 
 
-def measure(case: str, batch_count: int) -> dict[str, Any]:
-    """One case in this process (a fresh child): the selection's extra peak RSS and CPU seconds."""
+def measure(case: str, batch_count: int, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """One case in this process (a fresh child, or one rank of it): the selection's extra peak RSS and CPU seconds.
+    On several ranks (gloo) the model is sharded with FSDP2 after attaching, as the library shards it, and each rank
+    scores its own batches."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -61,13 +63,20 @@ def measure(case: str, batch_count: int) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(MODEL), dtype=torch.float32)
     model.eval()
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    ids = torch.randint(0, model.config.vocab_size, (batch_count, 1, TOKENS), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(rank)
+    ids = torch.randint(0, model.config.vocab_size, (batch_count, 1, TOKENS), generator=generator)
     calibration = Calibration.from_batches(model, [{"input_ids": i, "labels": i} for i in ids])
     batches, loss_fn = calibration.batches(batch_count), calibration.loss_fn
 
     if case == "forward-backward" or case.startswith("sift"):
         GradientTopKCallback(density=0.01).attach(model)
         freeze_except(model, [])
+        if world > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            from sparse_lightning.modules.fsdp2 import fully_shard_model
+
+            fully_shard_model(model, init_device_mesh("cpu", (world,), mesh_dim_names=("data_parallel",)))
         loss_fn(batches[0]).backward()  # pages every weight in; the selection's own passes come after the reset
         model.zero_grad(set_to_none=True)
         if case == "forward-backward":
@@ -104,7 +113,7 @@ def measure(case: str, batch_count: int) -> dict[str, Any]:
     select()
     cpu = time.process_time() - cpu
     extra = status_bytes("VmHWM") - before
-    return {"case": case, "batches": batch_count, "extra_peak_mib": extra / 2**20,
+    return {"case": case, "batches": batch_count, "ranks": world, "rank": rank, "extra_peak_mib": extra / 2**20,
             "ratio": extra / parameter_bytes, "parameter_mib": parameter_bytes / 2**20, "cpu_s": cpu,
             "library": str(Path(sparse_lightning.__file__).resolve().parents[1])}
 
@@ -117,27 +126,65 @@ def commit_of(path: str) -> str:
         return "?"
 
 
-def run_child(case: str, batch_count: int) -> dict[str, Any]:
+def rank_worker(rank: int, case: str, batch_count: int, world: int, output: Path) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        (output / f"rank{rank}.json").write_text(json.dumps(measure(case, batch_count, rank, world)))
+    finally:
+        dist.destroy_process_group()
+
+
+def child(case: str, batch_count: int, world: int) -> list[dict[str, Any]]:
+    if world == 1:
+        return [measure(case, batch_count)]
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(rank_worker, args=(case, batch_count, world, Path(folder)), nprocs=world, join=True)
+        return [json.loads((Path(folder) / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def run_child(case: str, batch_count: int, world: int) -> list[dict[str, Any]]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    out = subprocess.run([sys.executable, __file__, "--child", case, str(batch_count)], env=env, capture_output=True,
-                         text=True)
+    out = subprocess.run([sys.executable, __file__, "--child", case, str(batch_count), str(world)], env=env,
+                         capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"{case} with {batch_count} batch(es) failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def key(row: dict[str, Any]) -> tuple:
+    return row["label"], row["case"], row["batches"], row.get("ranks", 1), row.get("rank", 0)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| library | case | calibration batches | extra peak (MiB) | x parameter bytes | selection CPU s |",
-             "|---|---|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["case"], r["batches"], r["label"] != "before")):
-        lines.append(f"| {r['label']} ({r['commit']}) | {r['case']} | {r['batches']} | {r['extra_peak_mib']:.0f} "
-                     f"| {r['ratio']:.3f} | {r['cpu_s']:.1f} |")
+    """One line per run; "above the floor" subtracts the plain forward+backward of the same batches on the same
+    ranks (`forward-backward`, SIFT's deltas attached), which every training step on those batches pays."""
+    floors = {(r["batches"], r.get("ranks", 1), r.get("rank", 0)): r for r in rows if r["case"] == "forward-backward"}
+    lines = ["| library | case | ranks | calibration batches | extra peak (MiB) | x parameter bytes "
+             "| above the floor (MiB) | x parameter bytes | selection CPU s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["case"] != "forward-backward", r["case"], r.get("ranks", 1),
+                                         r["batches"], r["label"] != "before", r.get("rank", 0))):
+        ranks = r.get("ranks", 1)
+        where = "1" if ranks == 1 else f"{ranks} (FSDP2), rank {r['rank']}"
+        floor = floors.get((r["batches"], ranks, r.get("rank", 0)))
+        above = ("-", "-") if floor is None or r is floor else (
+            f"{r['extra_peak_mib'] - floor['extra_peak_mib']:.0f}", f"{r['ratio'] - floor['ratio']:.3f}")
+        lines.append(f"| {r['label']} ({r['commit']}) | {r['case']} | {where} | {r['batches']} "
+                     f"| {r['extra_peak_mib']:.0f} | {r['ratio']:.3f} | {above[0]} | {above[1]} | {r['cpu_s']:.1f} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--child", nargs=2, metavar=("CASE", "BATCHES"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("CASE", "BATCHES", "RANKS"), help=argparse.SUPPRESS)
+    parser.add_argument("--ranks", type=int, default=1, help="CPU ranks (gloo); above 1 the model is FSDP2-sharded")
     parser.add_argument("--label", default="after", help="name of the library under test in the table")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, among {CASES}")
     parser.add_argument("--batches", default=",".join(map(str, BATCH_COUNTS)), help="calibration batch counts")
@@ -145,16 +192,17 @@ def main() -> None:
     parser.add_argument("--output", type=Path, help="write the markdown table here too")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child[0], int(args.child[1]))))
+        print(json.dumps(child(args.child[0], int(args.child[1]), int(args.child[2]))))
         return
     rows = json.loads(args.json.read_text()) if args.json.exists() else []
     for case in args.cases.split(","):
         for count in map(int, args.batches.split(",")):
-            row = {**run_child(case, count), "label": args.label}
-            row["commit"] = commit_of(row["library"])
-            print(f"{args.label:8s} {case:16s} {count} batch(es): +{row['extra_peak_mib']:.0f} MiB = "
-                  f"{row['ratio']:.3f}x parameter bytes, {row['cpu_s']:.1f} s CPU", flush=True)
-            rows = [r for r in rows if (r["label"], r["case"], r["batches"]) != (args.label, case, count)] + [row]
+            for row in run_child(case, count, args.ranks):
+                row = {**row, "label": args.label, "commit": commit_of(row["library"])}
+                print(f"{args.label:8s} {case:16s} {count} batch(es), rank {row['rank']} of {row['ranks']}: "
+                      f"+{row['extra_peak_mib']:.0f} MiB = {row['ratio']:.3f}x parameter bytes, "
+                      f"{row['cpu_s']:.1f} s CPU", flush=True)
+                rows = [r for r in rows if key(r) != key(row)] + [row]
             args.json.write_text(json.dumps(rows, indent=1) + "\n")
     print(table(rows))
     if args.output:
