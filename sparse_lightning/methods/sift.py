@@ -57,7 +57,8 @@ def select_by_gradient(model: nn.Module, batches: list[Batch], loss_fn: LossFn,
         chosen = top_k_as_gradients_form(model, layers, batches[0], loss_fn)
         # a layer that ran twice in the forward (or never) needs its summed (or zero) gradient: score it exactly
         again = {name: layer for name, layer in layers.items() if name not in chosen}
-        chosen.update(summed_top_k(model, again, batches, loss_fn, score_memory) if again else {})
+        if again:
+            chosen.update(summed_top_k(model, again, batches, loss_fn, score_memory))
     else:
         chosen = summed_top_k(model, layers, batches, loss_fn, score_memory)
     for name, layer in layers.items():
