@@ -114,14 +114,22 @@ def summed_weight_gradients(model: nn.Module, layers: dict[str, SparseDeltaLinea
 def observed_passes(model: nn.Module, observers: dict[str, WeightGradObserver], batches: Sequence[Batch],
                     loss_fn: LossFn, layers: dict[str, SparseDeltaLinear]) -> None:
     """Forward and backward over `batches` in eval mode with each named layer's dense gradient going to its
-    observer; nothing updated, no `.grad` left behind."""
+    observer; nothing updated, no `.grad` left behind. Only the observed layers' values require a gradient meanwhile,
+    so backward stops at the first of them and forms no other gradient."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
     for name, observe in observers.items():
         layers[name].weight_grad_observer = observe
+        layers[name].delta_values.requires_grad_(True)
     try:
         with eval_mode(model):
             for batch in batches:
-                loss_fn(batch).backward()
+                loss = loss_fn(batch)
+                if loss.requires_grad:  # else no observed layer reaches the loss: its gradient is zero
+                    loss.backward()
     finally:
         for name in observers:
             layers[name].weight_grad_observer = None
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
         model.zero_grad(set_to_none=True)
