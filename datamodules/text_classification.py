@@ -166,6 +166,39 @@ def infer_task(labels: Iterable[Any]) -> Literal["classification", "regression"]
     return "regression" if numeric and any(_is_float_label(v) for v in labels) else "classification"
 
 
+def label_kind(value: Any) -> str:
+    """'integer', 'float' or 'name': labels of one file must be one kind to name classes unambiguously."""
+    return "integer" if _as_int(value) is not None else "float" if _is_float_label(value) else "name"
+
+
+def _require_one_label_kind(source: str, rows: list[tuple[str, Any, Any]], field: str) -> None:
+    """Class names taken from a file whose labels mix kinds (`negative` beside `0`, `1` beside `1.0`) would make
+    extra classes silently: refuse, showing one record of each kind."""
+    first: dict[str, tuple[str, Any]] = {}
+    for where, _, label in rows:
+        first.setdefault(label_kind(label), (where, label))
+    if len(first) > 1:
+        shown = "; ".join(f"{kind} {label!r} ({where.removeprefix(f'{source}: ')})"
+                          for kind, (where, label) in sorted(first.items()))
+        raise ValueError(f"{source}: field {field!r} mixes label kinds ({shown}): use one kind (class names, integer "
+                         "class ids, or floats for regression), or pass label_names")
+
+
+#: Validation records a metric needs: a correlation is undefined on fewer than 2 (or constant) values.
+MIN_VALIDATION = {"classification": 1, "regression": 2}
+
+
+def _require_measurable(source: str, labels: list[Any], task: str) -> None:
+    """A validation set too small to measure gives nan or nothing at all: refuse it, naming it and its count."""
+    needed = MIN_VALIDATION[task]
+    if len(labels) < needed or (task == "regression" and len(set(labels)) < 2):
+        what = f"{len(labels)} record(s)" + (f" with {len(set(labels))} distinct label(s)" if labels else "")
+        raise ValueError(f"{source}: the validation set has {what}; {task} needs at least {needed}"
+                         + (" with two distinct labels (Pearson/Spearman are undefined otherwise)"
+                            if task == "regression" else "")
+                         + ": give a larger validation_file or more training records")
+
+
 def class_names(labels: Iterable[Any]) -> list[str]:
     """Sorted distinct class names; integer labels sort as numbers."""
     names = {_class_name(v) for v in labels}
@@ -324,12 +357,16 @@ class TextClassificationDataModule(ResumableTrainPosition, pl.LightningDataModul
         if self.task == "auto":
             self.task = "classification" if self._label_names else infer_task(r[2] for r in train_rows)
         if self.task == "classification" and self._label_names is None:
+            _require_one_label_kind(hparams.train_file, train_rows, hparams.label_column)
             self._label_names = class_names(r[2] for r in train_rows)
             if len(self._label_names) < 2:
                 raise ValueError(f"{hparams.train_file}: every label is {self._label_names[0]!r}: a classifier needs "
                                  "two or more classes (floats make it regression: task='regression')")
         train = [self._example(*row) for row in train_rows]
         validation = [self._example(*row) for row in validation_rows]
+        if self.val_set_names:
+            source = hparams.validation_file or f"{hparams.train_file} (val_fraction {self.val_fraction} held out)"
+            _require_measurable(source, [label for _, label in validation], self.task)
         names = self._label_names or []
         summary = (f"classification, {len(names)} classes ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})"
                    if self.task == "classification" else "regression")
