@@ -82,6 +82,10 @@ def messages_field(value: Any) -> list[dict[str, Any]]:
                              f"{content!r:.60}")
     if not any(message["role"] == "assistant" for message in value):
         raise ValueError("no assistant turn: nothing to train on")
+    opening = next(position for position, message in enumerate(value) if message["role"] != "system")
+    if value[opening]["role"] == "assistant":  # a reply to nothing: its prompt would be an empty conversation
+        raise ValueError(f"message {opening}, field 'role': the conversation opens with an assistant turn; put the "
+                         "user message it answers before it (or drop it)")
     return value
 
 

@@ -77,7 +77,12 @@ def _read_raw(source: str) -> list[Any]:
 
 
 def _read_json(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text ({error.reason} at byte {error.start}); save the file "
+                         "as UTF-8") from error
     if path.suffix == ".jsonl":
         lines = enumerate(text.splitlines(), start=1)
         return [_parse_json(line, f"{path} line {number}") for number, line in lines if line.strip()]

@@ -3,8 +3,11 @@ lm-eval, figures and memory estimates."""
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import os
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -45,10 +48,21 @@ def _flag_values(args: list[str], name: str) -> list[str]:
 class SparseLightningCLI(LightningCLI):
     """Links the tokenizer to the model and prints the final metrics, so a run ends with the number it was for."""
 
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        self.__dict__.setdefault("_parsers", []).append(parser)  # every key the command takes, for "did you mean"
+        return parser
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments(*TOKENIZER_LINK)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        try:
+            self._parse_and_check(parser, args)
+        except argparse.ArgumentError as error:  # only with exit_on_error=False (the command line): one line
+            raise ConfigError(config_error_message(error, self.__dict__.get("_parsers", []))) from None
+
+    def _parse_and_check(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
         # jsonargparse replaces a value given for a subclass's linked init argument without a word; refuse a
         # command-line tokenizer that the link would silently drop (the same one as the model is harmless).
@@ -123,6 +137,26 @@ def _require_same_model(ckpt_path: str, hparams: dict, named: str | None, config
                          "pass the config it was trained with, or leave the model out of the config")
 
 
+class ConfigError(ValueError):
+    """A command line or config the parser refuses (an unknown key, a value of the wrong type)."""
+
+
+def config_error_message(error: argparse.ArgumentError, parsers: list) -> str:
+    """jsonargparse's error in one line (its first), with the closest key the command takes for an unknown one."""
+    message = str(error).strip()
+    first = message.splitlines()[0] if message else type(error).__name__
+    found = re.search(r"option '([^']+)'|Key '([^']+)'|NestedArg\(key='([^']+)'", message)
+    if not found:
+        return first
+    key = next(group for group in found.groups() if group)
+    keys = sorted({name for parser in parsers for name in parser.get_defaults().keys()})
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6) or difflib.get_close_matches(
+        key, sorted({name.rpartition(".")[2] for name in keys}), n=1, cutoff=0.6)
+    if "NestedArg" in found.group(0):
+        first = f"unknown key {key!r} in the config or command line"
+    return first + (f"; did you mean {close[0]!r}?" if close else "")
+
+
 def warn_if_no_validation_before_the_end(trainer: Trainer) -> None:
     """A run whose max_steps ends before the first `val_check_interval` logs no validation metric, and a checkpoint
     callback that monitors one saves nothing to export; with validation off and checkpoints tied to validations
@@ -181,18 +215,35 @@ USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, pickle.Unpickl
 
 
 def user_error_message(error: BaseException) -> str | None:
-    """The sentence to show for a bad input: the innermost user error in the chain (jsonargparse wraps a class's own
-    ValueError into "Does not validate against any of the Union subtypes"), or None for a bug."""
-    found = None
+    """The sentence to show for a bad input, or None for a bug: the outermost user error raised by this project's code
+    (it names the file and line; the error it wraps, e.g. a JSONDecodeError, does not), else the innermost user error
+    in the chain (jsonargparse wraps a class's own ValueError into "Does not validate against any of the Union
+    subtypes")."""
+    found = []
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, USER_ERRORS):
-            found = error
+            found.append(error)
         error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
-    if found is None:
+    if not found:
         return None
-    return str(found).strip() or type(found).__name__
+    chosen = next((candidate for candidate in found if _raised_here(candidate)), found[-1])
+    return str(chosen).strip() or type(chosen).__name__
+
+
+#: Where this project's code lives: an error raised there carries the library's context.
+OWN_CODE = (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1] / "datamodules")
+
+
+def _raised_here(error: BaseException) -> bool:
+    frame = error.__traceback__
+    if frame is None:
+        return False
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    path = Path(frame.tb_frame.f_code.co_filename).resolve()
+    return any(root in path.parents for root in OWN_CODE)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -230,8 +281,12 @@ def _run(argv: list[str] | None) -> None:
 
         estimate_main(command[1:])
         return
+    # On the command line the parser raises instead of printing its usage (60-70 lines) so `main` prints one line.
+    parser_kwargs = {} if argv is not None else {"exit_on_error": False, **{
+        subcommand: {"exit_on_error": False} for subcommand in SparseLightningCLI.subcommands()}}
     SparseLightningCLI(SparseFineTuningModule, subclass_mode_model=True, subclass_mode_data=True, args=argv,
-                       save_config_callback=SaveConfigToRunDirectory, save_config_kwargs={"overwrite": True})
+                       save_config_callback=SaveConfigToRunDirectory, save_config_kwargs={"overwrite": True},
+                       parser_kwargs=parser_kwargs)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,14 @@ INSTALL_HINT = "pip install 'sparse-lightning[eval]' (or pip install 'lm-eval>=0
 SHIPPED_TASKS = Path(__file__).resolve().parents[1] / "configs" / "eval" / "lm_eval"
 
 
+#: Weight files that are pickles: refused, never loaded.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
+CONVERT_HINT = ("convert it once, where you trust it: AutoModelForCausalLM.from_pretrained(src).save_pretrained(dst) "
+                "writes safetensors")
+#: A sequence classifier's heads (PEFT's modules_to_save for SEQ_CLS).
+SEQ_CLS_HEADS = ("classifier", "score")
+
+
 class EvaluateError(ValueError):
     """A bad input to `evaluate` (model path, task name, missing extra): the message says what to change."""
 
@@ -55,6 +63,9 @@ def load_model(model: str | Path, base_model: str | None = None) -> tuple[nn.Mod
     """(causal LM with any delta merged in memory, tokenizer directory, what it is) for a checkpoint, a delta or PEFT
     adapter directory, a merged/HF directory, or a base model name; `base_model` overrides the one a delta names."""
     path = Path(str(model)).expanduser()
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+        raise EvaluateError(f"{path}: a PyTorch pickle ({path.suffix}), which is refused (loading a pickle can run "
+                            f"code); {CONVERT_HINT}")
     if path.is_file():
         if path.suffix != ".ckpt":
             raise EvaluateError(f"{path}: a file must be a training checkpoint (.ckpt); directories may hold a delta "
@@ -63,13 +74,21 @@ def load_model(model: str | Path, base_model: str | None = None) -> tuple[nn.Mod
     if path.is_dir():
         if (path / "adapter_config.json").is_file():
             config = _read_json(path / "adapter_config.json")
+            _require_causal_lm(path, config.get("modules_to_save") or [], config.get("task_type") == "SEQ_CLS")
             return _from_adapter(path, base_model or delta_base_model(path), config)
         if (path / DELTA_CONFIG).is_file():
+            config = _read_json(path / DELTA_CONFIG)
+            dense = config.get("dense") if isinstance(config.get("dense"), list) else []
+            _require_causal_lm(path, [str(name) for name in dense], False)
             base = base_model or delta_base_model(path)
             hf_model, tokenizer = _base(base, path)
             init = _read_json(path / DELTA_CONFIG).get("init_delta")  # apply_delta applies it first, as fit did
             return apply_delta(hf_model, path), tokenizer, f"delta {path} on {base}" + (f" + {init}" if init else "")
         if (path / "config.json").is_file():
+            pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles and not any(path.glob("*.safetensors")):
+                raise EvaluateError(f"{path}: its weights are PyTorch pickles ({pickles[0]}), which are refused "
+                                    f"(loading a pickle can run code); {CONVERT_HINT}")
             hf_model, tokenizer = _base(str(path), path)
             return hf_model, tokenizer, f"model {path}"
         raise EvaluateError(f"{path}: not a model directory: expected {DELTA_CONFIG} (a delta), adapter_config.json "
@@ -81,6 +100,16 @@ def load_model(model: str | Path, base_model: str | None = None) -> tuple[nn.Mod
                             "name)") from None
     hf_model, tokenizer = _base(resolved, str(model))
     return hf_model, tokenizer, f"base model {model}"
+
+
+def _require_causal_lm(path: Path, trained: list[str], sequence_classifier: bool) -> None:
+    """A sequence classifier's delta or adapter cannot be scored by lm-eval (it would be put on a causal LM, which
+    lacks its head): say so instead of a missing-parameter error."""
+    head = next((name for name in trained if name.split(".")[0] in SEQ_CLS_HEADS), None)
+    if sequence_classifier or head:
+        why = f"it trains {head}" if head else "task_type SEQ_CLS"
+        raise EvaluateError(f"{path} is a sequence classifier's delta ({why}); lm-eval scores causal LMs: evaluate it "
+                            "with sparse-lightning validate, or apply_delta it onto AutoModelForSequenceClassification")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -154,7 +183,28 @@ def task_roots(include_path: str | Path | Sequence[str | Path] | None) -> list[P
         if not Path(path).expanduser().is_dir():
             raise EvaluateError(f"--include_path {path}: no such directory (it should hold lm-eval task YAMLs)")
         roots.append(Path(path).expanduser().resolve())
+        _require_valid_yaml(roots[-1])
     return roots
+
+
+def _require_valid_yaml(root: Path) -> None:
+    """lm-eval skips a task YAML it cannot parse, and the task is then "unknown": name the file and line instead.
+    (Tags such as `!function` are lm-eval's; only the syntax is checked here.)"""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    for path in sorted([*root.rglob("*.yaml"), *root.rglob("*.yml")]):
+        try:
+            yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise EvaluateError(f"{where}: not valid YAML ({problem}); fix it or move it out of --include_path") \
+                from None
 
 
 def task_manager(names: Sequence[str], roots: Sequence[Path], data_dir: str | Path | None = None):

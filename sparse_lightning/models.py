@@ -8,13 +8,16 @@ through unchanged; anything else is an error that lists the aliases.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -122,7 +125,29 @@ def resolve_model_path(model_name_or_path: str) -> str:
     if hub_offline() and not _in_hub_cache(name):
         raise FileNotFoundError(f"{name}: no such local directory, not a built-in alias ({aliases}){hint}, and not "
                                 "in the Hugging Face cache while HF_HUB_OFFLINE is set")
+    if not _in_hub_cache(name) and not hub_reachable():  # else the hub client retries for about a minute
+        raise FileNotFoundError(f"{name}: no such local directory, not a built-in alias ({aliases}){hint}, not in the "
+                                f"Hugging Face cache, and the hub ({hub_endpoint()}) cannot be reached: check the "
+                                "name, or the network (HF_HUB_OFFLINE=1 to work from the cache)")
     return name
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub opens within `timeout` seconds (once per process); behind a proxy the hub
+    client knows best, so yes."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    parsed = urllib.parse.urlsplit(hub_endpoint())
+    try:
+        socket.create_connection((parsed.hostname or "", parsed.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _in_hub_cache(repo_id: str) -> bool:

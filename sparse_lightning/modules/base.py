@@ -360,6 +360,13 @@ class SparseFineTuningModule(LightningModule):
         trainer = self.attached_trainer
         if trainer is not None:
             finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite and self.global_step == 0:  # before any update: the model as built, not the learning rate
+            init = self.hparams.get("init_delta")
+            start = f"base + init_delta {init}" if init else f"the base model {self.hparams.model_name_or_path}"
+            raise FloatingPointError(f"the training loss is {loss.item()} at step 0 (batch {batch_idx}), before any "
+                                     f"update: {start} already gives a non-finite loss; check "
+                                     f"{'the init_delta values' if init else 'its weights, the precision and the data'}"
+                                     " (the learning rate is not the cause)")
         if not finite:
             raise FloatingPointError(f"the training loss is {loss.item()} at step {self.global_step} (batch {batch_idx} "
                                      "of the epoch): training diverged; lower the learning rate (optimizer lr)")
