@@ -29,6 +29,7 @@ import copy
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -286,6 +287,10 @@ def _export_peft(model: nn.Module, target: Path, replace: bool, format: str, mer
         raise PeftExportError(f"this run started from init_delta {metadata['init_delta']}, which a PEFT adapter "
                               "cannot carry (PEFT would load it onto the plain base): export --format delta (it records "
                               "init_delta, and apply_delta applies both) or --format delta --merged true")
+    if metadata.get("quantize"):
+        warnings.warn(f"this run trained on a {metadata['quantize']}-quantized base, which a PEFT adapter cannot "
+                      "record: on the full-precision base the adapter differs from the trained model by the "
+                      "quantization error; the merged export (--merged true) is the trained model", stacklevel=3)
     dense = [name for name in trainable if not is_delta_parameter(name)]
     with staged_export(target, replace) as staging:
         written = {"peft": write_peft_adapter(model, staging, dense, FORMATS[format], metadata.get("base_model"))}

@@ -311,3 +311,5 @@ def test_a_quantized_runs_delta_records_it_and_warns_when_applied(tiny_bert_dir:
         warnings.simplefilter("always")
         apply_delta(base, written["delta"])
     assert any("trained on a nf4-quantized base" in str(w.message) for w in caught)
+    with pytest.warns(UserWarning, match="trained on a nf4-quantized base, which a PEFT adapter cannot record"):
+        export_peft(module, tmp_path / "peft")
