@@ -117,3 +117,14 @@ def test_a_regex_in_modules_to_save_is_refused_in_one_line(adapter, tiny_lm_dir,
     model = LlamaForCausalLM.from_pretrained(tiny_lm_dir)
     with pytest.raises(DeltaFileError, match=f"'modules_to_save' entry {re.escape(repr(entry))} is not a module name"):
         apply_delta(model, with_config(adapter, tmp_path, modules_to_save=[entry]))
+
+
+def test_a_callbacks_target_modules_go_through_the_same_matcher():
+    """A config's or checkpoint's `target_modules` reach `name_matches`: the same bomb ends at once there."""
+    from sparse_lightning.sparse.inject import name_matches
+
+    name = "model.layers.0.self_attn.q_proj" * 4
+    assert not name_matches(name, HOSTILE)
+    assert name_matches("model.layers.3.self_attn.q_proj", r"model\.layers\.\d+\.self_attn\.(q|v)_proj")
+    with pytest.raises(NamePatternError, match="lookarounds"):
+        name_matches("model.layers.3.self_attn.q_proj", r"^(?!.*vision).*q_proj")
