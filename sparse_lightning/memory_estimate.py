@@ -23,13 +23,13 @@ which shards parameters, gradients and optimizer state 1/N but not buffers such 
 - FSDP2 (gpus > 1): two transformer blocks unsharded at a time (the current one and the prefetched one) and the root
   unit (embeddings, final norm, an untied head) unsharded for the whole step, in the compute dtype.
 
-Phases (what `benchmarks/memory_table.py` measures): load (base, trainable tensors; under FSDP2 each rank's shard
-plus one tensor's slice being read, or the whole model for LoRA and S2FT, which load it whole), selection (SIFT's calibration passes: resident + scoring + one batch's
-activations), step (resident + gradients + optimizer + activations + method extras) and save (resident after the
-step, the gradients and optimizer state still held, what rank 0 gathers under FSDP2, and the checkpoint's bytes:
-one memory on a CPU run; on GPUs what a save adds is host memory on rank 0, so `peak` leaves it out). Not
-counted: the runtime itself (Python, torch, CUDA context: ~0.5-1 GB per GPU), allocator fragmentation, data
-loaders.
+Phases (what `benchmarks/memory_table.py` measures), on the device: load (base, trainable tensors), selection
+(SIFT's calibration passes: resident + scoring + one batch's activations), step (resident + gradients + optimizer +
+activations + method extras) and save (resident, with the gradients and optimizer state still held). In host memory
+per rank beside them: loading (under FSDP2 one tensor's slice being read, or the whole model for LoRA and S2FT,
+which load it whole) and saving (what rank 0 gathers under FSDP2, and the serialized checkpoint). On a CPU run the
+two are one memory and add up. Not counted: the runtime itself (Python, torch, CUDA context: ~0.5-1 GB per GPU),
+allocator fragmentation, data loaders.
 """
 
 from __future__ import annotations
@@ -171,7 +171,8 @@ class Plan:
 
 @dataclass
 class Estimate:
-    """Bytes per device: `components` (what is held) and `phases` (the peak of each phase)."""
+    """Bytes per device: `components` (what is held), `phases` (each phase's peak on the device) and `host` (what
+    loading and saving hold in host memory beside it, per rank: a GPU run builds and saves on the CPU)."""
 
     model: str
     plan: Plan
@@ -179,17 +180,22 @@ class Estimate:
     trainable: int
     components: dict[str, int] = field(default_factory=dict)
     phases: dict[str, int] = field(default_factory=dict)
+    host: dict[str, int] = field(default_factory=dict)
     checkpoint_bytes: int = 0
 
     @property
     def peak(self) -> int:
-        """The device's peak: load, selection or step (a save assembles the checkpoint in host memory)."""
-        return max(self.phases[phase] for phase in DEVICE_PHASES)
+        """The device's peak over every phase."""
+        return max(self.phases.values())
+
+    def on_one_memory(self, phase: str) -> int:
+        """A phase's peak when the device is the host (a CPU run): the device's and the host's together."""
+        return self.phases[phase] + self.host.get(phase, 0)
 
     def as_dict(self) -> dict[str, Any]:
         return {"model": self.model, "plan": vars(self.plan), "parameters": self.parameters,
                 "trainable": self.trainable, "components": self.components, "phases": self.phases,
-                "checkpoint_bytes": self.checkpoint_bytes, "peak": self.peak}
+                "host": self.host, "checkpoint_bytes": self.checkpoint_bytes, "peak": self.peak}
 
 
 def trainable_count(shape: ModelShape, plan: Plan) -> int:
@@ -270,11 +276,11 @@ def held_bytes(shape: ModelShape, plan: Plan, k: int) -> dict[str, int]:
     return c
 
 
-def load_transient(shape: ModelShape, plan: Plan) -> int:
-    """What loading holds beyond the resident model: nothing in one process (`from_pretrained` fills the weights in
-    place); under FSDP2 one tensor's slice at a time when every rank reads only its rows, the whole model on every
-    rank for LoRA and S2FT (PEFT initialises from, and S2FT permutes, the full weights) before `fully_shard` keeps
-    1/N of it."""
+def host_load_bytes(shape: ModelShape, plan: Plan) -> int:
+    """What loading holds in host memory, per rank, beside the model on the device: nothing in one process (the
+    weights are read into place); under FSDP2 (Lightning builds the model on the CPU, then moves each rank's shard)
+    one tensor's slice at a time when every rank reads only its rows, and the whole model on every rank for LoRA and
+    S2FT (PEFT initialises from, and S2FT permutes, whole weights) before `fully_shard` keeps 1/N of it."""
     b, n = DTYPE_BYTES[plan.dtype], plan.gpus
     if n == 1:
         return 0
@@ -308,30 +314,32 @@ def estimate(model: str | Any, plan: Plan, shape: ModelShape | None = None, name
     resident = c["base"] + c["trainable"] + c.get("indices", 0)
     unsharded = c.get("fsdp_unsharded", 0)
     # saving after the last step: gradients and optimizer state are still held (Lightning zeroes gradients before
-    # the next backward); under FSDP2 rank 0 gathers the other shards of the checkpoint's tensors (indices are
-    # already whole on every rank), then serializes
+    # the next backward); the checkpoint is assembled in host memory: under FSDP2 rank 0 gathers the other shards of
+    # its tensors (indices are already whole on every rank), then serializes
     indices_saved = 4 * k if plan.method in ELEMENT_SPARSE else 0
     gathered = (checkpoint - indices_saved) * (n - 1) // n
     phases = {
-        "load": resident + load_transient(shape, plan),
+        "load": resident,
         "selection": resident + (c["selection"] + c["activations"] + unsharded if "selection" in c else 0),
         "step": resident + c["gradients"] + c["optimizer"] + c.get("method_state", 0) + c["activations"] + unsharded,
-        "save": resident + c["gradients"] + c["optimizer"] + gathered + checkpoint,
+        "save": resident + c["gradients"] + c["optimizer"],
     }
-    return Estimate(name, plan, shape.parameters, k, c, phases, checkpoint)
+    host = {"load": host_load_bytes(shape, plan), "save": gathered + checkpoint}
+    return Estimate(name, plan, shape.parameters, k, c, phases, host, checkpoint)
 
 
 GIB = 2**30
 
 
 def estimate_table(estimates: list[Estimate]) -> str:
-    """A markdown table: one row per estimate, GiB per device."""
-    lines = ["| model | method | GPUs | trainable | " + " | ".join(PHASES) + " (CPU) | peak | checkpoint |",
-             "|---|---|---:|---:|" + "---:|" * (len(PHASES) + 2)]
+    """A markdown table: one row per estimate, GiB per device (and per rank in host memory)."""
+    lines = ["| model | method | GPUs | trainable | load | selection | step | **peak** | host: load | host: save | "
+             "checkpoint |", "|---|---|---:|---:|" + "---:|" * 7]
     for e in estimates:
-        cells = " | ".join(f"{e.phases[p] / GIB:,.2f}" for p in PHASES)
-        lines.append(f"| {e.model} | {e.plan.method} | {e.plan.gpus} | {e.trainable:,} | {cells} | "
-                     f"**{e.peak / GIB:,.2f}** | {e.checkpoint_bytes / GIB:,.3f} |")
+        device = " | ".join(f"{e.phases[p] / GIB:,.2f}" for p in DEVICE_PHASES)
+        lines.append(f"| {e.model} | {e.plan.method} | {e.plan.gpus} | {e.trainable:,} | {device} | "
+                     f"**{e.peak / GIB:,.2f}** | {e.host['load'] / GIB:,.2f} | {e.host['save'] / GIB:,.2f} | "
+                     f"{e.checkpoint_bytes / GIB:,.3f} |")
     return "\n".join(lines)
 
 

@@ -39,12 +39,17 @@ def test_llama_shapes_count_their_published_parameters(llama8b) -> None:
 def test_more_gpus_never_need_more_memory_per_gpu(method: str, llama8b) -> None:
     config = load_config("8b")
     peaks = [estimate(config, Plan(method, gpus=n), llama8b) for n in (1, 8, 64)]
-    # LoRA and S2FT load the whole model on every rank before FSDP2 keeps a shard (PEFT initialises from, and S2FT
-    # permutes, whole weights): their load is the one phase that does not shrink
-    for phase in ("selection", "step") if method in ("lora", "s2ft") else ("load", "selection", "step"):
+    for phase in ("load", "selection", "step", "save"):
         values = [e.phases[phase] for e in peaks]
         assert values == sorted(values, reverse=True), (phase, values)
     assert peaks[0].peak > peaks[-1].peak
+    # in host memory LoRA and S2FT load the whole model on every rank before FSDP2 keeps a shard (PEFT initialises
+    # from, and S2FT permutes, whole weights); the others read one slice at a time
+    host_loads = [e.host["load"] for e in peaks]
+    if method in ("lora", "s2ft"):
+        assert host_loads == [0, llama8b.parameters * 2, llama8b.parameters * 2]
+    else:
+        assert host_loads == [0, llama8b.largest_tensor * 2 // 8, llama8b.largest_tensor * 2 // 64]
 
 
 def test_fsdp_shards_the_base_and_what_trains_but_not_indices(llama8b) -> None:
@@ -119,7 +124,8 @@ def test_the_cli_prints_a_table_and_json(capsys) -> None:
     main(["estimate", "--model", "1b", "--method", "spiel_ma", "--gpus", "64", "--json", "--num_params", "1000000"])
     [record] = json.loads(capsys.readouterr().out)
     assert record["trainable"] == 1_000_000 and record["plan"]["gpus"] == 64
-    assert record["peak"] == max(record["phases"][p] for p in ("load", "selection", "step"))
+    assert record["peak"] == max(record["phases"].values()) == record["phases"]["step"]
+    assert record["host"]["save"] >= record["checkpoint_bytes"]
 
 
 def test_bad_plans_say_what_to_change() -> None:
