@@ -26,7 +26,7 @@ which shards parameters, gradients and optimizer state 1/N but not buffers such 
 Phases (what `benchmarks/memory_table.py` measures), on the device: load (base, trainable tensors), selection
 (SIFT's calibration passes: resident + scoring + one batch's activations), step (resident + gradients + optimizer +
 activations + method extras) and save (resident, with the gradients and optimizer state still held). In host memory
-per rank beside them: loading (under FSDP2 one tensor's slice being read, or the whole model for LoRA and S2FT,
+per rank beside them: loading (under FSDP2 one block of rows being read, or the whole model for LoRA and S2FT,
 which load it whole) and saving (what rank 0 gathers under FSDP2, and the serialized checkpoint). On a CPU run the
 two are one memory and add up. Not counted: the runtime itself (Python, torch, CUDA context: ~0.5-1 GB per GPU),
 allocator fragmentation, data loaders.
@@ -279,14 +279,16 @@ def held_bytes(shape: ModelShape, plan: Plan, k: int) -> dict[str, int]:
 def host_load_bytes(shape: ModelShape, plan: Plan) -> int:
     """What loading holds in host memory, per rank, beside the model on the device: nothing in one process (the
     weights are read into place); under FSDP2 (Lightning builds the model on the CPU, then moves each rank's shard)
-    one tensor's slice at a time when every rank reads only its rows, and the whole model on every rank for LoRA and
+    one block of rows at a time (`READ_BYTES`) when every rank reads only its rows, and the whole model on every rank for LoRA and
     S2FT (PEFT initialises from, and S2FT permutes, whole weights) before `fully_shard` keeps 1/N of it."""
+    from sparse_lightning.modules.sharded_loading import READ_BYTES
+
     b, n = DTYPE_BYTES[plan.dtype], plan.gpus
     if n == 1:
         return 0
     if plan.method in ("lora", "s2ft"):
         return shape.parameters * b
-    return shape.largest_tensor * b // n
+    return min(READ_BYTES, shape.largest_tensor * b // n)
 
 
 def checkpoint_bytes(shape: ModelShape, plan: Plan, k: int) -> int:
