@@ -26,9 +26,9 @@ which shards parameters, gradients and optimizer state 1/N but not buffers such 
 Phases (what `benchmarks/memory_table.py` measures), on the device: load (base, trainable tensors), selection
 (SIFT's calibration passes: resident + scoring + one batch's activations), step (resident + gradients + optimizer +
 activations + method extras) and save (resident, with the gradients and optimizer state still held). In host memory
-per rank beside them: loading (under FSDP2 one block of rows being read, or the whole model for LoRA and S2FT,
-which load it whole) and saving (what rank 0 gathers under FSDP2, and the serialized checkpoint). On a CPU run the
-two are one memory and add up. Not counted: the runtime itself (Python, torch, CUDA context: ~0.5-1 GB per GPU),
+per rank: loading under FSDP2, which builds on the CPU (the rank's shard and one block of rows being read, or the
+whole model for LoRA and S2FT, which load it whole), and what saving adds (what rank 0 gathers under FSDP2, and the
+serialized checkpoint). On a CPU run the two are one memory. Not counted: the runtime itself (Python, torch, CUDA context: ~0.5-1 GB per GPU),
 allocator fragmentation, data loaders.
 """
 
@@ -171,8 +171,8 @@ class Plan:
 
 @dataclass
 class Estimate:
-    """Bytes per device: `components` (what is held), `phases` (each phase's peak on the device) and `host` (what
-    loading and saving hold in host memory beside it, per rank: a GPU run builds and saves on the CPU)."""
+    """Bytes per device: `components` (what is held), `phases` (each phase's peak on the device) and `host` (per rank:
+    the host's peak while loading under FSDP2, which builds on the CPU, and what saving adds there)."""
 
     model: str
     plan: Plan
@@ -189,7 +189,10 @@ class Estimate:
         return max(self.phases.values())
 
     def on_one_memory(self, phase: str) -> int:
-        """A phase's peak when the device is the host (a CPU run): the device's and the host's together."""
+        """A phase's peak when the device is the host (a CPU run): loading holds on the host what the device then
+        holds, so the larger of the two; saving adds the checkpoint to what the device holds."""
+        if phase == "load":
+            return max(self.phases[phase], self.host[phase])
         return self.phases[phase] + self.host.get(phase, 0)
 
     def as_dict(self) -> dict[str, Any]:
@@ -276,19 +279,20 @@ def held_bytes(shape: ModelShape, plan: Plan, k: int) -> dict[str, int]:
     return c
 
 
-def host_load_bytes(shape: ModelShape, plan: Plan) -> int:
-    """What loading holds in host memory, per rank, beside the model on the device: nothing in one process (the
-    weights are read into place); under FSDP2 (Lightning builds the model on the CPU, then moves each rank's shard)
-    one block of rows at a time (`READ_BYTES`) when every rank reads only its rows, and the whole model on every rank for LoRA and
-    S2FT (PEFT initialises from, and S2FT permutes, whole weights) before `fully_shard` keeps 1/N of it."""
+def host_load_bytes(shape: ModelShape, plan: Plan, resident: int) -> int:
+    """Host memory per rank while loading under FSDP2, where Lightning builds and shards the model on the CPU before
+    moving each rank's shard to its device (one process builds it on the device: 0). Every rank reads only its own
+    rows, one block of `READ_BYTES` at a time, beside its shard; LoRA and S2FT load the whole model on every rank
+    (PEFT initialises from, and S2FT permutes, whole weights), and `fully_shard` then swaps it for 1/N block by
+    block, so the whole model and one block's shard are held at the peak."""
     from sparse_lightning.modules.sharded_loading import READ_BYTES
 
     b, n = DTYPE_BYTES[plan.dtype], plan.gpus
     if n == 1:
         return 0
     if plan.method in ("lora", "s2ft"):
-        return shape.parameters * b
-    return min(READ_BYTES, shape.largest_tensor * b // n)
+        return resident - shape.parameters * b // n + shape.parameters * b + shape.block_parameters * b // n
+    return resident + min(READ_BYTES, shape.largest_tensor * b // n)
 
 
 def checkpoint_bytes(shape: ModelShape, plan: Plan, k: int) -> int:
@@ -326,7 +330,7 @@ def estimate(model: str | Any, plan: Plan, shape: ModelShape | None = None, name
         "step": resident + c["gradients"] + c["optimizer"] + c.get("method_state", 0) + c["activations"] + unsharded,
         "save": resident + c["gradients"] + c["optimizer"],
     }
-    host = {"load": host_load_bytes(shape, plan), "save": gathered + checkpoint}
+    host = {"load": host_load_bytes(shape, plan, resident), "save": gathered + checkpoint}
     return Estimate(name, plan, shape.parameters, k, c, phases, host, checkpoint)
 
 
