@@ -163,6 +163,8 @@ def run_worker(args: argparse.Namespace) -> None:
             local = lambda t: getattr(t, "to_local", lambda: t)()  # noqa: E731 - FSDP2 DTensor -> this rank's shard
             self.record |= {
                 "budget": budget_of(pl_module),
+                # checkpoints hold the frozen base too: asked for, or a library from before delta checkpoints
+                "full_checkpoint": bool(pl_module.hparams.get("full_checkpoint", True)),
                 "rank": trainer.global_rank, "world_size": trainer.world_size, "steps": trainer.global_step,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -26,7 +26,7 @@ def predictions(measured: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             shapes[first["model"]] = config, model_shape(config)
         config, shape = shapes[first["model"]]
         plan = Plan(method, dtype=first["dtype"], gpus=int(ranks), batch_size=1, seq_len=first["tokens_per_batch"],
-                    **first["budget"])
+                    full_checkpoint=first.get("full_checkpoint", True), **first["budget"])
         predicted = estimate(config, plan, shape)
         # a CPU run holds the device's and the host's memory in one; a GPU run measures the device's alone
         one_memory = first["device"] == "cpu"

@@ -28,8 +28,8 @@ Phases (what `benchmarks/memory_table.py` measures), on the device: load (base, 
 activations + method extras) and save (resident, with the gradients and optimizer state still held). In host memory
 per rank: loading under FSDP2, which builds on the CPU (the rank's shard and one block of rows being read, or the
 whole model for LoRA and S2FT, which load it whole), and what saving adds (what rank 0 gathers under FSDP2, and the
-serialized checkpoint). On a CPU run the two are one memory. Not counted: the runtime itself (Python, torch, CUDA context: ~0.5-1 GB per GPU),
-allocator fragmentation, data loaders.
+serialized checkpoint). On a CPU run the two are one memory. Not counted: the runtime itself (Python, torch, CUDA
+context: ~0.5-1 GB per GPU), allocator fragmentation, data loaders.
 """
 
 from __future__ import annotations
@@ -88,8 +88,10 @@ class ModelShape:
     block_parameters: int
     #: parameters outside the blocks (the root FSDP2 unit: embeddings, final norm, an untied head)
     root_parameters: int
-    #: the largest single parameter tensor (what a sharded load reads whole before slicing)
+    #: the largest single parameter tensor
     largest_tensor: int
+    #: parameters counted twice by a state dict (a tied head)
+    tied_parameters: int
     layers: int
     hidden: int
     intermediate: int
@@ -114,6 +116,8 @@ def model_shape(config) -> ModelShape:
     if not blocks:
         raise ValueError(f"{type(model).__name__} declares no transformer block (_no_split_modules): cannot estimate")
     parameters = list(model.parameters())  # a tied weight once
+    every_name = model.named_parameters(remove_duplicate=False)
+    tied = sum(p.numel() for _, p in every_name) - sum(p.numel() for p in parameters)
     block = sum(p.numel() for p in blocks[0].parameters())
     total = sum(p.numel() for p in parameters)
     targets = find_linear_targets(model, list(default_targets(model)))
@@ -125,6 +129,7 @@ def model_shape(config) -> ModelShape:
         block_parameters=block,
         root_parameters=total - len(blocks) * block,
         largest_tensor=max(p.numel() for p in parameters),
+        tied_parameters=tied,
         layers=len(blocks),
         hidden=config.hidden_size,
         intermediate=getattr(config, "intermediate_size", 4 * config.hidden_size),
@@ -297,7 +302,8 @@ def host_load_bytes(shape: ModelShape, plan: Plan, resident: int) -> int:
 
 def checkpoint_bytes(shape: ModelShape, plan: Plan, k: int) -> int:
     """What a checkpoint holds: what trains (element-sparse: values and int32 indices), its optimizer state, and
-    the frozen base only when asked for (full fine-tuning: the weights are what trains)."""
+    the frozen base only when asked for (full fine-tuning: the weights are what trains); under FSDP2 a whole-model
+    checkpoint holds a tied weight once per name."""
     b, method = DTYPE_BYTES[plan.dtype], plan.method
     trained = shape.parameters * b if method == "full" else 4 * k
     if method == "spiel_ma":
@@ -305,6 +311,8 @@ def checkpoint_bytes(shape: ModelShape, plan: Plan, k: int) -> int:
     else:
         optimizer = 2 * trained
     frozen = shape.parameters * b if plan.full_checkpoint and method != "full" else 0
+    if (frozen or method == "full") and plan.gpus > 1:  # FSDP2's gathered state dict copies a tied weight per name
+        frozen += shape.tied_parameters * b
     return trained + (4 * k if method in ELEMENT_SPARSE else 0) + optimizer + frozen
 
 
@@ -320,10 +328,10 @@ def estimate(model: str | Any, plan: Plan, shape: ModelShape | None = None, name
     resident = c["base"] + c["trainable"] + c.get("indices", 0)
     unsharded = c.get("fsdp_unsharded", 0)
     # saving after the last step: gradients and optimizer state are still held (Lightning zeroes gradients before
-    # the next backward); the checkpoint is assembled in host memory: under FSDP2 rank 0 gathers the other shards of
-    # its tensors (indices are already whole on every rank), then serializes
+    # the next backward); the checkpoint is assembled in host memory: under FSDP2 rank 0 gathers a whole copy of its
+    # sharded tensors (indices are buffers, whole on every rank), then serializes
     indices_saved = 4 * k if plan.method in ELEMENT_SPARSE else 0
-    gathered = (checkpoint - indices_saved) * (n - 1) // n
+    gathered = checkpoint - indices_saved if n > 1 else 0
     phases = {
         "load": resident,
         "selection": resident + (c["selection"] + c["activations"] + unsharded if "selection" in c else 0),
