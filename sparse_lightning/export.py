@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from sparse_lightning.delta_checkpoint import BaseMismatchError
 from sparse_lightning.export_target import check_export_target, published, staged_export
 from sparse_lightning.sparse import delta_layers, merge_and_unwrap
 from sparse_lightning.sparse.frozen_delta import is_delta_parameter
@@ -428,7 +429,10 @@ def load_trained_module(ckpt_path: str | Path, module_class: str | None = None):
     cls = module_class_for(ckpt_path, info.get("module_class"), module_class)
     require_finite_deltas(checkpoint, ckpt_path)
     del checkpoint
-    return cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True), info
+    try:  # a delta checkpoint: the base is rebuilt from model_name_or_path and must be the one it was trained on
+        return cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True), info
+    except BaseMismatchError as error:
+        raise CheckpointError(f"{ckpt_path}: {error}") from None
 
 
 def export_checkpoint(ckpt_path: str | Path, output: str | Path, merged: bool = False,

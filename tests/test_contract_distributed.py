@@ -157,3 +157,13 @@ def test_resuming_the_sharded_run_reproduces_it(launched) -> None:
             assert got[key].keys() == expected[key].keys()
             differ = [name for name, tensor in expected[key].items() if not torch.equal(got[key][name], tensor)]
             assert not differ, f"rank {rank}: {len(differ)} {key} differ, e.g. {differ[:3]}"
+
+
+def test_the_checkpoint_holds_only_what_trains(ranks, plain_buffers: set[str]) -> None:
+    """DDP: rank 0's file; FSDP2: only the trainable tensors are gathered, into one file like a single process's."""
+    method, strategy, got, output = ranks
+    checkpoint = torch.load(output / "last.ckpt", map_location="cpu", weights_only=True)
+    saved = {name.removeprefix("model.") for name in checkpoint["state_dict"]}
+    method_buffers = set(selection(got[0], plain_buffers))
+    assert saved == set(got[0]["trained"]) | method_buffers, strategy
+    assert checkpoint["sparse_lightning"]["holds_base"] is False

@@ -36,7 +36,8 @@ def fit(model_dir: Path, root: Path, callbacks: list[pl.Callback], max_steps: in
 
 
 def snapshot(module: pl.LightningModule) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+    """Every tensor, the frozen base's too (the module's own `state_dict` holds only what trains)."""
+    return {f"model.{name}": tensor.detach().clone() for name, tensor in module.model.state_dict().items()}
 
 
 class Probe(pl.Callback):

@@ -9,12 +9,13 @@ is still whole on every rank, so this works under DDP and FSDP2 alike); statisti
 selection is broadcast from rank 0, so every rank permutes identically. A selection can be saved to a JSON file
 and loaded instead (e.g. computed once on one process for a large sharded run).
 
-The checkpoint holds the permuted base weights, the blocks, their original-layout positions and the
-co-permutation record of every group, so resuming restores the exact state and export can un-permute. A
-resumed run selects again before the checkpoint overwrites that selection, so block shapes must come out the
-same: they always do with uniform allocation; with allocation='global' and a data-driven strategy, resume with
-`load_selection` pointing at the file `save_selection` wrote. The module attaches only when fitting: a checkpoint
-being evaluated brings its own blocks and permutation.
+The checkpoint holds the blocks, their original-layout positions and the co-permutation record of every group
+(not the base: loading co-permutes the rebuilt base as recorded, `structure.permute_as_recorded`), so resuming
+restores the exact state and export can un-permute. A resumed run selects again before the checkpoint's selection
+replaces it (its base is put back and permuted as recorded), so block shapes must come out the same: they always do
+with uniform allocation; with allocation='global' and a data-driven strategy, resume with `load_selection` pointing
+at the file `save_selection` wrote (required under FSDP2 or a quantized base, which cannot be re-permuted). The
+module attaches only when fitting: a checkpoint being evaluated brings its own blocks and permutation.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from sparse_lightning.callbacks.base import SparseMethodCallback
+from sparse_lightning.delta_checkpoint import base_fingerprint, check_same_base, check_same_method, frozen_base_keys
 from sparse_lightning.methods.calibration import Calibration
 from sparse_lightning.modules.fsdp2 import fully_shard_model
 from sparse_lightning.modules.lora import LoRASettings, apply_lora
@@ -34,8 +35,12 @@ from sparse_lightning.sparse.quantized import (
     QuantizedLinear,
     Quantize,
     quantize_frozen_linears,
+    quantize_linears,
+    quantized_linear_names,
     quantized_shells_from_state_dict,
 )
+from sparse_lightning.structure.permute import permute_as_recorded
+from sparse_lightning.structure.records import order_records, orders_in_state_dict, same_orders
 
 
 def rng_state() -> dict[str, Any]:
@@ -90,6 +95,9 @@ class SparseFineTuningModule(LightningModule):
         quantize: store the frozen base in "nf4", "fp4" or "int8" (bitsandbytes); deltas stay fp32.
         init_delta: start from an exported delta directory or a PEFT SHiRA / Super-Tuning adapter, merged into the
             base (checked like `apply_delta`) when a trainer builds the model, before the method attaches.
+        full_checkpoint: save the whole model, frozen base included, in every checkpoint. By default a checkpoint
+            holds only what trains (and a fingerprint of the base): loading it rebuilds the base from
+            `model_name_or_path`.
     """
 
     #: Newly initialised task heads, trained densely by default (a callback's `dense_modules` overrides).
@@ -107,6 +115,7 @@ class SparseFineTuningModule(LightningModule):
         model_kwargs: dict[str, Any] | None = None,
         quantize: Quantize | None = None,
         init_delta: str | None = None,
+        full_checkpoint: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= warmup_ratio < 1.0:
@@ -121,6 +130,9 @@ class SparseFineTuningModule(LightningModule):
         self._sparse_attached = False
         self._load_by_shards = False  # set by configure_model under FSDP2; read by load_pretrained
         self._sharded_load: ShardedLoad | None = None
+        self._init_delta_merged = False
+        self._base_fingerprint: dict[str, Any] | None = None  # of the base as built: what a delta checkpoint adds to
+        self._applied_orders: dict[str, Tensor] = {}  # S2FT's co-permutations this run applied to its base
 
     @property
     def from_pretrained_kwargs(self) -> dict[str, Any]:
@@ -205,6 +217,7 @@ class SparseFineTuningModule(LightningModule):
         model = self.build_model()
         self._load_by_shards = False
         model.train()  # from_pretrained returns eval mode, and Lightning keeps each module's mode
+        self._base_fingerprint = base_fingerprint(model, self.hparams.model_name_or_path)
         if self.hparams.get("init_delta") and trainer is not None:  # a reload's checkpoint holds the merged weights
             self._merge_init_delta(model)
         if self.hparams.lora is not None:
@@ -222,6 +235,9 @@ class SparseFineTuningModule(LightningModule):
         if self.device_mesh is not None:
             dtype = getattr(torch, self.hparams.fsdp_param_dtype) if self.hparams.fsdp_param_dtype else None
             fully_shard_model(model, self.device_mesh, dtype)
+            # Lightning's FSDP2 loader demands every model tensor from a strict checkpoint, and a delta checkpoint
+            # leaves the (rebuilt) base out; unsharded runs stay strict about what trains (`load_state_dict`).
+            self.strict_loading = bool(self.hparams.get("full_checkpoint"))
         if self._sharded_load is not None:
             load_shards(model, self._sharded_load, trainer.strategy.root_device if trainer else torch.device("cpu"))
             self._sharded_load = None
@@ -241,6 +257,7 @@ class SparseFineTuningModule(LightningModule):
                            f"{self.hparams.model_name_or_path!r}: every shape matches, so it is applied; make sure "
                            "they are the same model")
         apply_delta(model, path)
+        self._init_delta_merged = True
         rank_zero_info(f"init_delta: started from {path}")
 
     def _attach(self, method: SparseMethodCallback) -> None:
@@ -249,6 +266,7 @@ class SparseFineTuningModule(LightningModule):
         method.attach(self.model, self.calibration())
         freeze_except(self.model, method.dense_modules if method.dense_modules is not None else self.head_modules)
         self._sparse_attached = True
+        self._applied_orders = order_records(self.model)
 
     def _quantize_base(self, method: SparseMethodCallback | None) -> None:
         """After the method attached (S2FT permutes full-precision weights first; LoRA wraps its targets, which
@@ -305,18 +323,85 @@ class SparseFineTuningModule(LightningModule):
                          "LightningDataModule to Trainer.fit (datamodule=...), or choose without data "
                          "(S2FT select_by='random' or 'weight', or load_selection)")
 
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """What trains (and the small buffers beside it: indices, S2FT's records), never the frozen base, unless
+        `full_checkpoint`: every Lightning checkpoint is written from this (FSDP2 gathers only these tensors)."""
+        state = super().state_dict(*args, **kwargs)
+        if self.hparams.get("full_checkpoint") or self.model is None:
+            return state
+        prefix = kwargs.get("prefix", "")
+        frozen = frozen_base_keys(self)
+        for key in [key for key in state if key.startswith(prefix) and key[len(prefix):] in frozen]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Strict about what a checkpoint must hold (every tensor `state_dict()` writes; no key this module lacks),
+        checked before anything changes; the frozen base may be absent (a delta checkpoint: the base was rebuilt)."""
+        needed = set(self.state_dict(keep_vars=True))
+        if strict:
+            missing = sorted(needed - set(state_dict))
+            unexpected = sorted(set(state_dict) - set(super().state_dict(keep_vars=True)))
+            if missing or unexpected:
+                problems = [f"{len(missing)} trained tensor(s) missing (e.g. {missing[0]})"] if missing else []
+                problems += [f"{len(unexpected)} unknown tensor(s) (e.g. {unexpected[0]})"] if unexpected else []
+                raise RuntimeError(f"the checkpoint does not fit this {type(self).__name__}: {'; '.join(problems)}: "
+                                   "was it saved with other method settings (targets, budget) or another model?")
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        result.missing_keys[:] = [key for key in result.missing_keys if key in needed]
+        return result
+
+    def _checkpoint_name(self) -> str:
+        trainer = self.attached_trainer
+        path = trainer.ckpt_path if trainer is not None else None
+        return str(path) if path else "this checkpoint"
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # `load_from_checkpoint` builds the module without a trainer (so without callbacks): recreate
-        # the checkpoint's delta layers so its state dict fits. (ModelParallelStrategy loads the weights
-        # itself and passes on a checkpoint without "state_dict".)
-        self._resumed_rng = checkpoint.get("sparse_lightning", {}).get("rng")
-        if self.model is not None and "state_dict" in checkpoint:
-            attach_deltas_from_state_dict(self.model, checkpoint["state_dict"], prefix="model.")
-            if self.hparams.quantize:
-                quantized_shells_from_state_dict(self.model, checkpoint["state_dict"], self.hparams.quantize, "model.")
+        # `load_from_checkpoint` builds the module without a trainer (so without callbacks), and validate/test build
+        # it without attaching the method: recreate the checkpoint's delta layers so its state dict fits. A delta
+        # checkpoint holds no base: this rebuilt one gets `init_delta`, S2FT's recorded permutation and `quantize`
+        # as training did. (ModelParallelStrategy loads the weights itself and passes no "state_dict".)
+        info = checkpoint.get("sparse_lightning", {})
+        self._resumed_rng = info.get("rng")
+        where = self._checkpoint_name()
+        trainer = self.attached_trainer
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        if fitting:
+            check_same_method(info.get("method"), self.method, where)
+        holds_base = info.get("holds_base", True)  # checkpoints written before delta checkpoints hold the model
+        if not holds_base:
+            check_same_base(info.get("base_fingerprint"), self._base_fingerprint, where)
+        state = checkpoint.get("state_dict")
+        if self.model is None:
+            return
+        if state is None:
+            if not holds_base and not same_orders(order_records(self.model), self._applied_orders):
+                raise ValueError(f"{where}: this run selected other S2FT units than the checkpoint, and a sharded base "
+                                 "cannot be re-permuted: resume with load_selection (the file save_selection wrote)")
+            return
+        if not holds_base:
+            self._rebuild_trained_base(state, info)
+        attach_deltas_from_state_dict(self.model, state, prefix="model.")
+        if self.hparams.quantize and holds_base:  # the packed weights come with the checkpoint
+            quantized_shells_from_state_dict(self.model, state, self.hparams.quantize, "model.")
+        elif self.hparams.quantize:  # quantize the rebuilt base where training did
+            quantize_linears(self.model, info.get("quantized", []), self.hparams.quantize)
+        if not fitting and isinstance(info.get("trainable"), list):  # the trained module's trainable set, as saved
+            trainable = set(info["trainable"])
+            for name, param in self.named_parameters():
+                param.requires_grad_(name in trainable)
+
+    def _rebuild_trained_base(self, state: dict[str, Any], info: dict[str, Any]) -> None:
+        """The base a delta checkpoint adds onto: `init_delta` merged (a reload built it without a trainer), then
+        S2FT's co-permutation as recorded (a resumed run that selected other units is put right)."""
+        if self.hparams.get("init_delta") and not self._init_delta_merged:
+            self._merge_init_delta(self.model)
+        permute_as_recorded(self.model, orders_in_state_dict(state, "model."))
+        self._applied_orders = order_records(self.model)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._require_finite_deltas()
+        full = bool(self.hparams.get("full_checkpoint"))
         # Kept with the weights (also under save_weights_only): what export needs to describe the delta.
         checkpoint["sparse_lightning"] = {
             "method": self.method,
@@ -326,7 +411,11 @@ class SparseFineTuningModule(LightningModule):
             "trainable": [name for name, p in self.named_parameters() if p.requires_grad],
             "init_delta": self.hparams.get("init_delta"),  # the exported delta adds onto base + init_delta
             "rng": rng_state(),
+            "holds_base": full,  # False: `state_dict` left the frozen base out; loading rebuilds it
+            "base_fingerprint": self._base_fingerprint,
         }
+        if not full and self.model is not None and self.hparams.quantize:
+            checkpoint["sparse_lightning"]["quantized"] = quantized_linear_names(self.model)
 
     def _require_finite_deltas(self) -> None:
         """A step can turn deltas non-finite after its (finite) loss; such a checkpoint would only spread NaN."""

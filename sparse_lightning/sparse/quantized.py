@@ -123,8 +123,6 @@ def quantize_frozen_linears(model: nn.Module, kind: Quantize, keep: Iterable[str
     `QuantizedLinear`; modules named in `keep` (HF names: under a PEFT model they are matched below its
     `base_model.model.` prefix too, so a LoRA run's heads and their saved originals stay) and anything holding
     trainable parameters stay as they are. Returns the names replaced."""
-    from sparse_lightning.sparse.frozen_delta import replace_submodule
-
     keep = tuple(keep)
 
     def kept(name: str) -> bool:
@@ -133,10 +131,28 @@ def quantize_frozen_linears(model: nn.Module, kind: Quantize, keep: Iterable[str
 
     chosen = [name for name, module in model.named_modules()
               if type(module) is nn.Linear and not module.weight.requires_grad and not kept(name)]
-    for name in chosen:
-        replace_submodule(model, name, QuantizedLinear.from_linear(model.get_submodule(name), kind))
-    release_checkpoint_mapping(model)
+    quantize_linears(model, chosen, kind)
     return chosen
+
+
+def quantize_linears(model: nn.Module, names: Iterable[str], kind: Quantize) -> None:
+    """Replace the named `nn.Linear`s by `QuantizedLinear`s (a delta checkpoint's list: its base is rebuilt and
+    quantized again, the same way training did); names already quantized are kept."""
+    from sparse_lightning.sparse.frozen_delta import replace_submodule
+
+    for name in names:
+        module = model.get_submodule(name)
+        if type(module) is nn.Linear:
+            replace_submodule(model, name, QuantizedLinear.from_linear(module, kind))
+        elif not isinstance(module, QuantizedLinear):
+            raise ValueError(f"{name} is a {type(module).__name__}, not a Linear to quantize: the checkpoint was saved "
+                             "from another model")
+    release_checkpoint_mapping(model)
+
+
+def quantized_linear_names(model: nn.Module) -> list[str]:
+    """Where `model` holds quantized weights (what a delta checkpoint records instead of the packed weights)."""
+    return [name for name, module in model.named_modules() if isinstance(module, QuantizedLinear)]
 
 
 @torch.no_grad()

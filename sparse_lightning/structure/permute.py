@@ -62,6 +62,33 @@ def permute_group(model: nn.Module, group: CoupledGroup, order: Tensor) -> None:
     owner.register_buffer(name, order.to(next(owner.parameters()).device))
 
 
+@torch.no_grad()
+def permute_as_recorded(model: nn.Module, orders: dict[str, Tensor]) -> None:
+    """Co-permute the base as `orders` records (`owner.s2ft_head_order` -> order), for a checkpoint that holds the
+    records but not the permuted weights (a delta checkpoint). A group already permuted another way is put back
+    first (exact: permutations only move values); a quantized base cannot move, so that is refused."""
+    if not orders:
+        return
+    groups = {f"{group.owner}.{order_buffer(group)}": group for group in find_groups(model)}
+    for key, order in orders.items():
+        group = groups.get(key)
+        if group is None:
+            raise ValueError(f"the checkpoint records a co-permutation {key!r} that this model has no group for: was it "
+                             "trained on another model?")
+        owner = model.get_submodule(group.owner)
+        buffer = order_buffer(group)
+        current = owner._buffers.get(buffer)
+        if current is not None and torch.equal(current.cpu(), order.cpu().to(current.dtype)):
+            continue
+        if current is not None:
+            if any(hasattr(base_linear(model, path), "qweight") for path in group.roles.values()):
+                raise ValueError(f"{group.owner}: this run selected other S2FT units than the checkpoint and its base "
+                                 "is quantized, so it cannot be re-permuted: resume with load_selection (the file "
+                                 "save_selection wrote)")
+            _apply(model, group, torch.argsort(owner._buffers.pop(buffer).cpu()))
+        permute_group(model, group, order)
+
+
 def restore_original_layout(model: nn.Module) -> nn.Module:
     """Undo every recorded co-permutation and drop the records: the original HF layout again.
 

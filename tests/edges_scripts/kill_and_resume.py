@@ -79,7 +79,7 @@ def fit(method: str, model_dir: str, root: Path, ckpt_path: Path | None = None, 
                          default_root_dir=str(root))
     trainer.fit(module, datamodule, ckpt_path=ckpt_path)
     assert trainer.global_step == EPOCHS * STEPS_PER_EPOCH
-    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+    return {name: tensor.detach().clone() for name, tensor in module.model.state_dict().items()}  # the base too
 
 
 def main(out: Path, model_dir: str, methods: list[str]) -> None:

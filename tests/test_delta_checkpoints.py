@@ -1,0 +1,170 @@
+"""Issue 29 item 2 and issue 26 case 9: a checkpoint holds what trains, never the frozen base.
+
+Every consumer rebuilds the base from `model_name_or_path` and refuses a different one; `full_checkpoint=True` keeps the
+whole model; checkpoints written before delta checkpoints still load; resuming another method's checkpoint is refused.
+Resume bit for bit is tests/test_contract.py and tests/test_edges_resume.py (kill -9); FSDP2 and DDP are
+tests/test_contract_distributed.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from sparse_lightning.delta_checkpoint import BaseMismatchError
+from sparse_lightning.export import CheckpointError, export_checkpoint
+from sparse_lightning.modules import SequenceClassificationModule
+from sparse_lightning.modules.lora import LoRASettings
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+#: The buffers saved beside what trains: where the deltas sit, that they were chosen, S2FT's records.
+STRUCTURE_BUFFERS = ("delta_indices", "delta_selected", "delta_columns", "delta_rows", "delta_row_start",
+                     "s2ft_head_order", "s2ft_channel_order")
+
+
+def fit(contract: ModuleType, model_dir: Path, root: Path, method: str, steps: int = 2, resume: Path | None = None,
+        overrides: dict | None = None, **module_kwargs) -> tuple[SequenceClassificationModule, Path]:
+    """`steps` steps of a contract method (or "lora") on the tiny SST-2 file, its settings updated by `overrides`;
+    returns the module and its last checkpoint."""
+    pl.seed_everything(0, verbose=False)
+    if method == "lora":
+        callbacks, optimizer = [], lambda params: torch.optim.AdamW(params, lr=1e-2)
+        module_kwargs["lora"] = LoRASettings(r=2)
+    else:
+        callback, optimizer = contract.build_method(method, **(overrides or {}))
+        callbacks = [callback]
+    module = SequenceClassificationModule(str(model_dir), optimizer=optimizer, **module_kwargs)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, limit_val_batches=0, logger=False, callbacks=callbacks,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root))
+    trainer.fit(module, contract.make_datamodule(model_dir), ckpt_path=resume)
+    trainer.save_checkpoint(root / "last.ckpt")
+    return module, root / "last.ckpt"
+
+
+def first_batch(glue_datamodule, model_dir: Path) -> dict[str, torch.Tensor]:
+    datamodule = glue_datamodule(model_dir)
+    datamodule.setup("fit")
+    return next(iter(datamodule.train_dataloader()))
+
+
+def read(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("method", ["sift", "spiel_ag", "s2ft", "random_mask", "lora"])
+def test_a_checkpoint_holds_what_trains_and_no_frozen_weight(method: str, contract: ModuleType,
+                                                             tiny_bert_cls_dir: Path, tmp_path: Path) -> None:
+    module, path = fit(contract, tiny_bert_cls_dir, tmp_path, method)
+    checkpoint = read(path)
+    frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    saved = set(checkpoint["state_dict"])
+    assert trainable <= saved and not saved & frozen
+    assert {key.rpartition(".")[2] for key in saved - trainable} <= set(STRUCTURE_BUFFERS)
+    assert checkpoint["sparse_lightning"]["holds_base"] is False
+    stored = sum(t.numel() for t in checkpoint["state_dict"].values())
+    assert stored < 0.05 * sum(p.numel() for p in module.parameters())  # the tiny BERT: a few % train
+
+
+def test_every_consumer_works_from_a_delta_checkpoint_like_from_a_full_one(contract: ModuleType, tiny_bert_cls_dir: Path,
+                                                                          tmp_path: Path, glue_datamodule) -> None:
+    """S2FT: the rebuilt base must be co-permuted as recorded before the blocks land on it."""
+    _, delta = fit(contract, tiny_bert_cls_dir, tmp_path / "delta", "s2ft")
+    _, full = fit(contract, tiny_bert_cls_dir, tmp_path / "full", "s2ft", full_checkpoint=True)
+    assert read(full)["sparse_lightning"]["holds_base"] is True
+    assert delta.stat().st_size < full.stat().st_size / 3
+    batch = first_batch(glue_datamodule, tiny_bert_cls_dir)
+    logits = {}
+    for name, path in (("delta", delta), ("full", full)):
+        module = SequenceClassificationModule.load_from_checkpoint(path, map_location="cpu").eval()
+        with torch.no_grad():
+            logits[name] = module(batch).logits
+        export_checkpoint(path, tmp_path / f"export-{name}", merged=True)
+    assert torch.equal(logits["delta"], logits["full"])
+    merged = [AutoModelForSequenceClassification.from_pretrained(tmp_path / f"export-{name}" / "merged").eval()
+              for name in ("delta", "full")]
+    for a, b in zip(merged[0].state_dict().values(), merged[1].state_dict().values()):
+        assert torch.equal(a, b)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[contract.build_method("s2ft")[0]], default_root_dir=str(tmp_path))
+    scores = [trainer.validate(SequenceClassificationModule(str(tiny_bert_cls_dir)),
+                               glue_datamodule(tiny_bert_cls_dir), ckpt_path=path, verbose=False)
+              for path in (delta, full)]
+    assert scores[0] == scores[1]
+
+
+def test_a_checkpoint_written_before_delta_checkpoints_still_loads(contract: ModuleType, tiny_bert_cls_dir: Path,
+                                                                   tmp_path: Path, glue_datamodule) -> None:
+    trained, path = fit(contract, tiny_bert_cls_dir, tmp_path, "sift", full_checkpoint=True)
+    old = read(path)
+    del old["sparse_lightning"]["holds_base"], old["sparse_lightning"]["base_fingerprint"]
+    del old["hyper_parameters"]["full_checkpoint"]
+    torch.save(old, tmp_path / "old.ckpt")
+    reloaded = SequenceClassificationModule.load_from_checkpoint(tmp_path / "old.ckpt", map_location="cpu").eval()
+    batch = first_batch(glue_datamodule, tiny_bert_cls_dir)
+    with torch.no_grad():
+        assert torch.equal(reloaded(batch).logits, trained.eval()(batch).logits)
+
+
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory, tiny_bert_cls_dir: Path) -> Path:
+    """The tiny BERT's architecture with other weights."""
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_cls_dir)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.01)
+    path = tmp_path_factory.mktemp("other-base")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_bert_cls_dir).save_pretrained(path)
+    return path
+
+
+def test_a_checkpoint_of_another_base_is_refused_naming_both(contract: ModuleType, tiny_bert_cls_dir: Path,
+                                                            other_base: Path, tmp_path: Path) -> None:
+    _, path = fit(contract, tiny_bert_cls_dir, tmp_path, "sift")
+    with pytest.raises(BaseMismatchError) as refused:
+        SequenceClassificationModule.load_from_checkpoint(path, map_location="cpu", model_name_or_path=str(other_base))
+    message = str(refused.value)
+    assert "\n" not in message and str(tiny_bert_cls_dir) in message and str(other_base) in message
+    with pytest.raises(BaseMismatchError, match=f"{path}.*{other_base}"):  # resuming onto another base
+        fit(contract, other_base, tmp_path / "resumed", "sift", steps=3, resume=path)
+    # export names the file it refuses
+    checkpoint = read(path)
+    checkpoint["hyper_parameters"]["model_name_or_path"] = str(other_base)
+    torch.save(checkpoint, tmp_path / "moved.ckpt")
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / 'moved.ckpt'}: .*{other_base}"):
+        export_checkpoint(tmp_path / "moved.ckpt", tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize(("saved_by", "resumed_with"), [("sift", "spiel_ag"), ("spiel_ag", "sift"), ("sift", "s2ft")])
+def test_resuming_another_methods_checkpoint_is_refused(saved_by: str, resumed_with: str, contract: ModuleType,
+                                                       tiny_bert_cls_dir: Path, tmp_path: Path) -> None:
+    """Issue 26, case 9: SpIEL resumed from SIFT (and the reverse) used to train on and save as the other method; S2FT
+    from SIFT ended in an AttributeError."""
+    same_budget = {"density": None, "num_params": 2000}  # SIFT's and SpIEL's deltas then have the same shapes
+    _, path = fit(contract, tiny_bert_cls_dir, tmp_path / "first", saved_by, overrides=same_budget)
+    method = contract.METHODS[resumed_with][0].method
+    with pytest.raises(ValueError, match=f"^{path} was saved by a {saved_by.split('_')[0]} run, but this run trains "
+                                         f"{method}: resume with the same method") as refused:
+        fit(contract, tiny_bert_cls_dir, tmp_path / "second", resumed_with, steps=4, resume=path,
+            overrides=None if resumed_with == "s2ft" else same_budget)
+    assert "\n" not in str(refused.value)
+    assert not (tmp_path / "second" / "last.ckpt").exists()
+
+
+def test_a_run_from_init_delta_reloads_onto_base_plus_init_delta(contract: ModuleType, tiny_bert_cls_dir: Path,
+                                                                tmp_path: Path, glue_datamodule) -> None:
+    """The checkpoint holds only the new delta: a reload (no trainer) merges `init_delta` into the rebuilt base first."""
+    _, first = fit(contract, tiny_bert_cls_dir, tmp_path / "first", "sift")
+    start = export_checkpoint(first, tmp_path / "start")["delta"]
+    trained, path = fit(contract, tiny_bert_cls_dir, tmp_path / "second", "random_mask", init_delta=str(start))
+    reloaded = SequenceClassificationModule.load_from_checkpoint(path, map_location="cpu").eval()
+    batch = first_batch(glue_datamodule, tiny_bert_cls_dir)
+    with torch.no_grad():
+        assert torch.equal(reloaded(batch).logits, trained.eval()(batch).logits)
