@@ -6,8 +6,9 @@ the FSDP2 run resumed from its mid-epoch checkpoint in the same two processes. T
 - every rank holds the same selection (indices, permutations, block positions), reselections and trained tensors;
 - a 2-rank run with per-rank batch B trains what one process trains with batch 2B on the same examples per step:
   the same selection (scores / statistics are summed over ranks), values equal up to float summation order;
-- the checkpoint (full, gathered under FSDP2) exports the whole delta;
-- resuming the sharded run from its mid-epoch checkpoint reproduces it bit for bit.
+- the checkpoint (gathered under FSDP2) exports the whole delta;
+- resuming the sharded run from its mid-epoch checkpoint reproduces it bit for bit;
+- every checkpoint (DDP, FSDP2 gathered, FSDP2 distributed directory) holds only what trains.
 """
 
 from __future__ import annotations
@@ -167,3 +168,23 @@ def test_the_checkpoint_holds_only_what_trains(ranks, plain_buffers: set[str]) -
     method_buffers = set(selection(got[0], plain_buffers))
     assert saved == set(got[0]["trained"]) | method_buffers, strategy
     assert checkpoint["sparse_lightning"]["holds_base"] is False
+
+
+def test_a_distributed_checkpoint_directory_holds_only_what_trains_and_resumes(
+        contract: ModuleType, tiny_bert_cls_dir: Path, tmp_path: Path, launch_ranks, plain_buffers: set[str]) -> None:
+    """Lightning's default under FSDP2 (`save_distributed_checkpoint=True`): each rank writes its shards of the same
+    filtered state dict; S2FT (the rebuilt base co-permuted as recorded) resumes from the directory bit for bit."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    launch_ranks(Path(contract.__file__), ["--method", "s2ft", "--model_dir", str(tiny_bert_cls_dir), "--output",
+                                           str(tmp_path), "--strategies", "fsdp2_dcp", "--resume", "fsdp2_dcp",
+                                           "--devices", str(RANKS), "--batch_size", str(BATCH)], "the s2ft runs", 400)
+    uninterrupted, resumed = results(tmp_path / "fsdp2_dcp"), results(tmp_path / "fsdp2_dcp-resumed")
+    directory = tmp_path / "fsdp2_dcp" / f"step={contract.CHECKPOINT_STEP}.ckpt"
+    saved = {key.removeprefix("state_dict.model.")
+             for key in FileSystemReader(directory).read_metadata().state_dict_metadata if key.startswith("state_dict.")}
+    assert saved == set(uninterrupted[0]["trained"]) | set(selection(uninterrupted[0], plain_buffers))
+    for rank, (expected, got) in enumerate(zip(uninterrupted, resumed)):
+        for key in ("buffers", "trained"):
+            differ = [name for name, tensor in expected[key].items() if not torch.equal(got[key][name], tensor)]
+            assert not differ, f"rank {rank}: {len(differ)} {key} differ, e.g. {differ[:3]}"

@@ -128,11 +128,13 @@ class SaveResults(pl.Callback):
 
 
 def make_strategy(name: str, devices: int):
-    if name == "fsdp2":
+    """"ddp", "fsdp2" (one gathered checkpoint file, as the library's configs save) or "fsdp2_dcp" (Lightning's
+    default: a distributed checkpoint directory, one shard file per rank)."""
+    if name in ("fsdp2", "fsdp2_dcp"):
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         return ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1,
-                                     save_distributed_checkpoint=False)
+                                     save_distributed_checkpoint=name == "fsdp2_dcp")
     return name
 
 
@@ -161,7 +163,7 @@ def main() -> None:
     parser.add_argument("--method", required=True, choices=list(METHODS))
     parser.add_argument("--model_dir", required=True)
     parser.add_argument("--output", required=True, type=Path)
-    parser.add_argument("--strategies", default="ddp", help="comma-separated: ddp, fsdp2")
+    parser.add_argument("--strategies", default="ddp", help="comma-separated: ddp, fsdp2, fsdp2_dcp")
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--resume", default="", help="comma-separated strategies whose run is then resumed from its "
