@@ -10,12 +10,16 @@ fingerprint reads only a few small slices: it is computed once when the base is 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from sparse_lightning.sparse.quantized import QuantizedLinear
+
+if TYPE_CHECKING:
+    from sparse_lightning.modules.sharded_loading import ShardedLoad
 
 #: Elements of each fingerprinted tensor read from its start and from its end.
 FINGERPRINT_SLICE = 4096
@@ -41,20 +45,41 @@ def _digest(*parts: bytes) -> str:
     return hasher.hexdigest()[:16]
 
 
+def _bytes(picked: Tensor) -> bytes:
+    """Rounded to bf16, so a base built in fp32 or bf16 from one file agrees."""
+    return picked.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes()
+
+
 def _slices(tensor: Tensor) -> bytes | None:
-    """The first and last elements, rounded to bf16 (a base built in fp32 or bf16 from one file agrees); None for
-    a tensor not materialised or not whole here (meta, or an FSDP2 shard)."""
+    """The first and last elements; None for a tensor not whole here (an FSDP2 shard)."""
     tensor = tensor.detach()
     if tensor.is_meta or hasattr(tensor, "full_tensor"):
         return None
     flat = tensor.reshape(-1)
-    picked = torch.cat([flat[:FINGERPRINT_SLICE], flat[-FINGERPRINT_SLICE:]]).to("cpu", torch.bfloat16)
-    return picked.view(torch.int16).numpy().tobytes()
+    return _bytes(torch.cat([flat[:FINGERPRINT_SLICE], flat[-FINGERPRINT_SLICE:]]))
 
 
-def base_fingerprint(model: nn.Module, name: str) -> dict[str, Any]:
+def _file_slices(plan: ShardedLoad | None, owner: nn.Module, name: str) -> bytes | None:
+    """The same elements read from the checkpoint file, for a base built on the meta device to be loaded by shards
+    (`modules/sharded_loading.py`): only the rows that hold them."""
+    key = plan.sources.get((id(owner), name)) if plan is not None else None
+    if key is None:
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(plan.files[key]), framework="pt", device="cpu") as handle:
+        part = handle.get_slice(key)
+        shape = part.get_shape()
+        rows = -(-FINGERPRINT_SLICE // max(1, math.prod(shape[1:])))
+        head = part[:rows].reshape(-1)[:FINGERPRINT_SLICE]
+        tail = part[max(0, shape[0] - rows):].reshape(-1)[-FINGERPRINT_SLICE:]
+    return _bytes(torch.cat([head, tail]))
+
+
+def base_fingerprint(model: nn.Module, name: str, plan: ShardedLoad | None = None) -> dict[str, Any]:
     """The base as built: its name, an architecture digest (model type, every weight's name and shape) and a weights
-    digest (slices of the input embedding and of the middle weight matrix: loaded tensors, never a new head)."""
+    digest (slices of the input embedding and of the middle weight matrix: loaded tensors, never a new head; read
+    from the file through `plan` when the base waits on the meta device to be loaded by shards)."""
     params = list(model.named_parameters())
     shapes = ";".join(f"{key}:{list(p.shape)}" for key, p in params)
     config = getattr(model, "config", None)
@@ -63,7 +88,8 @@ def base_fingerprint(model: nn.Module, name: str) -> dict[str, Any]:
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     chosen = [embedding.weight] if isinstance(embedding, nn.Embedding) else []
     chosen += matrices[len(matrices) // 2: len(matrices) // 2 + 1]
-    slices = [_slices(t) for t in chosen]
+    owners = {id(p): (module, key) for module in model.modules() for key, p in module.named_parameters(recurse=False)}
+    slices = [_file_slices(plan, *owners[id(t)]) if t.is_meta else _slices(t) for t in chosen]
     weights = _digest(*slices) if chosen and None not in slices else None
     return {"model": name, "architecture": architecture, "weights": weights}
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from sparse_lightning.delta_checkpoint import BaseMismatchError
+from sparse_lightning.delta_checkpoint import BaseMismatchError, base_fingerprint
 from sparse_lightning.export import CheckpointError, export_checkpoint
 from sparse_lightning.modules import SequenceClassificationModule
 from sparse_lightning.modules.lora import LoRASettings
@@ -168,3 +168,16 @@ def test_a_run_from_init_delta_reloads_onto_base_plus_init_delta(contract: Modul
     batch = first_batch(glue_datamodule, tiny_bert_cls_dir)
     with torch.no_grad():
         assert torch.equal(reloaded(batch).logits, trained.eval()(batch).logits)
+
+
+def test_a_base_waiting_to_be_loaded_by_shards_has_the_same_fingerprint(tiny_llama_dir: Path) -> None:
+    """Under FSDP2 the base is built on the meta device and loaded by shards: its weights digest is read from the file."""
+    from transformers import AutoModelForCausalLM
+
+    from sparse_lightning.modules.sharded_loading import build_on_meta, checkpoint_files
+
+    built = base_fingerprint(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), "tiny")
+    meta, plan = build_on_meta(AutoModelForCausalLM, tiny_llama_dir, checkpoint_files(tiny_llama_dir), ())
+    assert built["weights"] is not None and base_fingerprint(meta, "tiny", plan) == built
+    as_bf16 = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
+    assert base_fingerprint(as_bf16, "tiny") == built  # the same file built in bf16: the same base

@@ -217,7 +217,7 @@ class SparseFineTuningModule(LightningModule):
         model = self.build_model()
         self._load_by_shards = False
         model.train()  # from_pretrained returns eval mode, and Lightning keeps each module's mode
-        self._base_fingerprint = base_fingerprint(model, self.hparams.model_name_or_path)
+        self._base_fingerprint = base_fingerprint(model, self.hparams.model_name_or_path, self._sharded_load)
         if self.hparams.get("init_delta") and trainer is not None:  # a reload's checkpoint holds the merged weights
             self._merge_init_delta(model)
         if self.hparams.lora is not None:
