@@ -109,8 +109,10 @@ def check_same_base(recorded: dict[str, Any] | None, current: dict[str, Any] | N
 
 
 def check_same_method(recorded: Any, current: str, checkpoint: str) -> None:
-    """Resuming trains on with the method that wrote the checkpoint: another one would reinterpret its deltas."""
-    if isinstance(recorded, str) and recorded != current:
+    """Resuming trains on with the method that wrote the checkpoint: another one would reinterpret its deltas. (`spiel`,
+    the name before SpIEL's two regrowth rules were told apart, is either of them.)"""
+    legacy = recorded == "spiel" and current.startswith("spiel")
+    if isinstance(recorded, str) and recorded != current and not legacy:
         raise ValueError(f"{checkpoint} was saved by a {recorded} run, but this run trains {current}: resume with the "
                          f"same method (its config.yaml), or start a new {current} run from its export "
                          "(--model.init_delta)")

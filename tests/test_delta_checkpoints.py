@@ -149,8 +149,8 @@ def test_resuming_another_methods_checkpoint_is_refused(saved_by: str, resumed_w
     from SIFT ended in an AttributeError."""
     same_budget = {"density": None, "num_params": 2000}  # SIFT's and SpIEL's deltas then have the same shapes
     _, path = fit(contract, tiny_bert_cls_dir, tmp_path / "first", saved_by, overrides=same_budget)
-    method = contract.METHODS[resumed_with][0].method
-    with pytest.raises(ValueError, match=f"^{path} was saved by a {saved_by.split('_')[0]} run, but this run trains "
+    recorded, method = (contract.build_method(name)[0].method for name in (saved_by, resumed_with))
+    with pytest.raises(ValueError, match=f"^{path} was saved by a {recorded} run, but this run trains "
                                          f"{method}: resume with the same method") as refused:
         fit(contract, tiny_bert_cls_dir, tmp_path / "second", resumed_with, steps=4, resume=path,
             overrides=None if resumed_with == "s2ft" else same_budget)
