@@ -147,7 +147,7 @@ elif [ ! -f "$FSDP_MODEL/config.json" ]; then
   FSDP_METHODS=()
 else
   note "FSDP model: $(tail -n 1 "$RESULTS/logs/fsdp_model.log") (random weights, byte-level tokenizer)"
-  FSDP_METHODS=(sift spiel_ag spiel_ma s2ft random_mask lora full)
+  FSDP_METHODS=($("$PYTHON" -c "from sparse_lightning.registry import names; print(*names())"))  # every method
 fi
 # The shipped fragments, 2 steps, no validation, no checkpoint, CSV logs under RESULTS/fsdp/<strategy>/<method>.
 fit_command() {  # fit_command METHOD LOGDIR ARGS... -> the command in FIT

@@ -16,16 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparse_lightning.registry import METHODS, OLD_NAMES
 from sparse_lightning.sparse.frozen_delta import is_delta_parameter
 
 CARD = "README.md"
+#: method name -> the card's description: the registry's rows, old spellings, and what a bare-model export records.
 METHOD_NAMES = {
-    "sift": "SIFT (Song et al., 2024): the top-k |gradient| entries of each target weight",
-    "s2ft": "S2FT (Yang et al., 2024): dense blocks on a few attention heads / FFN channels",
-    "spiel": "SpIEL (Ansell et al., 2024): k entries per weight, dropped and regrown during training",
-    "random_mask": "random mask: k fixed, uniformly random entries per target weight",
-    "lora": "LoRA (PEFT)",
-    "full": "full fine-tuning",
+    **{name: row.card for name, row in METHODS.items()},
+    **OLD_NAMES,
     # export_model on a bare HF model records the delta layers' classes instead of a method
     "SparseDeltaLinear": "element-sparse entries per target weight (SIFT, SpIEL or random mask: exported from a bare "
                          "model, so which one is not recorded)",

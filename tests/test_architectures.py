@@ -15,10 +15,12 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, Phi3Co
 from transformers.pytorch_utils import Conv1D
 
 from sparse_lightning.architectures import ARCHITECTURES
-from sparse_lightning.callbacks import GradientTopKCallback, PruneRegrowCallback, RandomMaskCallback
+from sparse_lightning.callbacks import GradientTopKCallback, PruneRegrowCallback
 from sparse_lightning.callbacks import S2FTStructureCallback
 from sparse_lightning.export import apply_delta, export_delta
 from sparse_lightning.methods import select_by_gradient
+from sparse_lightning.registry import method as registry_method
+from sparse_lightning.registry import names
 from sparse_lightning.sparse import freeze_except, merge_and_unwrap, sparse_delta_layers
 from sparse_lightning.sparse.block import block_delta_layers
 from sparse_lightning.structure import find_groups, restore_original_layout
@@ -50,8 +52,8 @@ def logits(model: nn.Module) -> torch.Tensor:
         return model(input_ids=batches(1)[0]["input_ids"]).logits
 
 
-def train(model: nn.Module, steps: int = 4, before_step=None) -> None:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+def train(model: nn.Module, steps: int = 4, before_step=None, optimizer_class: type = torch.optim.AdamW) -> None:
+    optimizer = optimizer_class([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step, batch in zip(range(steps), batches(steps) * 2):
         if before_step is not None:
             before_step(step, optimizer)
@@ -127,20 +129,19 @@ def spiel_driver(callback: PruneRegrowCallback, model: nn.Module):
     return before_step
 
 
-@pytest.mark.parametrize("method", ["sift", "spiel", "random_mask"])
+@pytest.mark.parametrize("method", names(element_sparse=True))
 def test_element_sparse_methods_on_gpt2_conv1d(method: str, tmp_path: Path) -> None:
     model = tiny("gpt2")
     before = logits(model)
-    settings = {"density": 0.05}
-    callback = {"sift": GradientTopKCallback, "random_mask": RandomMaskCallback,
-                "spiel": lambda **kw: PruneRegrowCallback(**kw, reselection_interval=3, accumulation_steps=1,
-                                                          reselection_until=100)}[method](**settings)
+    row = registry_method(method)
+    schedule = {"reselection_interval": 3, "accumulation_steps": 1, "reselection_until": 100} if row.reselects else {}
+    callback = row.make_callback(density=0.05, **schedule)
     callback.attach(model)
     freeze_except(model, [])
     layers = sparse_delta_layers(model)
     assert len(layers) == 2 * 4 and all(isinstance(layer.base, Conv1D) and layer.transposed for layer in layers.values())
     assert torch.equal(logits(model), before)
-    if method == "sift":
+    if row.data_driven:
         select_by_gradient(model, batches(2), lambda batch: model(**batch).loss)
         # the chosen entries are the largest |gradient| in the weight's stored [in, out] layout
         layer = layers["transformer.h.0.attn.c_attn"]
@@ -148,8 +149,9 @@ def test_element_sparse_methods_on_gpt2_conv1d(method: str, tmp_path: Path) -> N
         sum(reference(**batch).loss for batch in batches(2)).backward()
         grad = reference.transformer.h[0].attn.c_attn.weight.grad.abs().view(-1)
         assert grad[layer.delta_indices.long()].min() >= grad.topk(layer.k).values.min() - 1e-7
-    train(model, steps=8, before_step=spiel_driver(callback, model) if method == "spiel" else None)
-    if method == "spiel":
+    train(model, steps=8, before_step=spiel_driver(callback, model) if row.reselects else None,
+          optimizer_class=row.optimizer_class())
+    if row.reselects:
         assert callback.history and callback.history[0]["step"] == 1
     assert all(layer.delta_values.abs().max() > 0 for layer in layers.values())
     check_export(model, "gpt2", tmp_path)

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparse_lightning.registry import names
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_benchmark.py"
 
 
@@ -38,7 +40,7 @@ def build(bench, method: str, **budget):
 
 
 @pytest.mark.parametrize("budget", [{}, {"sift_lora_rank": 2}], ids=["density", "lora_rank"])
-@pytest.mark.parametrize("method", ["sift", "random_mask", "spiel_ag", "spiel_ma", "shira"])
+@pytest.mark.parametrize("method", [*names(element_sparse=True), "shira"])
 def test_element_sparse_methods_train_sifts_k(bench, method, budget):
     model, _, _, plan, targets, _, trainable = build(bench, method, **budget)
     assert trainable == sum(targets.values())  # the tiny LLaMA has no task head

@@ -20,6 +20,7 @@ import yaml
 
 from sparse_lightning import cli
 from sparse_lightning.modules import SparseFineTuningModule
+from sparse_lightning.registry import METHODS as REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -37,17 +38,26 @@ LM_TASKS = {"math": "datamodules.reasoning.MathDataModule",
             "chat": "datamodules.chat.ChatDataModule"}
 MODELS = {"minilm": ("sparse_lightning.modules.SequenceClassificationModule", "all-MiniLM-L6-v2", GLUE_TASKS),
           "smollm2": ("sparse_lightning.modules.CausalLMModule", "SmolLM2-135M-Instruct", list(LM_TASKS))}
-ADAMW, SM3 = "torch.optim.AdamW", "sparse_lightning.sparse.optim.SM3"
-# method -> (callback class or None, optimizer, {model: learning rate})
-METHODS = {
-    "full": (None, ADAMW, {"minilm": 1e-4, "smollm2": 2e-5}),
-    "lora": (None, ADAMW, {"minilm": 1e-3, "smollm2": 1e-3}),
-    "sift": ("GradientTopKCallback", ADAMW, {"minilm": 2e-3, "smollm2": 1e-3}),
-    "spiel_ag": ("PruneRegrowCallback", ADAMW, {"minilm": 2e-3, "smollm2": 1e-3}),
-    "spiel_ma": ("PruneRegrowCallback", SM3, {"minilm": 1e-2, "smollm2": 5e-3}),
-    "s2ft": ("S2FTStructureCallback", ADAMW, {"minilm": 5e-3, "smollm2": 1e-3}),
-    "random_mask": ("RandomMaskCallback", ADAMW, {"minilm": 2e-3, "smollm2": 1e-3}),
+SM3 = REGISTRY["spiel_ma"].optimizer
+#: The chosen learning rate of every method of the registry, per model (a method missing here fails its compositions).
+LR = {
+    "full": {"minilm": 1e-4, "smollm2": 2e-5},
+    "lora": {"minilm": 1e-3, "smollm2": 1e-3},
+    "sift": {"minilm": 2e-3, "smollm2": 1e-3},
+    "spiel_ag": {"minilm": 2e-3, "smollm2": 1e-3},
+    "spiel_ma": {"minilm": 1e-2, "smollm2": 5e-3},
+    "s2ft": {"minilm": 5e-3, "smollm2": 1e-3},
+    "random_mask": {"minilm": 2e-3, "smollm2": 1e-3},
 }
+METHODS = list(REGISTRY)
+
+
+def expected(method: str) -> tuple[str | None, str, dict[str, float]]:
+    """(callback class name or None, optimizer class path, {model: learning rate}) of a registry method."""
+    row = REGISTRY[method]
+    return (row.callback.__name__ if row.callback else None), row.optimizer, LR[method]
+
+
 COMPOSITIONS = [(model, task, method) for model, (_, _, tasks) in MODELS.items() for task in tasks for method in METHODS]
 # Tasks on the user's own files (README "Your own data"): task -> (model, datamodule class)
 OWN_DATA_TASKS = {"csv_classification": ("minilm", "datamodules.text_classification.TextClassificationDataModule")}
@@ -76,15 +86,6 @@ INSTANTIATED = [("minilm", "stsb", "sift"), ("minilm", "sst2", "random_mask"), (
 
 def composition(model: str, task: str, method: str) -> list[str]:
     return [f"model/{model}.yaml", f"task/{task}.yaml", f"method/{model}/{method}.yaml"]
-
-
-def skip_unless_importable(method: str) -> None:
-    """RandomMaskCallback is new; without it the fragment cannot resolve its class_path."""
-    if method == "random_mask":
-        try:
-            from sparse_lightning.callbacks import RandomMaskCallback  # noqa: F401
-        except ImportError as error:
-            pytest.skip(f"sparse_lightning.callbacks.RandomMaskCallback is not importable yet: {error}")
 
 
 class ParseOnly(cli.SparseLightningCLI):
@@ -125,7 +126,7 @@ def get(config: dict[str, Any], dotted: str) -> Any:
 
 def check_model_and_method(config: dict[str, Any], model: str, method: str) -> None:
     module_class, model_name, _ = MODELS[model]
-    callback, optimizer, lrs = METHODS[method]
+    callback, optimizer, lrs = expected(method)
     assert config["model"]["class_path"] == module_class
     init = config["model"]["init_args"]
     assert init["model_name_or_path"] == model_name
@@ -157,7 +158,6 @@ def check_model_and_method(config: dict[str, Any], model: str, method: str) -> N
 
 @pytest.mark.parametrize(("model", "task", "method"), COMPOSITIONS, ids=["-".join(c) for c in COMPOSITIONS])
 def test_compositions_parse_to_what_each_fragment_says(parse, model, task, method):
-    skip_unless_importable(method)
     config = parse(composition(model, task, method))
     check_model_and_method(config, model, method)
     data, trainer = config["data"], config["trainer"]
@@ -197,9 +197,13 @@ def test_standalone_configs_parse(parse, config_file):
 
 
 def check_sst2_experiment(config: dict[str, Any], method: str) -> None:
-    """The README's SST-2 table: one schedule for every method, only the method's own settings differ."""
+    """The README's SST-2 table: one schedule for every method, only the method's own settings differ; SIFT's file is
+    the quick start: the chosen recipe (8 calibration batches) on 400 steps, validated once at the end."""
     init, trainer = config["model"]["init_args"], config["trainer"]
-    assert (trainer["max_steps"], trainer["val_check_interval"]) == (900, 300)
+    schedule = (400, 400) if method == "sift" else (900, 300)
+    assert (trainer["max_steps"], trainer["val_check_interval"]) == schedule
+    if method == "sift":
+        assert trainer["callbacks"][0]["init_args"]["calibration_batches"] == 8  # configs/method/minilm/sift.yaml
     assert config["data"]["init_args"]["data_dir"] == "bundled" and config["data"]["init_args"]["task"] == "sst2"
     assert config["data"]["init_args"]["tokenizer_name_or_path"] == "all-MiniLM-L6-v2"
     assert init["model_kwargs"] == {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
@@ -235,7 +239,6 @@ def test_strategy_and_precision_fragments_stack_last(parse, configs, fragment, e
 
 @pytest.mark.parametrize(("model", "task", "method"), OWN_DATA_COMPOSITIONS, ids=["-".join(c) for c in OWN_DATA_COMPOSITIONS])
 def test_own_data_compositions_parse(parse, model, task, method):
-    skip_unless_importable(method)
     config = parse(composition(model, task, method))
     check_model_and_method(config, model, method)
     assert config["data"]["class_path"] == OWN_DATA_TASKS[task][1]
@@ -308,14 +311,14 @@ def test_print_config_through_the_entry_point(monkeypatch, capsys):
 @pytest.mark.parametrize(("model", "task", "method"), INSTANTIATED, ids=["-".join(c) for c in INSTANTIATED])
 def test_representative_compositions_instantiate(model, task, method, tmp_path, monkeypatch):
     """Trainer, callback, module and datamodule built from the composition (no weights loaded, nothing run)."""
-    skip_unless_importable(method)
     monkeypatch.chdir(tmp_path)  # relative logger directories land here
     monkeypatch.setattr(sys, "argv", ["sparse-lightning"])
     args = [a for c in composition(model, task, method) for a in ("--config", str(CONFIGS / c))]
     built = cli.SparseLightningCLI(SparseFineTuningModule, subclass_mode_model=True, subclass_mode_data=True,
                                    run=False, args=[*args, "--trainer.accelerator", "cpu"])
-    callback_class, optimizer_class, lrs = METHODS[method]
-    found = [type(c).__name__ for c in built.trainer.callbacks if type(c).__module__.startswith("sparse_lightning")]
+    callback_class, optimizer_class, lrs = expected(method)
+    found = [type(c).__name__ for c in built.trainer.callbacks
+             if type(c).__module__.startswith("sparse_lightning.callbacks")]
     assert found == ([callback_class] if callback_class else [])
     optimizer = built.model.optimizer_factory([torch.nn.Parameter(torch.zeros(2))])
     assert f"{type(optimizer).__module__}.{type(optimizer).__name__}".endswith(optimizer_class.rsplit(".", 1)[1])

@@ -28,8 +28,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from sparse_lightning.export import apply_delta, export_checkpoint
 from sparse_lightning.methods import Calibration
 from sparse_lightning.modules import CausalLMModule, SequenceClassificationModule
+from sparse_lightning.registry import names
 
-METHODS = ["sift", "spiel_ag", "spiel_ma", "s2ft", "random_mask"]
+METHODS = names(sparse=True)  # every sparse method of the registry
 #: A resumed run is built with other settings where they would choose differently: the checkpoint must win.
 RESUME_OVERRIDES = {"s2ft": {"seed": 99, "select_by": "random"}, "random_mask": {"seed": 99}}
 HEAD = {"model.classifier.weight", "model.classifier.bias"}

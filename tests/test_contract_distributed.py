@@ -22,10 +22,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from sparse_lightning.export import DELTA_WEIGHTS, export_checkpoint
+from sparse_lightning.registry import names
 
 pytestmark = pytest.mark.multiprocess
 
-METHODS = ["sift", "spiel_ag", "spiel_ma", "s2ft", "random_mask"]
+METHODS = names(sparse=True)  # every sparse method of the registry
 STRATEGIES = ["ddp", "fsdp2"]
 RANKS = 2
 BATCH = 4  # per rank; the single-process reference reads RANKS * BATCH rows per step

@@ -1,5 +1,5 @@
 """Issue 11, item 4 (invariant 7): kill -9 a run mid-epoch or at an epoch boundary, resume it with `ckpt_path`, and the
-final state equals the uninterrupted run's bit for bit (fp32, CPU), for SIFT, SpIEL, LoRA and full fine-tuning.
+final state equals the uninterrupted run's bit for bit (fp32, CPU), for every method of the registry.
 
 The training order is a function of (seed, epoch) and the loader's position travels with each checkpoint
 (`datamodules/sampling.py`). The runs happen in one subprocess (tests/edges_scripts/kill_and_resume.py): its killed
@@ -20,10 +20,12 @@ import torch
 
 from datamodules.glue import GLUEDataModule
 from datamodules.sampling import ResumableSampler
+from sparse_lightning.registry import names
 
 SCRIPT = Path(__file__).resolve().parent / "edges_scripts" / "kill_and_resume.py"
 DATA = Path(__file__).resolve().parent / "data" / "sst2_tiny"
-METHODS = ["sift", "sift_dropout", "spiel", "spiel_ma", "s2ft", "random_mask", "lora", "full"]
+#: Every method of the registry, and SIFT with dropout on (the resumed run continues the random stream).
+METHODS = [*names(), "sift_dropout"]
 
 
 def glue(model_dir: Path, seed: int = 7) -> GLUEDataModule:

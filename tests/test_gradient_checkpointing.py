@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from sparse_lightning.modules import SequenceClassificationModule
+from sparse_lightning.registry import names
 
-METHODS = ["sift", "spiel_ag", "spiel_ma", "s2ft", "random_mask"]
+METHODS = names(sparse=True)  # every sparse method of the registry
 
 
 def trained(contract: ModuleType, model_dir: Path, method: str, checkpointing: bool) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ base is never trained or re-quantized, checkpoints reload, and the merged export
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 
 import lightning.pytorch as pl
 import pytest
@@ -15,28 +16,14 @@ from transformers import AutoModelForSequenceClassification
 pytest.importorskip("bitsandbytes")
 
 from datamodules.glue import GLUEDataModule  # noqa: E402
-from sparse_lightning import (  # noqa: E402
-    GradientTopKCallback,
-    LoRASettings,
-    PruneRegrowCallback,
-    RandomMaskCallback,
-    S2FTStructureCallback,
-    SequenceClassificationModule,
-)
+from sparse_lightning import LoRASettings, SequenceClassificationModule  # noqa: E402
 from sparse_lightning.export import export_checkpoint  # noqa: E402
 from sparse_lightning.modules.base import count_parameters  # noqa: E402
+from sparse_lightning.registry import names  # noqa: E402
 from sparse_lightning.sparse import delta_layers  # noqa: E402
 from sparse_lightning.sparse.quantized import FrozenWeightLinear, QuantizedLinear  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data" / "sst2_tiny"
-CALLBACKS = {
-    "sift": lambda: GradientTopKCallback(density=0.05),
-    "spiel": lambda: PruneRegrowCallback(density=0.002, reselection_interval=2, accumulation_steps=1),
-    "s2ft": lambda: S2FTStructureCallback(num_heads=1, num_channels=4, select_by="weight"),
-    "random_mask": lambda: RandomMaskCallback(density=0.05),
-}
-
-
 @pytest.mark.parametrize("kind, tolerance", [("nf4", 0.15), ("fp4", 0.2), ("int8", 0.02)])
 def test_a_quantized_linear_computes_with_its_dequantized_weight(kind: str, tolerance: float) -> None:
     torch.manual_seed(0)
@@ -67,23 +54,24 @@ def test_the_frozen_weight_function_keeps_nothing_weight_sized_for_backward() ->
     assert len(calls) == 2  # once in forward, once in backward: rebuilt, not saved
 
 
-def fit(model_dir: Path, root: Path, method: str, kind: str = "nf4"):
+def fit(contract: ModuleType, model_dir: Path, root: Path, method: str, kind: str = "nf4"):
+    """Four steps of the contract matrix's `method` (tests/distributed_scripts/contract_run.py) on a quantized base."""
     pl.seed_everything(0, verbose=False)
-    module = SequenceClassificationModule(str(model_dir), quantize=kind,
-                                          optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
+    callback, optimizer = contract.build_method(method)
+    module = SequenceClassificationModule(str(model_dir), quantize=kind, optimizer=optimizer)
     data = GLUEDataModule(task="sst2", tokenizer_name_or_path=str(model_dir), train_file=str(DATA / "train.tsv"),
                           validation_files=[str(DATA / "dev.tsv")], batch_size=16, max_length=32)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=4, limit_val_batches=0, logger=False,
-                         callbacks=[CALLBACKS[method](), ModelCheckpoint(dirpath=root, filename="last")],
+                         callbacks=[callback, ModelCheckpoint(dirpath=root, filename="last")],
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root))
     trainer.fit(module, data)
     return module, data
 
 
-@pytest.mark.parametrize("method", list(CALLBACKS))
-def test_every_method_trains_on_an_nf4_base_and_exports_dequantized(method: str, tiny_bert_dir: Path,
-                                                                    tmp_path: Path) -> None:
-    module, data = fit(tiny_bert_dir, tmp_path, method)
+@pytest.mark.parametrize("method", names(sparse=True))
+def test_every_method_trains_on_an_nf4_base_and_exports_dequantized(method: str, contract: ModuleType,
+                                                                    tiny_bert_dir: Path, tmp_path: Path) -> None:
+    module, data = fit(contract, tiny_bert_dir, tmp_path, method)
     base = sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).parameters())
     deltas = sum(p.numel() for name, p in module.named_parameters() if name.endswith(("values", "block")))
     assert count_parameters(module)[1] == base + deltas  # a packed weight counts its entries, not its bytes
@@ -113,8 +101,9 @@ def test_quantize_needs_a_frozen_base(tiny_bert_dir: Path, tmp_path: Path) -> No
         SequenceClassificationModule(str(tiny_bert_dir), quantize="int4")
 
 
-def test_a_quantized_base_cannot_be_merged_in_place(tiny_bert_dir: Path, tmp_path: Path) -> None:
-    module, _ = fit(tiny_bert_dir, tmp_path, "sift", kind="int8")
+def test_a_quantized_base_cannot_be_merged_in_place(contract: ModuleType, tiny_bert_dir: Path,
+                                                     tmp_path: Path) -> None:
+    module, _ = fit(contract, tiny_bert_dir, tmp_path, "sift", kind="int8")
     layer = next(iter(delta_layers(module.model).values()))
     with pytest.raises(ValueError, match="a quantized base cannot take a delta in place"):
         layer.merge()

@@ -11,6 +11,7 @@ import torch
 from datamodules.glue import GLUEDataModule
 from sparse_lightning import GradientTopKCallback, LoRASettings, PruneRegrowCallback, SequenceClassificationModule
 from sparse_lightning.modules.sequence_classification import build_metrics
+from sparse_lightning.registry import names
 
 
 def write_jsonl(path: Path, records: list[dict]) -> str:
@@ -51,7 +52,7 @@ def test_stsb_is_regression_with_pearson_and_spearman(tiny_bert_dir, tmp_path):
     assert {"val/pearson", "val/spearman", "val/loss"} <= set(metrics)
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "sift"])
+@pytest.mark.parametrize("method", [*names(sparse=False), "sift"])  # the baselines and one sparse method
 def test_trainable_parameters_per_method(tiny_bert_dir, method):
     kwargs = {"lora": LoRASettings(r=2, alpha=4)} if method == "lora" else {}
     module = SequenceClassificationModule(str(tiny_bert_dir), num_labels=2, **kwargs)

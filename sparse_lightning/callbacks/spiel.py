@@ -43,8 +43,6 @@ class PruneRegrowCallback(ElementSparseCallback):
         plot_path: a PNG of the index-set history, written at the end of training.
     """
 
-    method = "spiel"
-
     def __init__(
         self,
         density: float | None = None,
@@ -72,6 +70,12 @@ class PruneRegrowCallback(ElementSparseCallback):
         self.reselection_until = reselection_until
         self.seed = seed
         self.plot_path = plot_path
+
+    @property
+    def method(self) -> str:
+        """`spiel_ag` or `spiel_ma` by the regrowth rule (`sparse_lightning.registry`; checkpoints and exports
+        written before said `spiel`)."""
+        return "spiel_ma" if self.regrowth == "momentum" else "spiel_ag"
 
     @property
     def history(self) -> list[dict[str, Any]]:

@@ -18,7 +18,6 @@ the runs of the strategies it lists from their mid-epoch checkpoints into `OUTPU
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -32,39 +31,36 @@ import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 from datamodules.glue import GLUEDataModule  # noqa: E402
-from sparse_lightning.callbacks import (  # noqa: E402
-    GradientTopKCallback,
-    PruneRegrowCallback,
-    RandomMaskCallback,
-    S2FTStructureCallback,
-)
 from sparse_lightning.modules import SequenceClassificationModule  # noqa: E402
-from sparse_lightning.sparse.optim import SM3  # noqa: E402
+from sparse_lightning.registry import method as registry_method  # noqa: E402
+from sparse_lightning.registry import names  # noqa: E402
 
 DATA = REPO / "tests" / "data" / "sst2_tiny"
 STEPS = 4  # optimizer steps per run, in one epoch
 CHECKPOINT_STEP = 3  # the mid-epoch checkpoint a resumed run starts from
 LR = 1e-2
 
-#: name -> (callback class, settings). SpIEL reselects at steps 1 (everything) and 3 (partly), the window of the
-#: second being step 2: the mid-epoch checkpoint at step 3 holds that window's statistics.
-METHODS: dict[str, tuple[type, dict[str, Any]]] = {
-    "sift": (GradientTopKCallback, {"density": 0.05, "calibration_batches": 2}),
-    "spiel_ag": (PruneRegrowCallback, {"density": 0.002, "regrowth": "gradient", "reselection_interval": 2,
-                                       "accumulation_steps": 1, "regrow_fraction": 0.8}),
-    "spiel_ma": (PruneRegrowCallback, {"density": 0.002, "regrowth": "momentum", "reselection_interval": 2,
-                                       "accumulation_steps": 1, "regrow_fraction": 0.8}),
-    "s2ft": (S2FTStructureCallback, {"num_heads": 1, "num_channels": 8, "train": ["o", "v", "down", "up"],
-                                     "select_by": "activation", "calibration_batches": 2}),
-    "random_mask": (RandomMaskCallback, {"density": 0.05}),
+#: Every sparse method of `sparse_lightning.registry` -> its small, fast settings (a method missing here fails every
+#: matrix that reads the registry). SpIEL reselects at steps 1 (everything) and 3 (partly), the window of the second
+#: being step 2: the mid-epoch checkpoint at step 3 holds that window's statistics.
+SPIEL = {"density": 0.002, "reselection_interval": 2, "accumulation_steps": 1, "regrow_fraction": 0.8}
+SETTINGS: dict[str, dict[str, Any]] = {
+    "sift": {"density": 0.05, "calibration_batches": 2},
+    "spiel_ag": SPIEL,
+    "spiel_ma": SPIEL,
+    "s2ft": {"num_heads": 1, "num_channels": 8, "train": ["o", "v", "down", "up"], "select_by": "activation",
+             "calibration_batches": 2},
+    "random_mask": {"density": 0.05},
 }
+#: The contract matrix: the registry's sparse methods, in its order.
+METHODS = names(sparse=True)
 
 
 def build_method(name: str, **overrides: Any) -> tuple[pl.Callback, Callable]:
-    """The method's callback (its settings updated by `overrides`) and optimizer factory (SM3 for SpIEL-MA)."""
-    cls, settings = METHODS[name]
-    optimizer = functools.partial(SM3 if name == "spiel_ma" else torch.optim.AdamW, lr=LR)
-    return cls(**{**settings, **overrides}), optimizer
+    """The method's callback (the registry's class, these settings updated by `overrides`) and its optimizer
+    factory (the registry's: SM3 for SpIEL-MA)."""
+    row = registry_method(name)
+    return row.make_callback(**{**SETTINGS[name], **overrides}), row.make_optimizer(lr=LR)
 
 
 def make_datamodule(model_dir: str | Path, batch_size: int = 16, train_file: str | Path = DATA / "train.tsv",

@@ -1,6 +1,6 @@
 """Kill -9 tiny runs right after a checkpoint (mid-epoch, and at an epoch boundary), resume them, save final states.
 
-usage: kill_and_resume.py OUT MODEL_DIR METHOD [METHOD ...]   (methods: sift, sift_dropout, spiel, spiel_ma, s2ft, random_mask, lora, full)
+usage: kill_and_resume.py OUT MODEL_DIR METHOD [METHOD ...]   (methods: sparse_lightning.registry's, and sift_dropout)
 
 The killed runs are forked children that SIGKILL themselves, forked before this process computes anything (so no
 thread pool is inherited half-used); this process then runs each method uninterrupted and resumed from both
@@ -21,21 +21,22 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "distributed_scripts"))
 
+from contract_run import SETTINGS as CONTRACT_SETTINGS  # noqa: E402
 from datamodules.glue import GLUEDataModule  # noqa: E402
-from sparse_lightning.callbacks import (  # noqa: E402
-    GradientTopKCallback,
-    PruneRegrowCallback,
-    RandomMaskCallback,
-    S2FTStructureCallback,
-)
-from sparse_lightning.sparse.optim import SM3  # noqa: E402
 from sparse_lightning.modules import LoRASettings, SequenceClassificationModule  # noqa: E402
+from sparse_lightning.registry import method as registry_method  # noqa: E402
 
 DATA = REPO / "tests" / "data" / "sst2_tiny"
 EPOCHS, STEPS_PER_EPOCH = 2, 4  # 64 rows, batch 16, shuffled by (seed, epoch)
 KILLS = {"mid": 3, "boundary": STEPS_PER_EPOCH}  # global_step at which the next batch never runs
 RESUME_FROM = {"mid": "mid-step=3.ckpt", "boundary": "epoch=0.ckpt"}
+#: Every method of the registry -> its small settings: the contract matrix's (tests/distributed_scripts/contract_run.py)
+#: for the sparse methods, LoRA's here; a missing one fails the test.
+SETTINGS = {**CONTRACT_SETTINGS, "lora": {"r": 2}, "full": {}}
+#: Runs that are a method with something else changed: with dropout on, the resumed run must continue the random stream.
+VARIANTS = {"sift_dropout": ("sift", {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1})}
 
 
 class KillAt(Callback):
@@ -51,25 +52,17 @@ class KillAt(Callback):
 
 def fit(method: str, model_dir: str, root: Path, ckpt_path: Path | None = None, kill_at: int | None = None):
     pl.seed_everything(0, verbose=False)
-    lora = LoRASettings(r=2) if method == "lora" else None
-    optimizer = (lambda params: SM3(params, lr=1e-2)) if method == "spiel_ma" else \
-        (lambda params: torch.optim.AdamW(params, lr=1e-2))
-    dropout = {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1} if method == "sift_dropout" else {}
-    module = SequenceClassificationModule(model_dir, lora=lora, optimizer=optimizer, model_kwargs=dropout)
+    name, dropout = VARIANTS.get(method, (method, {}))
+    row = registry_method(name)
+    lora = LoRASettings(**SETTINGS[name]) if name == "lora" else None
+    module = SequenceClassificationModule(model_dir, lora=lora, optimizer=row.make_optimizer(lr=1e-2),
+                                          model_kwargs=dropout)
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=root, filename="mid-{step}", every_n_train_steps=3, save_top_k=-1),
         ModelCheckpoint(dirpath=root, filename="{epoch}", every_n_epochs=1, save_top_k=-1),
     ]
-    if method in ("sift", "sift_dropout"):  # with dropout, the resumed run must continue the random stream
-        callbacks.append(GradientTopKCallback(density=0.05, calibration_batches=2))
-    if method in ("spiel", "spiel_ma"):
-        callbacks.append(PruneRegrowCallback(density=0.002, reselection_interval=3, accumulation_steps=1,
-                                             regrow_fraction=0.5,
-                                             regrowth="momentum" if method == "spiel_ma" else "gradient"))
-    if method == "s2ft":  # data-driven: the resumed run selects again from the same calibration batch
-        callbacks.append(S2FTStructureCallback(num_heads=1, num_channels=4, select_by="gradient", calibration_batches=1))
-    if method == "random_mask":
-        callbacks.append(RandomMaskCallback(density=0.05, seed=3))
+    if row.sparse:
+        callbacks.append(row.make_callback(**SETTINGS[name]))
     if kill_at is not None:
         callbacks.append(KillAt(kill_at))
     datamodule = GLUEDataModule(task="sst2", tokenizer_name_or_path=model_dir, train_file=str(DATA / "train.tsv"),
