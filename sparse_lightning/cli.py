@@ -10,13 +10,19 @@ import pickle
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentParser, DefaultHelpFormatter
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from sparse_lightning.lightning_adapter import saves_on_its_own
 from sparse_lightning.modules import SparseFineTuningModule
+from sparse_lightning.notices import silence_third_party_notices
+from sparse_lightning.progress import progress_for
+from sparse_lightning.registry import help_text
 from sparse_lightning.run_folder import claim_run_folders
 
 
@@ -45,6 +51,13 @@ def _flag_values(args: list[str], name: str) -> list[str]:
     return values
 
 
+class _KeepEpilogLines(DefaultHelpFormatter):
+    """jsonargparse's help, but descriptions and the epilog keep their line breaks (argparse reflows them)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
 class SparseLightningCLI(LightningCLI):
     """Links the tokenizer to the model and prints the final metrics, so a run ends with the number it was for."""
 
@@ -64,8 +77,12 @@ class SparseLightningCLI(LightningCLI):
 
     def _parse_and_check(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
-        # jsonargparse replaces a value given for a subclass's linked init argument without a word; refuse a
-        # command-line tokenizer that the link would silently drop (the same one as the model is harmless).
+        self._refuse_an_ignored_tokenizer(parser, args)
+        self._check_checkpoint_before_lightning_reads_it()
+
+    def _refuse_an_ignored_tokenizer(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """jsonargparse replaces a value given for a subclass's linked init argument without a word; refuse a
+        command-line tokenizer that the link would silently drop (the same one as the model is harmless)."""
         if args is not None and not isinstance(args, list):
             return
         subcommand = self.config.get("subcommand")
@@ -75,9 +92,10 @@ class SparseLightningCLI(LightningCLI):
                 parser.error(f"--data.tokenizer_name_or_path {given} would be ignored: the tokenizer follows "
                              f"--model.model_name_or_path ({model}); give the model path only")
 
-    def _parse_ckpt_path(self) -> None:
-        # Lightning reads the model's class path from the checkpoint and jsonargparse imports it: read the file with
-        # weights_only=True first and import only this package's classes or the one the config names.
+    def _check_checkpoint_before_lightning_reads_it(self) -> None:
+        """Lightning (right after `parse_arguments`) reads the model's class path from `ckpt_path` and jsonargparse
+        imports it: read the file with weights_only=True first and import only this package's classes or the one
+        the config names."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_file():  # Lightning also takes "last", "best", ...
@@ -90,13 +108,28 @@ class SparseLightningCLI(LightningCLI):
                 module_class_for(ckpt_path, named, trusted=configured if named == configured else None)
             _require_same_model(ckpt_path, hparams, named, configured,
                                 self.config[subcommand].get("model.init_args.model_name_or_path"))
-        super()._parse_ckpt_path()
 
     def _report(self) -> None:
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()
                    if k.startswith(("val/", "test/")) and v.numel() == 1}
         if metrics:
             rank_zero_info("final metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("epilog", help_text())  # the methods, from the registry, one a line
+        kwargs.setdefault("formatter_class", _KeepEpilogLines)
+        return super().init_parser(**kwargs)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's default bar becomes ours (a bar in a terminal, plain lines in a log file); a progress bar
+        the config names, or `enable_progress_bar: false`, is left alone."""
+        config = (self.config_init[self.subcommand] if self.subcommand else self.config_init).get("trainer") or {}
+        named = any(isinstance(cb, ProgressBar) for cb in config.get("callbacks") or [])
+        trainer = super().instantiate_trainer(**kwargs)
+        default = trainer.progress_bar_callback
+        if not named and isinstance(default, (RichProgressBar, TQDMProgressBar)):
+            trainer.callbacks[trainer.callbacks.index(default)] = progress_for()
+        return trainer
 
     def before_fit(self) -> None:
         self._claim_run_folder()
@@ -163,7 +196,7 @@ def warn_if_no_validation_before_the_end(trainer: Trainer) -> None:
     (`check_val_every_n_epoch: null`) nothing is saved at all: say so before it trains."""
     if trainer.limit_val_batches == 0 and trainer.check_val_every_n_epoch is None:
         # ModelCheckpoint saves at epoch ends only when validation runs every epoch; the step trigger is its own
-        silent = [cb for cb in trainer.checkpoint_callbacks if not getattr(cb, "_every_n_train_steps", 0)]
+        silent = [cb for cb in trainer.checkpoint_callbacks if not saves_on_its_own(cb)]
         if silent:
             rank_zero_warn("validation is off (limit_val_batches=0) and checkpoints are saved after validations "
                            "(check_val_every_n_epoch: null): this run will save no checkpoint; keep validation, or "
@@ -251,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     exit status 1 (`SPARSE_LIGHTNING_TRACEBACK=1` shows the traceback); from Python, errors are raised."""
     if argv is not None:
         return _run(argv)
+    silence_third_party_notices()
     try:
         _run(None)
     except Exception as error:
