@@ -40,10 +40,11 @@ from typing import Any
 
 import torch
 
+from sparse_lightning import registry
 from sparse_lightning.score_groups import DEFAULT_SCORE_MEMORY, check_score_memory
 
-METHODS = ("full", "lora", "sift", "spiel_ag", "spiel_ma", "s2ft", "random_mask")
-ELEMENT_SPARSE = ("sift", "spiel_ag", "spiel_ma", "random_mask")
+METHODS = tuple(registry.METHODS)
+ELEMENT_SPARSE = tuple(registry.names(element_sparse=True))
 DEVICE_PHASES = ("load", "selection", "step")
 PHASES = (*DEVICE_PHASES, "save")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

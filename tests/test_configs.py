@@ -39,14 +39,15 @@ LM_TASKS = {"math": "datamodules.reasoning.MathDataModule",
 MODELS = {"minilm": ("sparse_lightning.modules.SequenceClassificationModule", "all-MiniLM-L6-v2", GLUE_TASKS),
           "smollm2": ("sparse_lightning.modules.CausalLMModule", "SmolLM2-135M-Instruct", list(LM_TASKS))}
 SM3 = REGISTRY["spiel_ma"].optimizer
-#: The chosen learning rate of every method of the registry, per model (a method missing here fails its compositions).
+#: The chosen learning rate of every method of the registry, per model (a method missing here fails its compositions),
+#: and in the README's SST-2 table (configs/experiments/sst2/).
 LR = {
-    "full": {"minilm": 1e-4, "smollm2": 2e-5},
-    "lora": {"minilm": 1e-3, "smollm2": 1e-3},
-    "sift": {"minilm": 2e-3, "smollm2": 1e-3},
-    "spiel_ag": {"minilm": 2e-3, "smollm2": 1e-3},
-    "spiel_ma": {"minilm": 1e-2, "smollm2": 5e-3},
-    "s2ft": {"minilm": 5e-3, "smollm2": 1e-3},
+    "full": {"minilm": 1e-4, "smollm2": 2e-5, "sst2": 5e-5},
+    "lora": {"minilm": 1e-3, "smollm2": 1e-3, "sst2": 1e-3},
+    "sift": {"minilm": 2e-3, "smollm2": 1e-3, "sst2": 2e-3},
+    "spiel_ag": {"minilm": 2e-3, "smollm2": 1e-3, "sst2": 2e-3},
+    "spiel_ma": {"minilm": 1e-2, "smollm2": 5e-3, "sst2": 1e-2},
+    "s2ft": {"minilm": 5e-3, "smollm2": 1e-3, "sst2": 2e-3},
     "random_mask": {"minilm": 2e-3, "smollm2": 1e-3},
 }
 METHODS = list(REGISTRY)
@@ -208,8 +209,7 @@ def check_sst2_experiment(config: dict[str, Any], method: str) -> None:
     assert config["data"]["init_args"]["tokenizer_name_or_path"] == "all-MiniLM-L6-v2"
     assert init["model_kwargs"] == {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
     assert init["warmup_ratio"] == 0.06 and init["lr_schedule"] == "linear"
-    lr = {"full": 5e-5, "lora": 1e-3, "spiel_ma": 1e-2}.get(method, 2e-3)
-    assert init["optimizer"]["init_args"]["lr"] == pytest.approx(lr)
+    assert init["optimizer"]["init_args"]["lr"] == pytest.approx(LR[method]["sst2"])
     callbacks = trainer.get("callbacks") or []
     if method not in ("full", "lora"):
         assert len(callbacks) == 1 and callbacks[0]["init_args"]["dense_modules"] == ["classifier", "pooler"]

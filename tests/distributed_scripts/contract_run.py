@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 from datamodules.glue import GLUEDataModule  # noqa: E402
+from sparse_lightning.callbacks import PruneRegrowCallback  # noqa: E402
 from sparse_lightning.modules import SequenceClassificationModule  # noqa: E402
 from sparse_lightning.registry import method as registry_method  # noqa: E402
 from sparse_lightning.registry import names  # noqa: E402
