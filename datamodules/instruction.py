@@ -20,11 +20,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from datamodules.packing import collate_packed, pack_examples
+from datamodules.padding import IGNORE_INDEX, pad_sequences
 from datamodules.prompts import TEMPLATES, build_prompt
 from datamodules.sampling import ResumableTrainPosition, check_sample_limits, resumable_train_loader
 from sparse_lightning.models import resolve_model_path
 
-IGNORE_INDEX = -100
 HELDOUT = "heldout"
 BUNDLED_ALPACA = Path(__file__).resolve().parent / "bundled" / "alpaca" / "alpaca_500.json"
 ALPACA_HUB_NAME = "tatsu-lab/alpaca"
@@ -235,15 +236,6 @@ def _token_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[lis
 # ---------------------------------------------------------------------------------------------- collation
 
 
-def pad_sequences(sequences: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
-    """Stack variable-length id lists into one [batch, longest] LongTensor, padding on the right or left."""
-    longest = max(len(sequence) for sequence in sequences)
-    rows = [
-        [value] * (longest - len(s)) + list(s) if left else list(s) + [value] * (longest - len(s)) for s in sequences
-    ]
-    return torch.tensor(rows, dtype=torch.long)
-
-
 def collate_for_training(examples: Sequence[Mapping[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-padded `input_ids`, `attention_mask` and `labels` (padding labelled -100)."""
     input_ids = [example["input_ids"] for example in examples]
@@ -331,7 +323,6 @@ class InstructionDataModule(ResumableTrainPosition, LightningDataModule):
         with `packing`, the packed rows are what is shuffled (packed once, so the order stays a function of the seed)."""
         dataset, collate = self.train_examples, collate_for_training
         if self.packing:
-            from datamodules.packing import collate_packed, pack_examples  # packing imports this module
 
             if self._packed_rows is None:
                 self._packed_rows, stats = pack_examples(self.train_examples, self.max_length)

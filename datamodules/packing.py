@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from datamodules.instruction import IGNORE_INDEX, pad_sequences
+from datamodules.padding import IGNORE_INDEX, pad_sequences
 
 
 @dataclass
