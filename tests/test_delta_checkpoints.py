@@ -20,6 +20,7 @@ from sparse_lightning.delta_checkpoint import BaseMismatchError, base_fingerprin
 from sparse_lightning.export import CheckpointError, export_checkpoint
 from sparse_lightning.modules import SequenceClassificationModule
 from sparse_lightning.modules.lora import LoRASettings
+from sparse_lightning.registry import names
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 #: The buffers saved beside what trains: where the deltas sit, that they were chosen, S2FT's records.
@@ -56,7 +57,7 @@ def read(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-@pytest.mark.parametrize("method", ["sift", "spiel_ag", "s2ft", "random_mask", "lora"])
+@pytest.mark.parametrize("method", [*names(sparse=True), "lora"])  # every sparse method of the registry, and LoRA
 def test_a_checkpoint_holds_what_trains_and_no_frozen_weight(method: str, contract: ModuleType,
                                                              tiny_bert_cls_dir: Path, tmp_path: Path) -> None:
     module, path = fit(contract, tiny_bert_cls_dir, tmp_path, method)
