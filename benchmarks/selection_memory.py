@@ -42,6 +42,27 @@ MODEL = "SmolLM2-135M-Instruct"
 TOKENS = 64
 
 
+NOTES = """Extra peak host memory (VmHWM) of the selection above the RSS just before it, in MiB and as a multiple of the
+model's parameter bytes (513 MiB), one fresh process per row (`benchmarks/selection_memory.py`, whose docstring says
+what each case runs). "before" is the library at 1165ebd (every target weight's fp32 sum held at once), "after" this
+checkout (SIFT: one batch's top-k inside backward, several batches summed a group of layers at a time within
+`score_memory=0.125`; S2FT's gradient scores likewise). `forward-backward` is one plain forward and backward per batch
+with SIFT's deltas attached: what a training step on the same batches costs, and what any selection from gradients
+must pay at least once; at 1 x 64 tokens SmolLM2's activations and logits are 0.22x its parameter bytes. "Above the
+floor" subtracts it (SIFT rows). Under 2-rank FSDP2 (gloo) every rank scores its own batches, each row is one rank,
+and the floor includes FSDP2's unsharded block weights. CPU seconds are the selection's own, one thread (a shared
+machine: +-10%).
+
+    OMP_NUM_THREADS=1 PYTHONPATH=<a checkout of 1165ebd> python benchmarks/selection_memory.py --label before \\
+        --cases sift,s2ft-gradient,s2ft-activation --json benchmarks/results/selection_memory.json
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/selection_memory.py --label after \\
+        --json benchmarks/results/selection_memory.json --output benchmarks/results/selection_memory.md
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/selection_memory.py --label after --ranks 2 \\
+        --cases forward-backward,sift --json benchmarks/results/selection_memory.json \\
+        --output benchmarks/results/selection_memory.md
+"""
+
+
 def status_bytes(key: str) -> int:
     return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024
 
@@ -206,8 +227,7 @@ def main() -> None:
             args.json.write_text(json.dumps(rows, indent=1) + "\n")
     print(table(rows))
     if args.output:
-        args.output.write_text(f"# Selection memory, SmolLM2-135M fp32, batches of 1 x {TOKENS} tokens\n\n"
-                               f"Made by `benchmarks/selection_memory.py` (see its docstring for the commands).\n\n"
+        args.output.write_text(f"# Selection memory, SmolLM2-135M fp32, batches of 1 x {TOKENS} tokens\n\n{NOTES}\n"
                                f"{table(rows)}\n")
 
 

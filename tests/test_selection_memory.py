@@ -239,7 +239,7 @@ def selection_run() -> ModuleType:
 def test_every_rank_holds_the_dense_sum_selection(selection_run: ModuleType, launch_ranks, tmp_path: Path) -> None:
     """On 2 ranks, replicated and FSDP2-sharded, from 1 and 3 batches: each rank's indices are those of one process
     summing both ranks' gradients at once (each rank's batches summed in order, then the two sums: what the all-reduce
-    adds)."""
+    adds); S2FT's gradient scores likewise."""
     launch_ranks(SELECTION_SCRIPT, ["--output", str(tmp_path)], "the 2-rank selection", 300)
     results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     for count in selection_run.BATCH_COUNTS:
@@ -259,3 +259,21 @@ def test_every_rank_holds_the_dense_sum_selection(selection_run: ModuleType, lau
                 for strategy in ("replicas", "fsdp2"):
                     got = results[rank][f"{strategy}-{count}"][name].long()
                     assert torch.equal(got, expected), (rank, strategy, count, name)
+        grads = []
+        for rank in range(2):
+            model = selection_run.tiny_base()
+            groups = find_groups(model)
+            model.requires_grad_(False)
+            weights = {(g.owner, r): base_linear(model, g.roles[r]).weight for g in groups
+                       for r in selection_run.S2FT_ROLES if r in g.roles}
+            for weight in weights.values():
+                weight.requires_grad_(True)
+            for batch in selection_run.rank_batches(rank, count):
+                model(**batch).loss.backward()
+            grads.append({key: weight.grad for key, weight in weights.items()})
+        for g in groups:
+            summed = {r: grads[0][(g.owner, r)] + grads[1][(g.owner, r)] for r in selection_run.S2FT_ROLES
+                      if (g.owner, r) in grads[0]}
+            expected = unit_norms_sq(g, summed).sqrt()
+            for rank in range(2):
+                assert torch.equal(results[rank][f"s2ft-{count}"][g.owner], expected), (rank, count, g.owner)

@@ -3,8 +3,10 @@
 Each rank builds the same tiny LLaMA, attaches SIFT's deltas and scores its own calibration batches (`rank_batches`),
 once on replicas (as under DDP) and once sharded with FSDP2 (`fully_shard` per block, as the library shards), from one
 batch (top-k inside backward, summed over ranks there) and from several (groups of layers, one all-reduce per group),
-with a budget that forces several groups. Every rank writes `rank<r>.pt`: {"<strategy>-<batches>": {name: indices}}.
-tests/test_selection_memory.py compares them with the dense sum over both ranks' batches in one process.
+with a budget that forces several groups; then S2FT's gradient scores (`gradient_scores`, summed over ranks as S2FT
+sums them) the same ways. Every rank writes `rank<r>.pt`: {"<strategy>-<batches>": {name: indices}, "s2ft-<batches>":
+{group owner: unit scores}}. tests/test_selection_memory.py compares them with the sums over both ranks' batches in
+one process.
 
     python selection_run.py --output OUT [--ranks 2]
 """
@@ -26,8 +28,11 @@ import torch.multiprocessing as mp  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 from sparse_lightning.callbacks import GradientTopKCallback  # noqa: E402
+from sparse_lightning.distributed import all_reduce_sum_  # noqa: E402
 from sparse_lightning.methods import select_by_gradient  # noqa: E402
 from sparse_lightning.sparse import freeze_except, sparse_delta_layers  # noqa: E402
+from sparse_lightning.structure import find_groups  # noqa: E402
+from sparse_lightning.structure.scores import gradient_scores  # noqa: E402
 
 VOCAB = 96
 BATCH_COUNTS = (1, 3)
@@ -35,12 +40,20 @@ SCORE_MEMORY = 0.3  # several groups of layers
 DENSITY = 0.05
 
 
-def tiny_model() -> torch.nn.Module:
-    """The same tiny GQA LLaMA with SIFT's deltas attached, on every rank and in the test."""
+S2FT_ROLES = ["o", "v", "down", "up"]
+
+
+def tiny_base() -> torch.nn.Module:
+    """The same tiny GQA LLaMA on every rank and in the test."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def tiny_model() -> torch.nn.Module:
+    """`tiny_base` with SIFT's deltas attached."""
+    model = tiny_base()
     GradientTopKCallback(density=DENSITY).attach(model)
     freeze_except(model, [])
     return model
@@ -72,6 +85,11 @@ def worker(rank: int, world: int, output: Path) -> None:
                                    score_memory=SCORE_MEMORY)
                 results[f"{strategy}-{count}"] = {name: layer.delta_indices.clone()
                                                   for name, layer in sparse_delta_layers(model).items()}
+        for count in BATCH_COUNTS:  # S2FT scores the whole model on every rank, before any sharding
+            model = tiny_base()
+            results[f"s2ft-{count}"] = gradient_scores(model, find_groups(model), S2FT_ROLES, rank_batches(rank, count),
+                                                       lambda batch: model(**batch).loss,
+                                                       lambda t: all_reduce_sum_(t.clone()), SCORE_MEMORY)
         torch.save(results, output / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
