@@ -182,3 +182,31 @@ def test_a_base_waiting_to_be_loaded_by_shards_has_the_same_fingerprint(tiny_lla
     assert built["weights"] is not None and base_fingerprint(meta, "tiny", plan) == built
     as_bf16 = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
     assert base_fingerprint(as_bf16, "tiny") == built  # the same file built in bf16: the same base
+
+
+def test_a_base_permuted_another_way_is_put_back_and_permuted_as_recorded(tiny_llama_dir: Path) -> None:
+    """A resumed S2FT run that selected other units: its base ends exactly as if permuted by the checkpoint's orders."""
+    from transformers import AutoModelForCausalLM
+
+    from sparse_lightning.structure import find_groups, order_buffer, permute_group
+    from sparse_lightning.structure.permute import permute_as_recorded
+
+    def orders(seed: int, model) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        picked = {}
+        for group in find_groups(model):
+            size = group.group_size
+            blocks = torch.randperm(group.num_units // size, generator=generator)  # whole KV groups move together
+            picked[f"{group.owner}.{order_buffer(group)}"] = (blocks[:, None] * size + torch.arange(size)).flatten()
+        return picked
+
+    resumed, expected = (AutoModelForCausalLM.from_pretrained(tiny_llama_dir) for _ in range(2))
+    for model, seed in ((resumed, 1), (expected, 2)):
+        groups = {f"{g.owner}.{order_buffer(g)}": g for g in find_groups(model)}
+        for key, order in orders(seed, model).items():
+            permute_group(model, groups[key], order)
+    assert not torch.equal(resumed.state_dict()["model.layers.0.mlp.down_proj.weight"],
+                           expected.state_dict()["model.layers.0.mlp.down_proj.weight"])
+    permute_as_recorded(resumed, orders(2, expected))
+    got, want = resumed.state_dict(), expected.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[key], want[key]) for key in want)
