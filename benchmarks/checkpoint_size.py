@@ -21,7 +21,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("sift", "spiel_ag", "spiel_ma", "s2ft", "random_mask", "lora", "full")
+sys.path.insert(0, str(REPO))
+
+from sparse_lightning.registry import METHODS  # noqa: E402  (every method: configs/method/<model>/<name>.yaml)
+
 STEPS = 3
 #: model -> (the CLI overrides that keep a run to a few small steps)
 OVERRIDES = {

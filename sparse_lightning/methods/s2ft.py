@@ -33,7 +33,7 @@ from sparse_lightning.distributed import all_reduce_sum_, broadcast_from_rank_ze
 from sparse_lightning.methods.calibration import Calibration, require
 from sparse_lightning.methods.seeding import run_seed
 from sparse_lightning.sparse.block import ColumnBlockLinear, RowBlockLinear, block_delta_layers
-from sparse_lightning.sparse.frozen_delta import replace_submodule
+from sparse_lightning.sparse.submodules import replace_submodule
 from sparse_lightning.structure.families import COLUMN_ROLES, KV_ROLES, CoupledGroup, base_linear, find_groups
 from sparse_lightning.structure.permute import permute_group, role_order
 from sparse_lightning.score_groups import DEFAULT_SCORE_MEMORY, check_score_memory

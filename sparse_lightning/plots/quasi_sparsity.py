@@ -19,7 +19,7 @@ from sparse_lightning.methods.calibration import Batch, LossFn
 from sparse_lightning.methods.sift import summed_weight_gradients
 from sparse_lightning.plots.pyplot import pyplot, save
 from sparse_lightning.sparse import SparseDeltaLinear, attach_sparse_deltas, find_linear_targets
-from sparse_lightning.sparse.frozen_delta import replace_submodule
+from sparse_lightning.sparse.submodules import replace_submodule
 
 #: Every Linear inside a numbered transformer block (attention and MLP projections alike; heads excluded).
 BLOCK_LINEARS = r".*\.\d+\..*"

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from sparse_lightning.sparse.block_functional import column_block_linear, row_block_linear
-from sparse_lightning.sparse.frozen_delta import FrozenLinearWithDelta, replace_submodule
+from sparse_lightning.sparse.frozen_delta import FrozenLinearWithDelta
+from sparse_lightning.sparse.submodules import replace_submodule
 
 
 #: Buffer holding a row block's first row when it is not row 0.

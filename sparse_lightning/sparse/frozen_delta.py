@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from sparse_lightning.sparse.quantized import QUANTIZE
 from sparse_lightning.sparse.sharding import set_parameter_data_
+from sparse_lightning.sparse.submodules import replace_submodule  # noqa: F401  (importable from here, as before)
 
 
 #: The trainable tensors of every delta layer: what freezing keeps trainable and export writes as the delta.
@@ -22,12 +23,6 @@ DELTA_PARAMETERS = ("delta_values", "delta_block")
 
 def is_delta_parameter(name: str) -> bool:
     return name.rpartition(".")[2] in DELTA_PARAMETERS
-
-
-def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put `module` at the dotted path `name` of `model` (how every delta layer goes in and comes out)."""
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def is_transposed_linear(module: nn.Module) -> bool:

@@ -13,7 +13,8 @@ from sparse_lightning.architectures import architecture_of
 from sparse_lightning.name_pattern import NamePattern
 from sparse_lightning.sparse.block import attach_blocks_from_state_dict
 from sparse_lightning.sparse.delta import SparseDeltaLinear
-from sparse_lightning.sparse.frozen_delta import delta_layers, is_delta_parameter, is_linear, replace_submodule
+from sparse_lightning.sparse.frozen_delta import delta_layers, is_delta_parameter, is_linear
+from sparse_lightning.sparse.submodules import replace_submodule
 from sparse_lightning.structure.records import attach_orders_from_state_dict
 
 def name_matches(name: str, pattern: str) -> bool:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparse_lightning.sparse.submodules import replace_submodule
+
 Quantize = Literal["nf4", "fp4", "int8"]
 QUANTIZE = ("nf4", "fp4", "int8")
 BLOCKSIZE = 64
@@ -138,7 +140,6 @@ def quantize_frozen_linears(model: nn.Module, kind: Quantize, keep: Iterable[str
 def quantize_linears(model: nn.Module, names: Iterable[str], kind: Quantize) -> None:
     """Replace the named `nn.Linear`s by `QuantizedLinear`s (a delta checkpoint's list: its base is rebuilt and
     quantized again, the same way training did); names already quantized are kept."""
-    from sparse_lightning.sparse.frozen_delta import replace_submodule
 
     for name in names:
         module = model.get_submodule(name)
@@ -171,7 +172,6 @@ def release_checkpoint_mapping(model: nn.Module) -> None:
 def quantized_shells_from_state_dict(model: nn.Module, state_dict: dict[str, Tensor], kind: Quantize,
                                      prefix: str = "") -> None:
     """Put empty `QuantizedLinear`s where a checkpoint holds quantized weights, so its state dict loads."""
-    from sparse_lightning.sparse.frozen_delta import replace_submodule
 
     for key in state_dict:
         if key.startswith(prefix) and key.endswith(".qweight"):
@@ -185,7 +185,6 @@ def quantized_shells_from_state_dict(model: nn.Module, state_dict: dict[str, Ten
 
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Every remaining `QuantizedLinear` back to a plain `nn.Linear` (a merged export vanilla transformers loads)."""
-    from sparse_lightning.sparse.frozen_delta import replace_submodule
 
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantizedLinear):
