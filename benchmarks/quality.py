@@ -223,6 +223,7 @@ class RunSpec:
     steps: int | None = None                                 # None: SCHEDULE["max_steps"]
     tag: str = ""                                            # names an override set
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted config keys -> values
+    diagnose: bool = False                                   # add TrainingDiagnostics (quality_diagnostics.py)
 
     @property
     def learning_rate(self) -> float:
@@ -307,6 +308,9 @@ def build_config(spec: RunSpec, data_dir: Path = DATA_DIR, snapshot: Path | None
             },
         },
     }
+    if spec.diagnose:
+        config["trainer"]["callbacks"].append({"class_path": "benchmarks.quality_diagnostics.TrainingDiagnostics",
+                                               "init_args": {"out": _rel(run_dir)}})
     every = checkpoint_interval(CHECKPOINT_EVERY, spec.max_steps,
                                 set(range(SCHEDULE["val_every"], spec.max_steps + 1, SCHEDULE["val_every"])))
     add_checkpointing(config["trainer"], run_dir, every)
@@ -449,6 +453,7 @@ def specs_from_args(args: argparse.Namespace) -> list[RunSpec]:
             spec.steps = args.steps
         if args.tag:
             spec.tag = args.tag
+        spec.diagnose = args.diagnose
         spec.overrides.update(overrides)
     for spec in specs:
         if spec.task not in TASKS:
@@ -674,6 +679,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", default="", help="names the override set in the run name")
     parser.add_argument("--set", action="append", help="dotted.config.key=YAML value (repeatable), e.g. "
                         "trainer.callbacks.0.init_args.calibration_batches=4; use with --tag")
+    parser.add_argument("--diagnose", action="store_true", help="log per-group gradient / update norms and the "
+                        "sparse selection into the run directory (benchmarks/quality_diagnostics.py); needs --code "
+                        "at a commit that has that file")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
     parser.add_argument("--lock", type=Path, default=OUT / ".lock",
                         help="one training job at a time per lock; a second driver with another lock runs a second "

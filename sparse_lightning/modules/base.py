@@ -25,6 +25,7 @@ from sparse_lightning.delta_checkpoint import base_fingerprint, check_same_base,
 from sparse_lightning.methods.calibration import Calibration
 from sparse_lightning.modules.fsdp2 import fully_shard_model
 from sparse_lightning.modules.lora import LoRASettings, apply_lora
+from sparse_lightning.modules.param_groups import parameter_groups
 from sparse_lightning.modules.schedules import Schedule, warmup_then_decay
 from sparse_lightning.modules.sharded_loading import ShardedLoad, build_on_meta, checkpoint_files, load_shards
 from sparse_lightning.sparse import default_targets, freeze_except
@@ -98,6 +99,9 @@ class SparseFineTuningModule(LightningModule):
         full_checkpoint: save the whole model, frozen base included, in every checkpoint. By default a checkpoint
             holds only what trains (and a fingerprint of the base): loading it rebuilds the base from
             `model_name_or_path`.
+        head_lr: learning rate of the parameters trained densely beside a sparse or LoRA delta (a callback's
+            `dense_modules`, LoRA's `modules_to_save`: the task head, the pooler); None: the optimizer's own lr,
+            as in the papers (`sparse_lightning.modules.param_groups`).
     """
 
     #: Newly initialised task heads, trained densely by default (a callback's `dense_modules` overrides).
@@ -116,10 +120,13 @@ class SparseFineTuningModule(LightningModule):
         quantize: Quantize | None = None,
         init_delta: str | None = None,
         full_checkpoint: bool = False,
+        head_lr: float | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        if head_lr is not None and not head_lr > 0.0:
+            raise ValueError(f"head_lr must be > 0 (or unset for the optimizer's lr), got {head_lr}")
         if quantize is not None and quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {list(QUANTIZE)} (or unset), got {quantize!r}")
         self.save_hyperparameters(ignore=["optimizer", "lora"])
@@ -480,10 +487,10 @@ class SparseFineTuningModule(LightningModule):
         return f"{stage}/{name}/"
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        if not named:
             raise ValueError("no trainable parameters: check the sparse callback's targets or dense_modules")
-        optimizer = self.optimizer_factory(params)
+        optimizer = self.optimizer_factory(parameter_groups(named, self.hparams.get("head_lr")))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self.hparams.warmup_ratio * total)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_decay(self.hparams.lr_schedule, warmup, total))
