@@ -115,6 +115,8 @@ METHODS = tuple(DEFAULT_LR)
 S2FT_ENCODER_BUDGET = {"trainer.callbacks.0.init_args.num_channels": 87,
                        "trainer.callbacks.0.init_args.dense_modules": ["classifier"]}
 LORA_MATCHED = {"model.init_args.lora.r": 1, "model.init_args.lora.alpha": 2}
+# LoRA at its own larger ranks (issue 28: the reference is LoRA's best setting): alpha = 2r as chosen, pooler trained.
+LORA_RANKS = {f"r{r}": {"model.init_args.lora.r": r, "model.init_args.lora.alpha": 2 * r} for r in (8, 16)}
 CHOSEN: dict[str, tuple[float, dict[str, Any]]] = {
     "full": (1e-4, {}),
     "lora": (1e-3, {"model.init_args.lora.modules_to_save": ["classifier", "pooler"]}),
@@ -421,8 +423,13 @@ def plan_runs(name: str) -> list[RunSpec]:
         return [RunSpec(task, "lora", seed, CHOSEN["lora"][0], tag="matched",
                         overrides={**CHOSEN["lora"][1], **LORA_MATCHED})
                 for seed in (42, 43, 44) for task in ["sst2", "stsb", "rte", "cola", "mrpc"]]
+    if name == "glue-lora-ranks":
+        # LoRA r=8 and r=16 (tags r8, r16), the chosen lr and alpha/r, pooler trained; CoLA and MRPC first.
+        return [RunSpec(task, "lora", seed, CHOSEN["lora"][0], tag=tag, overrides={**CHOSEN["lora"][1], **extra})
+                for seed in (42, 43, 44) for task in ["cola", "mrpc", "sst2", "stsb", "rte"]
+                for tag, extra in LORA_RANKS.items()]
     raise SystemExit(f"unknown plan {name!r}; known: mrpc-sweep, mrpc-followup, mrpc-followup2, glue, "
-                     "glue-lora-matched")
+                     "glue-lora-matched, glue-lora-ranks")
 
 
 def _parse_value(text: str) -> Any:
@@ -573,7 +580,7 @@ def make_tables(table_command: str) -> list[Path]:
         summary["tasks"][task_name] = {"runs": len(rows), "core_hours": cpu / 3600, "wall_hours": wall / 3600,
                                        "driver_commands": drivers, "metrics": list(task.metrics),
                                        "entries": entries}
-    glue = glue_summary([r for r in results if r.get("tag") in ("chosen", "matched")], table_command)
+    glue = glue_summary(glue_results(results), table_command)
     if glue:
         (OUT / "glue.md").write_text(glue)
         written.append(OUT / "glue.md")
@@ -591,12 +598,20 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(v):.1f}" + (f" ± {statistics.stdev(v):.1f}" if len(v) > 1 else "")
 
 
+def glue_results(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs of the GLUE table: the chosen defaults and matched LoRA on the table's schedule (issue 28's 600-step
+    diagnosis run is tagged "chosen" too)."""
+    return [r for r in results if r.get("tag") in ("chosen", "matched", *LORA_RANKS)
+            and r.get("max_steps", SCHEDULE["max_steps"]) == SCHEDULE["max_steps"]]
+
+
 def glue_row(result: dict[str, Any]) -> str:
     """The GLUE table's row of a run: its method, or 'lora_matched' for LoRA at the sparse count."""
-    return "lora_matched" if result.get("tag") == "matched" else result["method"]
+    tag = result.get("tag")
+    return "lora_matched" if tag == "matched" else f"lora_{tag}" if tag in LORA_RANKS else result["method"]
 
 
-GLUE_ROWS = ("full", "lora", "lora_matched", *METHODS[2:])
+GLUE_ROWS = ("full", "lora", *(f"lora_{tag}" for tag in LORA_RANKS), "lora_matched", *METHODS[2:])
 GLUE_REFERENCES = {"lora": "LoRA", "lora_matched": "LoRA r=1", "full": "full"}
 
 
@@ -641,6 +656,8 @@ def glue_summary(results: list[dict[str, Any]], table_command: str) -> str:
         "pooler trained; plan `glue-lora-matched`).", "",
         "```bash", "python benchmarks/quality.py run --plan glue",
         *(["python benchmarks/quality.py run --plan glue-lora-matched"] if "lora_matched" in methods else []),
+        *(["python benchmarks/quality.py run --plan glue-lora-ranks"] if any(m.startswith("lora_r") for m in methods)
+          else []),
         table_command, "```", "",
         f"Seeds: {', '.join(map(str, seeds))} ({len(results)} run{'s' if len(results) != 1 else ''}, "
         f"{time_spent(results)}).", "",
@@ -670,7 +687,8 @@ def glue_summary(results: list[dict[str, Any]], table_command: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["run", "list", "table", "config"])
-    parser.add_argument("--plan", help="mrpc-sweep | mrpc-followup | mrpc-followup2 | glue | glue-lora-matched")
+    parser.add_argument("--plan", help="mrpc-sweep | mrpc-followup | mrpc-followup2 | glue | glue-lora-matched | "
+                        "glue-lora-ranks")
     parser.add_argument("--tasks", help="comma-separated (default mrpc); with --plan, only these of the plan's")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", default="42")

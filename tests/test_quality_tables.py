@@ -34,6 +34,22 @@ def test_matched_lora_is_a_row_and_a_reference() -> None:
     assert "(9 runs, 0.15 core-hours; wall time summed over runs 0.23 h," in table
 
 
+def test_glue_table_takes_only_the_tables_schedule() -> None:
+    plain, longer = result("sift", "cola", 44, 0.05), result("sift", "cola", 44, 0.2)
+    tuned = result("sift", "cola", 44, 0.1, tag="lcount")
+    longer["max_steps"] = 600
+    assert quality.glue_results([plain, longer, tuned]) == [plain]
+
+
+def test_lora_ranks_plan_gives_rows_r8_and_r16() -> None:
+    specs = quality.plan_runs("glue-lora-ranks")
+    assert len(specs) == 30 and {s.tag for s in specs} == {"r8", "r16"} and specs[0].task == "cola"
+    lora = quality.build_config(specs[1])["model"]["init_args"]["lora"]
+    assert (lora["r"], lora["alpha"], lora["modules_to_save"]) == (16, 32, ["classifier", "pooler"])
+    rows = quality.glue_results([result("lora", "cola", 42, 0.3, tag="r16"), result("lora", "cola", 42, 0.1, tag="x")])
+    assert [quality.glue_row(r) for r in rows] == ["lora_r16"]
+
+
 def test_matched_plan_trains_rank_one_lora_with_the_pooler() -> None:
     specs = quality.plan_runs("glue-lora-matched")
     assert len(specs) == 15 and {s.method for s in specs} == {"lora"} and {s.tag for s in specs} == {"matched"}
