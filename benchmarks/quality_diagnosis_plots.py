@@ -34,6 +34,7 @@ VARIANTS = {
     "SpIEL-AG (chosen)": "cola-spiel_ag-lr0.002-chosen-s*",
     "S2FT (chosen)": "cola-s2ft-lr0.005-chosen-s*",
     "SIFT 600 steps": "cola-sift-lr0.002-steps600-chosen-s*",
+    "LoRA r=5 600 steps": "cola-lora-lr0.001-steps600-chosen-s*",
     "SIFT head_lr 2e-4": "cola-sift-lr0.002-headlr2e-4-s*",
     "SIFT at LoRA's count": "cola-sift-lr0.002-lcount-s*",
 }
