@@ -302,9 +302,9 @@ def host_load_bytes(shape: ModelShape, plan: Plan, resident: int) -> int:
 
 
 def checkpoint_bytes(shape: ModelShape, plan: Plan, k: int) -> int:
-    """What a checkpoint holds: what trains (element-sparse: values and int32 indices), its optimizer state, and
-    the frozen base only when asked for (full fine-tuning: the weights are what trains); under FSDP2 a whole-model
-    checkpoint holds a tied weight once per name."""
+    """What a checkpoint holds: what trains (element-sparse: values and int32 indices; S2FT: blocks and their
+    permutation records), its optimizer state, and the frozen base only when asked for (full fine-tuning: the
+    weights are what trains); under FSDP2 a whole-model checkpoint holds a tied weight once per name."""
     b, method = DTYPE_BYTES[plan.dtype], plan.method
     trained = shape.parameters * b if method == "full" else 4 * k
     if method == "spiel_ma":
@@ -314,7 +314,13 @@ def checkpoint_bytes(shape: ModelShape, plan: Plan, k: int) -> int:
     frozen = shape.parameters * b if plan.full_checkpoint and method != "full" else 0
     if (frozen or method == "full") and plan.gpus > 1:  # FSDP2's gathered state dict copies a tied weight per name
         frozen += shape.tied_parameters * b
-    return trained + (4 * k if method in ELEMENT_SPARSE else 0) + optimizer + frozen
+    if method in ELEMENT_SPARSE:
+        records = 4 * k  # the int32 index buffers
+    elif method == "s2ft":  # block positions and co-permutation orders (int64)
+        records = 8 * (shape.intermediate + k // (shape.hidden * shape.layers)) * shape.layers
+    else:
+        records = 0
+    return trained + records + optimizer + frozen
 
 
 def estimate(model: str | Any, plan: Plan, shape: ModelShape | None = None, name: str | None = None) -> Estimate:
@@ -330,9 +336,9 @@ def estimate(model: str | Any, plan: Plan, shape: ModelShape | None = None, name
     unsharded = c.get("fsdp_unsharded", 0)
     # saving after the last step: gradients and optimizer state are still held (Lightning zeroes gradients before
     # the next backward); the checkpoint is assembled in host memory: under FSDP2 rank 0 gathers a whole copy of its
-    # sharded tensors (indices are buffers, whole on every rank), then serializes
-    indices_saved = 4 * k if plan.method in ELEMENT_SPARSE else 0
-    gathered = checkpoint - indices_saved if n > 1 else 0
+    # sharded tensors (index and permutation records are buffers, whole on every rank), then serializes
+    records = 4 * k if plan.method in ELEMENT_SPARSE else c.get("indices", 0) if plan.method == "s2ft" else 0
+    gathered = checkpoint - records if n > 1 else 0
     phases = {
         "load": resident,
         "selection": resident + (c["selection"] + c["activations"] + unsharded if "selection" in c else 0),
