@@ -276,6 +276,8 @@ def held_bytes(shape: ModelShape, plan: Plan, k: int) -> dict[str, int]:
         c["optimizer"] = 2 * trained // n
     if method == "spiel_ag":  # window statistics (replicated) + the observed gradient, its fp32 copy, its |.|
         c["method_state"] = 16 * k + (b + 8) * max(out * inp for out, inp in targets)
+    if method.startswith("spiel"):  # the first index sets, kept to report how far the selection moved
+        c["method_state"] = c.get("method_state", 0) + 4 * k
     if method == "sift":
         c["selection"] = selection_bytes(shape, plan)
     c["activations"] = activation_bytes(shape, plan)
@@ -301,10 +303,11 @@ def host_load_bytes(shape: ModelShape, plan: Plan, resident: int) -> int:
     return resident + min(READ_BYTES, shape.largest_tensor * b // n)
 
 
-def checkpoint_bytes(shape: ModelShape, plan: Plan, k: int) -> int:
+def checkpoint_bytes(shape: ModelShape, plan: Plan, k: int) -> tuple[int, int]:
     """What a checkpoint holds: what trains (element-sparse: values and int32 indices; S2FT: blocks and their
     permutation records), its optimizer state, and the frozen base only when asked for (full fine-tuning: the
-    weights are what trains); under FSDP2 a whole-model checkpoint holds a tied weight once per name."""
+    weights are what trains); under FSDP2 a whole-model checkpoint holds a tied weight once per name. Returns
+    (sharded, records): what FSDP2 shards (gathered on rank 0 to save) and buffers whole on every rank."""
     b, method = DTYPE_BYTES[plan.dtype], plan.method
     trained = shape.parameters * b if method == "full" else 4 * k
     if method == "spiel_ma":
@@ -316,11 +319,13 @@ def checkpoint_bytes(shape: ModelShape, plan: Plan, k: int) -> int:
         frozen += shape.tied_parameters * b
     if method in ELEMENT_SPARSE:
         records = 4 * k  # the int32 index buffers
+        if method.startswith("spiel"):  # the callback's state: each weight's first index set, to measure drift
+            records += 4 * k
     elif method == "s2ft":  # block positions and co-permutation orders (int64)
         records = 8 * (shape.intermediate + k // (shape.hidden * shape.layers)) * shape.layers
     else:
         records = 0
-    return trained + records + optimizer + frozen
+    return trained + optimizer + frozen, records
 
 
 def estimate(model: str | Any, plan: Plan, shape: ModelShape | None = None, name: str | None = None) -> Estimate:
@@ -331,14 +336,14 @@ def estimate(model: str | Any, plan: Plan, shape: ModelShape | None = None, name
     n = plan.gpus
     k = trainable_count(shape, plan)
     c = held_bytes(shape, plan, k)
-    checkpoint = checkpoint_bytes(shape, plan, k)
+    sharded, records = checkpoint_bytes(shape, plan, k)
+    checkpoint = sharded + records
     resident = c["base"] + c["trainable"] + c.get("indices", 0)
     unsharded = c.get("fsdp_unsharded", 0)
     # saving after the last step: gradients and optimizer state are still held (Lightning zeroes gradients before
     # the next backward); the checkpoint is assembled in host memory: under FSDP2 rank 0 gathers a whole copy of its
-    # sharded tensors (index and permutation records are buffers, whole on every rank), then serializes
-    records = 4 * k if plan.method in ELEMENT_SPARSE else c.get("indices", 0) if plan.method == "s2ft" else 0
-    gathered = checkpoint - records if n > 1 else 0
+    # sharded tensors (index and permutation records are whole on every rank), then serializes
+    gathered = sharded if n > 1 else 0
     phases = {
         "load": resident,
         "selection": resident + (c["selection"] + c["activations"] + unsharded if "selection" in c else 0),
