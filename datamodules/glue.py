@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from datamodules.sampling import ResumableTrainPosition, check_sample_limits, resumable_train_loader
-from sparse_lightning.models import resolve_model_path
+from sparse_lightning.borders.models import resolve_model_path
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from datamodules.glue import _PadCollator, _read_text
 from datamodules.instruction import split_heldout
 from datamodules.sampling import ResumableTrainPosition, check_sample_limits, resumable_train_loader
-from sparse_lightning.models import resolve_model_path
+from sparse_lightning.borders.models import resolve_model_path
 
 Task = Literal["auto", "classification", "regression"]
 SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")

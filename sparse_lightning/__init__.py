@@ -8,7 +8,7 @@ from sparse_lightning.callbacks import (
     SparseMethodCallback,
 )
 from sparse_lightning.modules import CausalLMModule, LoRASettings, SequenceClassificationModule, SparseFineTuningModule
-from sparse_lightning.multi_delta import FusionReport, MultiDelta
+from sparse_lightning.borders.multi_delta import FusionReport, MultiDelta
 
 __version__ = "0.1.0"
 

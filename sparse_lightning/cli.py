@@ -24,6 +24,11 @@ from sparse_lightning.notices import silence_third_party_notices
 from sparse_lightning.progress import progress_for
 from sparse_lightning.registry import help_text
 from sparse_lightning.run_folder import claim_run_folders
+from sparse_lightning.borders.checkpoint import module_class_for, read_checkpoint
+from sparse_lightning.borders.evaluate import evaluate_main
+from sparse_lightning.borders.export import WRITERS, export_checkpoint
+from sparse_lightning.memory_estimate import estimate_main
+from sparse_lightning.plots.cli import plot_main
 
 
 class SaveConfigToRunDirectory(SaveConfigCallback):
@@ -99,8 +104,6 @@ class SparseLightningCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_file():  # Lightning also takes "last", "best", ...
-            from sparse_lightning.export import module_class_for, read_checkpoint
-
             hparams = read_checkpoint(ckpt_path).get("hyper_parameters", {})
             named = hparams.get("_class_path")
             configured = self.config[subcommand].get("model.class_path")
@@ -214,14 +217,11 @@ def warn_if_no_validation_before_the_end(trainer: Trainer) -> None:
 
 
 def export_main(argv: list[str]) -> None:
-    from sparse_lightning.export import export_checkpoint
-    from sparse_lightning.peft_interop import export_checkpoint_peft
-
     parser = ArgumentParser(prog="sparse-lightning export", description="Export a trained delta and/or a merged HF model")
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by sparse-lightning fit")
     parser.add_argument("--output", required=True, help="directory for the delta (its format: --format) and a "
                                                         "README.md model card")
-    parser.add_argument("--format", choices=["delta", "peft", "peft-supertuning"], default="delta",
+    parser.add_argument("--format", choices=list(WRITERS), default="delta",
                         help="delta: this library's delta.safetensors + delta_config.json; peft: a PEFT SHiRA adapter "
                              "(peft>=0.17 loads it with PeftModel.from_pretrained); peft-supertuning: a PEFT "
                              "Super-Tuning adapter (peft>=0.21)")
@@ -233,12 +233,8 @@ def export_main(argv: list[str]) -> None:
                         help="LightningModule class to rebuild the checkpoint with, when it is not one of "
                              "sparse_lightning's (a class a checkpoint names is imported only from sparse_lightning)")
     args = parser.parse_args(argv)
-    if args.format == "delta":
-        written = export_checkpoint(args.ckpt_path, args.output, merged=args.merged, module_class=args.module_class,
-                                    replace=args.replace)
-    else:
-        written = export_checkpoint_peft(args.ckpt_path, args.output, format=args.format, merged=args.merged,
-                                         module_class=args.module_class, replace=args.replace)
+    written = export_checkpoint(args.ckpt_path, args.output, merged=args.merged, module_class=args.module_class,
+                                replace=args.replace, format=args.format)
     for kind, path in written.items():
         print(f"wrote {kind}: {path}")
 
@@ -301,18 +297,12 @@ def _run(argv: list[str] | None) -> None:
         export_main(command[1:])
         return
     if command and command[0] == "evaluate":
-        from sparse_lightning.evaluate import evaluate_main
-
         evaluate_main(command[1:])
         return
     if command and command[0] == "plot":
-        from sparse_lightning.plots.cli import plot_main
-
-        plot_main(command[1:])
+        plot_main(command[1:], SparseLightningCLI)
         return
     if command and command[0] == "estimate":
-        from sparse_lightning.memory_estimate import estimate_main
-
         estimate_main(command[1:])
         return
     # On the command line the parser raises instead of printing its usage (60-70 lines) so `main` prints one line.

@@ -42,6 +42,10 @@ import torch
 
 from sparse_lightning import registry
 from sparse_lightning.score_groups import DEFAULT_SCORE_MEMORY, check_score_memory
+from sparse_lightning.borders.models import resolve_model_path
+from sparse_lightning.modules.sharded_loading import READ_BYTES
+from sparse_lightning.sparse.delta import allocate_budget
+from sparse_lightning.sparse.inject import default_targets, find_linear_targets
 
 METHODS = tuple(registry.METHODS)
 ELEMENT_SPARSE = tuple(registry.names(element_sparse=True))
@@ -69,8 +73,6 @@ def load_config(model: str):
 
     if model.lower() in LLAMA_SHAPES:
         return LlamaConfig(**LLAMA_SHAPES[model.lower()])
-    from sparse_lightning.models import resolve_model_path
-
     path = Path(resolve_model_path(model))
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{model}: no config.json there; give a local model directory, a built-in alias, or "
@@ -107,8 +109,6 @@ class ModelShape:
 def model_shape(config) -> ModelShape:
     """Count on the meta device: no memory, no weights, so a 70B config costs a second."""
     from transformers import AutoModelForCausalLM
-
-    from sparse_lightning.sparse.inject import default_targets, find_linear_targets
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -209,8 +209,6 @@ class Estimate:
 
 def trainable_count(shape: ModelShape, plan: Plan) -> int:
     """Trainable entries of the method under the plan's budget (the callbacks' own budget code)."""
-    from sparse_lightning.sparse.delta import allocate_budget
-
     shapes = list(shape.targets.values())
     if plan.method == "full":
         return shape.parameters
@@ -293,8 +291,6 @@ def host_load_bytes(shape: ModelShape, plan: Plan, resident: int) -> int:
     rows, one block of `READ_BYTES` at a time, beside its shard; LoRA and S2FT load the whole model on every rank
     (PEFT initialises from, and S2FT permutes, whole weights), and `fully_shard` then swaps it for 1/N block by
     block, so the whole model and one block's shard are held at the peak."""
-    from sparse_lightning.modules.sharded_loading import READ_BYTES
-
     b, n = DTYPE_BYTES[plan.dtype], plan.gpus
     if n == 1:
         return 0

@@ -144,12 +144,12 @@ def test_a_read_only_target_is_refused_in_one_line(tiny_lm_dir: Path, tmp_path: 
 
 
 def test_a_full_disk_fails_in_one_line_and_leaves_nothing(tiny_lm_dir: Path, tmp_path: Path, monkeypatch):
-    import sparse_lightning.export as export
+    import sparse_lightning.borders.delta as delta_format
 
     def full(*args, **kwargs):
         raise SafetensorError("Error while serializing: No space left on device (os error 28)")
 
-    monkeypatch.setattr(export, "save_file", full)
+    monkeypatch.setattr(delta_format, "save_file", full)
     with pytest.raises(ExportTargetError, match="cannot write the export to .*out: .*No space left on device"):
         export_model(trained_lm(tiny_lm_dir), tmp_path / "out")
     assert not list(tmp_path.iterdir())

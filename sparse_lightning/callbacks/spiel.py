@@ -17,6 +17,7 @@ from sparse_lightning.methods.reselection_schedule import ReselectionSchedule
 from sparse_lightning.methods.seeding import run_seed
 from sparse_lightning.methods.spiel import PruneRegrow, Regrowth, random_initial_indices
 from sparse_lightning.sparse import SparseDeltaLinear, allocate_budget, sparse_delta_layers
+from sparse_lightning.callbacks.index_history_plot import plot_index_history
 
 
 class PruneRegrowCallback(ElementSparseCallback):
@@ -117,8 +118,6 @@ class PruneRegrowCallback(ElementSparseCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.cycle.stop(sparse_delta_layers(pl_module))
         if self.plot_path and trainer.is_global_zero and self.history:
-            from sparse_lightning.callbacks.index_history_plot import plot_index_history
-
             rank_zero_info(f"SpIEL: index-set history written to {plot_index_history(self.history, self.plot_path)}")
 
     def state_dict(self) -> dict[str, Any]:

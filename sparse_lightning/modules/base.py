@@ -42,6 +42,9 @@ from sparse_lightning.sparse.quantized import (
 )
 from sparse_lightning.structure.permute import permute_as_recorded
 from sparse_lightning.structure.records import order_records, orders_in_state_dict, same_orders
+from sparse_lightning.borders.apply import apply_delta
+from sparse_lightning.borders.delta import delta_base_model
+from sparse_lightning.borders.models import resolve_model_path
 
 
 def rng_state() -> dict[str, Any]:
@@ -60,8 +63,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 def same_model(a: str, b: str) -> bool:
     """Whether two model names or paths name the same model (an alias and its directory count as one)."""
-    from sparse_lightning.models import resolve_model_path
-
     def where(name: str) -> str:
         try:
             return str(Path(resolve_model_path(name)).resolve())
@@ -156,8 +157,6 @@ class SparseFineTuningModule(LightningModule):
         the same model with its checkpoint weights on the meta device instead, filled per rank after sharding
         (modules/sharded_loading.py). A model the shard loader cannot read (no safetensors, keys it cannot map)
         loads in full, as before."""
-        from sparse_lightning.models import resolve_model_path
-
         path = resolve_model_path(model_name_or_path)
         files = checkpoint_files(path) if self._load_by_shards and Path(path).is_dir() else None
         if files is not None:
@@ -252,8 +251,6 @@ class SparseFineTuningModule(LightningModule):
     def _merge_init_delta(self, model: nn.Module) -> None:
         """Add `init_delta` onto the freshly built base; `apply_delta` checks all of it first (shapes, names,
         finite values) and changes nothing on a bad file."""
-        from sparse_lightning.export import apply_delta, delta_base_model
-
         path = Path(self.hparams.init_delta).expanduser()
         if not path.is_dir():
             raise FileNotFoundError(f"init_delta {path}: no such directory (an exported delta directory or a PEFT "

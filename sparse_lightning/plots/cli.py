@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import argparse
 
+from sparse_lightning.borders.checkpoint import load_trained_module
+from sparse_lightning.methods.s2ft import S2FT
+from sparse_lightning.plots.curves import plot_curves, read_metrics
+from sparse_lightning.plots.from_config import build_from_config, training_calibration
 from sparse_lightning.plots.pyplot import MissingMatplotlib
+from sparse_lightning.plots.quasi_sparsity import (
+    DEFAULT_FRACTIONS,
+    gradient_magnitudes,
+    plot_quasi_sparsity,
+    quasi_sparsity,
+    share_table,
+)
+from sparse_lightning.plots.selection_map import plot_selection_map, selection_from_file, selection_matrices
 
 USAGE_EXAMPLES = """examples:
   sparse-lightning plot curves lora=runs/lora sift=runs/sift/metrics.csv --output curves.png --smooth 5
@@ -42,14 +54,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def plot_main(argv: list[str]) -> None:
+def plot_main(argv: list[str], cli_class: type) -> None:
+    """`sparse-lightning plot ...`; `cli_class` (the command line's `SparseLightningCLI`) reads `--config` files."""
     try:
-        _plot(argv)
+        _plot(argv, cli_class)
     except MissingMatplotlib as error:
         raise SystemExit(f"sparse-lightning: error: {error}") from None
 
 
-def _plot(argv: list[str]) -> None:
+def _plot(argv: list[str], cli_class: type) -> None:
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     from_file = args.figure == "selection-map" and (args.ckpt_path or args.selection)
@@ -57,31 +70,20 @@ def _plot(argv: list[str]) -> None:
     if rest and not takes_configs:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.figure == "curves":
-        from sparse_lightning.plots.curves import plot_curves, read_metrics
-
         runs = [read_metrics(path, label or None) for label, _, path in
                 (run.rpartition("=") for run in args.runs)]
         plot_curves(runs, args.output, smooth=args.smooth, title=args.title)
     elif args.figure == "quasi-sparsity":
-        _quasi_sparsity(args, rest)
+        _quasi_sparsity(args, rest, cli_class)
     else:
-        _selection_map(args, rest)
+        _selection_map(args, rest, cli_class)
     print(f"wrote {args.output}")
 
 
-def _quasi_sparsity(args: argparse.Namespace, rest: list[str]) -> None:
-    from sparse_lightning.plots.from_config import build_from_config, training_calibration
-    from sparse_lightning.plots.quasi_sparsity import (
-        DEFAULT_FRACTIONS,
-        gradient_magnitudes,
-        plot_quasi_sparsity,
-        quasi_sparsity,
-        share_table,
-    )
-
+def _quasi_sparsity(args: argparse.Namespace, rest: list[str], cli_class: type) -> None:
     if args.batches < 1:
         raise ValueError(f"--batches must be >= 1, got {args.batches}")
-    module, datamodule, _ = build_from_config(rest)
+    module, datamodule, _ = build_from_config(rest, cli_class)
     calibration = training_calibration(module, datamodule)
     magnitudes = gradient_magnitudes(module.model, calibration.batches(args.batches), calibration.loss_fn,
                                      args.target_modules)
@@ -90,9 +92,7 @@ def _quasi_sparsity(args: argparse.Namespace, rest: list[str]) -> None:
     print(share_table(magnitudes))
 
 
-def _selection_map(args: argparse.Namespace, rest: list[str]) -> None:
-    from sparse_lightning.plots.selection_map import plot_selection_map, selection_from_file, selection_matrices
-
+def _selection_map(args: argparse.Namespace, rest: list[str], cli_class: type) -> None:
     if args.ckpt_path and args.selection:
         raise ValueError("give --ckpt_path or --selection, not both")
     if args.selection:
@@ -100,15 +100,10 @@ def _selection_map(args: argparse.Namespace, rest: list[str]) -> None:
             raise ValueError("--selection needs --model: the model the selection was made on")
         matrices = selection_from_file(args.selection, args.model)
     elif args.ckpt_path:
-        from sparse_lightning.export import load_trained_module
-
         module, _ = load_trained_module(args.ckpt_path)
         matrices = selection_matrices(module.model)
     else:
-        from sparse_lightning.methods.s2ft import S2FT
-        from sparse_lightning.plots.from_config import build_from_config, training_calibration
-
-        module, datamodule, trainer = build_from_config(rest)
+        module, datamodule, trainer = build_from_config(rest, cli_class)
         methods = [cb for cb in trainer.callbacks if isinstance(cb, S2FT)]
         if len(methods) != 1:
             raise ValueError(f"the configs hold {len(methods)} S2FTStructureCallback(s): give exactly one (e.g. "

@@ -7,21 +7,22 @@ import warnings
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.cli import LightningCLI
 
 from sparse_lightning.methods.calibration import Calibration
 from sparse_lightning.modules import SparseFineTuningModule
 
 
-def build_from_config(args: list[str]) -> tuple[SparseFineTuningModule, LightningDataModule, Trainer]:
-    """The module (its HF model built, no method attached), the datamodule and the trainer the config describes."""
-    from sparse_lightning.cli import SparseLightningCLI
-
+def build_from_config(args: list[str], cli_class: type[LightningCLI]) -> tuple[SparseFineTuningModule,
+                                                                              LightningDataModule, Trainer]:
+    """The module (its HF model built, no method attached), the datamodule and the trainer the config describes;
+    `cli_class` is `sparse_lightning.cli.SparseLightningCLI` (passed in: that module runs the plot command)."""
     if not args:
         raise ValueError("give the run's configs, e.g. --config configs/model/minilm.yaml --config "
                          "configs/task/sst2.yaml")
     with warnings.catch_warnings():  # args are the command line's own, after `plot <figure>` and its options
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = SparseLightningCLI(SparseFineTuningModule, subclass_mode_model=True, subclass_mode_data=True,
+        cli = cli_class(SparseFineTuningModule, subclass_mode_model=True, subclass_mode_data=True,
                                  args=args, run=False, save_config_callback=None)
     if cli.datamodule is None:
         raise ValueError("the configs name no datamodule (data.class_path): add a task config such as "

@@ -16,6 +16,7 @@ from sparse_lightning.methods.s2ft import SELECTION_FORMAT
 from sparse_lightning.plots.pyplot import pyplot, save
 from sparse_lightning.sparse.block import block_delta_layers
 from sparse_lightning.structure.families import KV_ROLES, CoupledGroup, find_groups
+from sparse_lightning.borders.models import resolve_model_path
 
 UNIT_NAMES = {"heads": "query head", "channels": "FFN channel"}
 #: Wider maps are drawn as the share selected per bin of units, so no selected unit falls between pixels.
@@ -56,8 +57,6 @@ def selection_from_file(path: str | Path, model_name_or_path: str) -> dict[str, 
     """The matrices of a `save_selection` JSON; the model (its config only, built without weights) gives each
     group's layer and unit count."""
     from transformers import AutoConfig, AutoModel
-
-    from sparse_lightning.models import resolve_model_path
 
     body = json.loads(Path(path).read_text())
     if body.get("format") != SELECTION_FORMAT:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sparse_lightning.architectures import architecture_of
-from sparse_lightning.name_pattern import NamePattern
+from sparse_lightning.borders.name_pattern import NamePattern
 from sparse_lightning.sparse.block import attach_blocks_from_state_dict
 from sparse_lightning.sparse.delta import SparseDeltaLinear
 from sparse_lightning.sparse.frozen_delta import delta_layers, is_delta_parameter, is_linear

@@ -1,0 +1,90 @@
+"""The checks every export format and every reader share: one list, so the formats cannot drift apart.
+
+Writing: nothing non-finite is written (`require_finite`, `require_finite_model`) and written files get the mode a
+plainly created file gets (`readable_by_all`). Reading: an update is added in fp32 and rounded to the weight's dtype
+once (`add_rounding_once`), and no update may leave a weight non-finite in its own dtype (`require_finite_results`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+
+class DeltaFileError(ValueError):
+    """A delta directory that fails validation; nothing was changed."""
+
+
+def require_finite(tensors: dict[str, Tensor], what: str) -> None:
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"refusing to write {what}: {name} holds {bad} non-finite value(s) (NaN/Inf); "
+                             "the run diverged: train again with a lower learning rate")
+
+
+
+def require_finite_model(model: nn.Module, what: str) -> None:
+    """Every floating tensor about to be written, frozen base included, is finite."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"refusing to write {what}: {name} holds {bad} non-finite value(s) (NaN/Inf); a frozen "
+                             "weight holding them came from the base model or checkpoint: check those files")
+
+
+
+def readable_by_all(*paths: Path) -> None:
+    """The mode a plainly created file gets (0644 under the usual umask 022): safetensors and some writers use 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in paths:
+        os.chmod(path, 0o666 & ~umask)
+
+
+
+def add_rounding_once(weight: Tensor, dim: int, index: Tensor, delta: Tensor) -> None:
+    """`weight[index along dim] += delta`, summed in fp32 and rounded to weight's dtype once (index is unique)."""
+    target = weight.view(-1) if dim == -1 else weight
+    along = 0 if dim == -1 else dim
+    index = index.to(device=target.device, dtype=torch.long)
+    summed = target.index_select(along, index).float() + delta.to(device=target.device, dtype=torch.float32)
+    target.index_copy_(along, index, summed.to(target.dtype))
+
+
+
+def values_at(weight: Tensor, dim: int | None, index: Tensor | None) -> Tensor:
+    """The weight's values an update writes (the whole weight for a dense replacement)."""
+    if dim is None:
+        return weight.detach()
+    target = weight.detach().view(-1) if dim == -1 else weight.detach()
+    return target.index_select(0 if dim == -1 else dim, index.to(device=target.device, dtype=torch.long))
+
+
+
+def overflowing(weight: Tensor, dim: int | None, index: Tensor | None, delta: Tensor) -> int:
+    """How many entries of `weight` an update would leave non-finite: base + delta summed in fp32 and rounded to the
+    weight's dtype (a dense replacement: the value in that dtype). A float64 1e300 passes a float64 finite check and
+    is inf in fp32; an fp16 weight overflows at 65504."""
+    if dim is None:
+        result = delta.to(weight.dtype)
+    else:
+        result = (values_at(weight, dim, index).float() + delta.to(device=weight.device, dtype=torch.float32))
+        result = result.to(weight.dtype)
+    return int((~torch.isfinite(result)).sum())
+
+
+
+def require_finite_results(model: nn.Module, updates: list[tuple[Tensor, int | None, Tensor | None, Tensor]],
+                           fail) -> None:
+    """Refuse updates that would leave a weight non-finite in its own dtype (`overflowing`); `fail(problem)` makes the
+    error."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    for weight, dim, index, delta in updates:
+        bad = overflowing(weight, dim, index, delta)
+        if bad:
+            raise fail(f"adding it would make {bad} entries of {names.get(id(weight), 'a parameter')} non-finite in "
+                       f"{str(weight.dtype).removeprefix('torch.')} (values too large for that dtype)")

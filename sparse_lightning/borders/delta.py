@@ -1,0 +1,196 @@
+"""This library's delta format: `delta.safetensors` + `delta_config.json`, written and checked.
+
+The delta file holds, per target weight, flat row-major `indices` and fp32 `values` in the HF model's own parameter
+names (S2FT: the original-layout `columns` or `rows` and a dense fp32 `block`, already un-permuted), plus every densely
+trained parameter (e.g. the classifier) in full. `checked_delta_updates` checks such a file completely; applying it
+(`sparse_lightning.borders.apply`) then adds it onto a freshly loaded base model. Delta files are safetensors and JSON:
+reading them runs no code.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from sparse_lightning.borders.checks import DeltaFileError, readable_by_all, require_finite, require_finite_results
+from sparse_lightning.sparse import delta_layers
+
+
+DELTA_WEIGHTS = "delta.safetensors"
+DELTA_CONFIG = "delta_config.json"
+FORMAT_NAME = "sparse_lightning.delta"
+FORMAT_VERSION = 1
+FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
+
+
+def delta_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The delta of an HF model with attached deltas: tensors to save and the per-target metadata (each layer
+    writes its own, in the base weight's original layout)."""
+    tensors: dict[str, torch.Tensor] = {}
+    targets: dict[str, Any] = {}
+    for name, layer in delta_layers(model).items():
+        layer_tensors, targets[name] = layer.export_tensors(name)
+        tensors.update(layer_tensors)
+    return tensors, targets
+
+
+
+def export_delta(model: nn.Module, output: str | Path, metadata: dict[str, Any], dense: list[str]) -> Path:
+    """Write `delta.safetensors` and `delta_config.json`; `dense` names fully trained HF parameters."""
+    output = Path(output)
+    tensors, targets = delta_tensors(model)
+    params = dict(model.named_parameters())
+    for name in dense:
+        tensors[name] = params[name].detach().cpu().contiguous()
+    require_finite(tensors, "the delta")
+    output.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(output / DELTA_WEIGHTS))
+    config = {"format": FORMAT, **metadata, "targets": targets, "dense": dense}
+    (output / DELTA_CONFIG).write_text(json.dumps(config, indent=2))
+    readable_by_all(output / DELTA_WEIGHTS, output / DELTA_CONFIG)
+    return output
+
+
+
+def checked_delta_updates(model: nn.Module, delta_dir: Path) -> list[tuple[Tensor, int | None, Tensor | None, Tensor]]:
+    """Everything `apply_delta` will do, as (weight, dim or None, index, delta), after checking all of it."""
+    config_path, weights_path = delta_dir / DELTA_CONFIG, delta_dir / DELTA_WEIGHTS
+
+    def fail(where: Path, problem: str) -> DeltaFileError:
+        return DeltaFileError(f"{where}: {problem}; the model was not changed")
+
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise fail(path, "no such file (a delta directory holds delta_config.json and delta.safetensors)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise fail(config_path, f"not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise fail(config_path, f"expected a JSON object, got {type(config).__name__}")
+    fmt = config.get("format")
+    if not isinstance(fmt, str) or not fmt.startswith(FORMAT_NAME + "/"):
+        raise fail(config_path, f"format {fmt!r} is not a sparse-lightning delta (expected {FORMAT!r})")
+    if fmt != FORMAT:
+        raise fail(config_path, f"format version {fmt.rpartition('/')[2]!r} is not supported (this version reads "
+                                f"{FORMAT!r})")
+    targets, dense = config.get("targets"), config.get("dense", [])
+    if not isinstance(targets, dict):
+        raise fail(config_path, "'targets' must be an object of target weights")
+    if not isinstance(dense, list) or not all(isinstance(name, str) for name in dense):
+        raise fail(config_path, "'dense' must be a list of parameter names")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise fail(weights_path, f"not a readable safetensors file ({error})") from None
+
+    params = dict(model.named_parameters())
+    base = config.get("base_model")
+    expected_keys: set[str] = set()
+    updates: list[tuple[Tensor, int | None, Tensor | None, Tensor]] = []
+
+    def tensor(key: str, *, integer: bool, ndim: int) -> Tensor:
+        if key not in tensors:
+            raise fail(weights_path, f"tensor {key!r} is missing")
+        value = tensors[key]
+        expected_keys.add(key)
+        kind_ok = not value.is_floating_point() and value.dtype != torch.bool if integer else value.is_floating_point()
+        if not kind_ok or value.dim() != ndim:
+            want = "integer" if integer else "floating-point"
+            raise fail(weights_path, f"tensor {key!r} must be a {ndim}-D {want} tensor, got {value.dim()}-D "
+                                     f"{value.dtype}")
+        if not integer and not bool(torch.isfinite(value.float()).all()):
+            raise fail(weights_path, f"tensor {key!r} holds {int((~torch.isfinite(value.float())).sum())} non-finite "
+                                     "value(s) in fp32, the dtype deltas are added in")
+        return value
+
+    def positions(key: str, size: int) -> Tensor:
+        index = tensor(key, integer=True, ndim=1)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
+            raise fail(weights_path, f"tensor {key!r} has an index outside [0, {size}) (min {int(index.min())}, "
+                                     f"max {int(index.max())})")
+        if index.unique().numel() != index.numel():
+            raise fail(weights_path, f"tensor {key!r} repeats an index ({index.numel() - index.unique().numel()} "
+                                     "duplicate(s))")
+        return index
+
+    for name, target in targets.items():
+        if not isinstance(target, dict) or not isinstance(target.get("weight"), str):
+            raise fail(config_path, f"target {name!r} must be an object with a 'weight' name")
+        weight_name, shape, kind = target["weight"], target.get("shape"), target.get("kind", "entries")
+        weight = params.get(weight_name)
+        if weight is None:
+            raise fail(config_path, f"target {name!r}: this model has no parameter {weight_name!r}; was the delta "
+                                    f"trained on {base}?")
+        if not isinstance(shape, list) or list(weight.shape) != shape:
+            raise fail(config_path, f"target {name!r}: {weight_name} has shape {list(weight.shape)} in this model, "
+                                    f"the delta says {shape}; was the delta trained on {base}?")
+        if kind == "entries":
+            index = positions(f"{name}.indices", weight.numel())
+            values = tensor(f"{name}.values", integer=False, ndim=1)
+            if values.numel() != index.numel():
+                raise fail(weights_path, f"tensor {name + '.values'!r} holds {values.numel()} values for "
+                                         f"{index.numel()} indices")
+            if "k" in target and target["k"] != index.numel():
+                raise fail(weights_path, f"target {name!r}: {index.numel()} indices, the config says k={target['k']}")
+            updates.append((weight, -1, index, values))
+        elif kind in ("columns", "rows"):
+            dim = 1 if kind == "columns" else 0
+            index = positions(f"{name}.{kind}", weight.shape[dim])
+            block = tensor(f"{name}.block", integer=False, ndim=2)
+            expected = list(weight.shape)
+            expected[dim] = index.numel()
+            if list(block.shape) != expected:
+                raise fail(weights_path, f"tensor {name + '.block'!r} has shape {list(block.shape)}, expected "
+                                         f"{expected} for {index.numel()} {kind}")
+            updates.append((weight, dim, index, block))
+        else:
+            raise fail(config_path, f"target {name!r}: unknown kind {kind!r} (entries, columns or rows)")
+    for name in dense:
+        if name not in params:
+            raise fail(config_path, f"dense parameter {name!r} does not exist in this model; was the delta trained "
+                                    f"on {base}?")
+        value = tensor(name, integer=False, ndim=params[name].dim())
+        if value.shape != params[name].shape:
+            raise fail(weights_path, f"tensor {name!r} has shape {list(value.shape)}, the model's parameter "
+                                     f"{list(params[name].shape)}")
+        updates.append((params[name], None, None, value))
+    unexpected = sorted(set(tensors) - expected_keys)
+    if unexpected:
+        raise fail(weights_path, f"tensor {unexpected[0]!r} is not described by {DELTA_CONFIG} "
+                                 f"({len(unexpected)} such tensor(s))")
+    touched = [id(weight) for weight, *_ in updates]
+    if len(set(touched)) != len(touched):
+        raise fail(config_path, "two entries change the same parameter")
+    require_finite_results(model, updates, lambda problem: fail(weights_path, problem))
+    return updates
+
+
+
+def warn_if_quantized_run(directory: Path) -> None:
+    quantize = json.loads((directory / DELTA_CONFIG).read_text(encoding="utf-8")).get("quantize")
+    if quantize:
+        warnings.warn(f"{directory} was trained on a {quantize}-quantized base: on another base (this one, unless you "
+                      f"quantized it the same way) the result differs from the trained model by the quantization "
+                      "error; the trained model itself is the merged export (--merged true)", stacklevel=3)
+
+
+
+def delta_base_model(delta_dir: str | Path) -> str | None:
+    """The base model a delta or PEFT adapter directory names (None when it names none or cannot be read: then
+    `apply_delta` reports the problem)."""
+    for name, key in ((DELTA_CONFIG, "base_model"), ("adapter_config.json", "base_model_name_or_path")):
+        try:
+            config = json.loads((Path(delta_dir) / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(config, dict) and isinstance(config.get(key), str):
+            return config[key]
+    return None
