@@ -52,10 +52,10 @@ def run_killed_during_export(base_dir: Path, output: Path, replace: bool) -> sub
         import os, torch
         from transformers import LlamaForCausalLM
         from sparse_lightning.callbacks import RandomMaskCallback
-        import sparse_lightning.export as export
+        import sparse_lightning.borders.export as export
         model = LlamaForCausalLM.from_pretrained({str(base_dir)!r})
         RandomMaskCallback(density=0.1).attach(model)
-        export._save_tokenizer = lambda *args: os.kill(os.getpid(), 9)
+        export.save_tokenizer = lambda *args: os.kill(os.getpid(), 9)
         export.export_model(model, {str(output)!r}, merged=True, base_model={str(base_dir)!r}
                             {", replace=True" if replace else ""})
     """)
