@@ -38,10 +38,10 @@ Writer = Callable[[nn.Module, Path, list[str], dict[str, Any]], Path]
 #: `--format` -> (the key of its directory in the returned dict, its writer).
 WRITERS: dict[str, tuple[str, Writer]] = {
     "delta": ("delta", lambda model, out, dense, metadata: export_delta(model, out, metadata, dense)),
-    "peft": ("peft", lambda model, out, dense, metadata: write_peft_adapter(model, out, dense, SHIRA,
-                                                                            metadata.get("base_model"))),
+    "peft": ("peft", lambda model, out, dense, metadata: write_peft_adapter(
+        model, out, dense, SHIRA, metadata.get("base_model"), metadata)),
     "peft-supertuning": ("peft", lambda model, out, dense, metadata: write_peft_adapter(
-        model, out, dense, SUPERTUNING, metadata.get("base_model"))),
+        model, out, dense, SUPERTUNING, metadata.get("base_model"), metadata)),
 }
 #: The formats that are PEFT adapters (`export_peft` writes these).
 PEFT_FORMATS = ("peft", "peft-supertuning")

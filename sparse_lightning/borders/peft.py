@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -54,6 +54,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_PICKLE = "adapter_model.bin"
 PREFIX = "base_model.model."
+#: The safetensors header key holding the export's metadata block.
+METADATA_KEY = "sparse_lightning"
 SHIRA, SUPERTUNING = "SHIRA", "SUPERTUNING"
 #: `sparse-lightning export --format` value -> PEFT type.
 FORMATS = {"peft": SHIRA, "peft-supertuning": SUPERTUNING}
@@ -224,17 +226,26 @@ def peft_adapter(model: nn.Module, dense: list[str], peft_type: str, base_model:
 
 
 def write_peft_adapter(model: nn.Module, output: str | Path, dense: list[str], peft_type: str = SHIRA,
-                       base_model: str | None = None) -> Path:
-    """Write `adapter_config.json` and `adapter_model.safetensors` to `output` (see the module docstring)."""
+                       base_model: str | None = None, metadata: dict[str, Any] | None = None) -> Path:
+    """Write `adapter_config.json` and `adapter_model.safetensors` to `output` (see the module docstring). The
+    export's metadata block (what a delta's `delta_config.json` records: method, base model, the methods' settings,
+    `run_start`) goes in the safetensors header under `sparse_lightning` (`adapter_metadata` reads it; PEFT ignores it)."""
     output = Path(output)
     config, tensors, _ = peft_adapter(model, dense, peft_type, base_model)
     require_finite(tensors, "the PEFT adapter")
     output.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(output / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    header = {"format": "pt", **({METADATA_KEY: json.dumps(metadata, sort_keys=True)} if metadata else {})}
+    save_file(tensors, str(output / ADAPTER_WEIGHTS), metadata=header)
     (output / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     readable_by_all(output / ADAPTER_WEIGHTS, output / ADAPTER_CONFIG)
     return output
 
+
+def adapter_metadata(directory: str | Path) -> dict[str, Any] | None:
+    """The metadata block `write_peft_adapter` recorded (None for an adapter written elsewhere)."""
+    with safe_open(str(Path(directory) / ADAPTER_WEIGHTS), framework="pt") as weights:
+        recorded = (weights.metadata() or {}).get(METADATA_KEY)
+    return json.loads(recorded) if recorded else None
 
 
 def is_peft_adapter(directory: str | Path) -> bool:
