@@ -1,5 +1,6 @@
 """sparse_lightning: sparse fine-tuning of pre-trained language models as Lightning components."""
 
+from sparse_lightning.borders.multi_delta import FusionReport, MultiDelta
 from sparse_lightning.callbacks import (
     GradientTopKCallback,
     PruneRegrowCallback,
@@ -8,7 +9,6 @@ from sparse_lightning.callbacks import (
     SparseMethodCallback,
 )
 from sparse_lightning.modules import CausalLMModule, LoRASettings, SequenceClassificationModule, SparseFineTuningModule
-from sparse_lightning.borders.multi_delta import FusionReport, MultiDelta
 
 __version__ = "0.1.0"
 

@@ -18,17 +18,17 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgre
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from sparse_lightning.lightning_adapter import saves_on_its_own
-from sparse_lightning.modules import SparseFineTuningModule
-from sparse_lightning.notices import silence_third_party_notices
-from sparse_lightning.progress import progress_for
-from sparse_lightning.registry import help_text
-from sparse_lightning.run_folder import claim_run_folders
 from sparse_lightning.borders.checkpoint import module_class_for, read_checkpoint
 from sparse_lightning.borders.evaluate import evaluate_main
 from sparse_lightning.borders.export import WRITERS, export_checkpoint
+from sparse_lightning.lightning_adapter import saves_on_its_own
 from sparse_lightning.memory_estimate import estimate_main
+from sparse_lightning.modules import SparseFineTuningModule
+from sparse_lightning.notices import silence_third_party_notices
 from sparse_lightning.plots.cli import plot_main
+from sparse_lightning.progress import progress_for
+from sparse_lightning.registry import help_text
+from sparse_lightning.run_folder import claim_run_folders
 
 
 class SaveConfigToRunDirectory(SaveConfigCallback):

@@ -41,9 +41,9 @@ from typing import Any
 import torch
 
 from sparse_lightning import registry
-from sparse_lightning.score_groups import DEFAULT_SCORE_MEMORY, check_score_memory
 from sparse_lightning.borders.models import resolve_model_path
 from sparse_lightning.modules.sharded_loading import READ_BYTES
+from sparse_lightning.score_groups import DEFAULT_SCORE_MEMORY, check_score_memory
 from sparse_lightning.sparse.delta import allocate_budget
 from sparse_lightning.sparse.inject import default_targets, find_linear_targets
 

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparse_lightning.borders.models import resolve_model_path
 from sparse_lightning.borders.apply import apply_delta
 from sparse_lightning.borders.checkpoint import CheckpointError, load_trained_module
 from sparse_lightning.borders.delta import DELTA_CONFIG, delta_base_model
+from sparse_lightning.borders.models import resolve_model_path
 from sparse_lightning.sparse import merge_and_unwrap
 from sparse_lightning.sparse.quantized import dequantize_model
 from sparse_lightning.structure import restore_original_layout

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparse_lightning.registry import METHODS, OLD_NAMES
-from sparse_lightning.sparse.frozen_delta import is_delta_parameter
 from sparse_lightning.borders.checks import readable_by_all
 from sparse_lightning.borders.export_target import published
+from sparse_lightning.registry import METHODS, OLD_NAMES
+from sparse_lightning.sparse.frozen_delta import is_delta_parameter
 
 CARD = "README.md"
 #: method name -> the card's description: the registry's rows, old spellings, and what a bare-model export records.

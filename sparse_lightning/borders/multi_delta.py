@@ -26,9 +26,9 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from sparse_lightning.sparse import delta_layers
 from sparse_lightning.borders.apply import checked_updates_any, init_chain
 from sparse_lightning.borders.checks import overflowing
+from sparse_lightning.sparse import delta_layers
 
 #: The largest finite fp32 value: a fusion weight beyond it is inf once it scales the fp32 values.
 FP32_MAX = float(torch.finfo(torch.float32).max)

@@ -13,11 +13,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from sparse_lightning.callbacks.base import ElementSparseCallback
+from sparse_lightning.callbacks.index_history_plot import plot_index_history
 from sparse_lightning.methods.reselection_schedule import ReselectionSchedule
 from sparse_lightning.methods.seeding import run_seed
 from sparse_lightning.methods.spiel import PruneRegrow, Regrowth, random_initial_indices
 from sparse_lightning.sparse import SparseDeltaLinear, allocate_budget, sparse_delta_layers
-from sparse_lightning.callbacks.index_history_plot import plot_index_history
 
 
 class PruneRegrowCallback(ElementSparseCallback):

@@ -20,6 +20,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from sparse_lightning.borders.apply import apply_delta
+from sparse_lightning.borders.delta import delta_base_model
+from sparse_lightning.borders.models import resolve_model_path
 from sparse_lightning.callbacks.base import SparseMethodCallback
 from sparse_lightning.delta_checkpoint import base_fingerprint, check_same_base, check_same_method, frozen_base_keys
 from sparse_lightning.methods.calibration import Calibration
@@ -42,9 +45,6 @@ from sparse_lightning.sparse.quantized import (
 )
 from sparse_lightning.structure.permute import permute_as_recorded
 from sparse_lightning.structure.records import order_records, orders_in_state_dict, same_orders
-from sparse_lightning.borders.apply import apply_delta
-from sparse_lightning.borders.delta import delta_base_model
-from sparse_lightning.borders.models import resolve_model_path
 
 
 def rng_state() -> dict[str, Any]:

@@ -17,8 +17,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from sparse_lightning.eval import is_correct
 from sparse_lightning.borders.models import resolve_model_path
+from sparse_lightning.eval import is_correct
 from sparse_lightning.modes import eval_mode
 from sparse_lightning.modules.base import SparseFineTuningModule
 

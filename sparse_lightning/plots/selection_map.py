@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sparse_lightning.borders.models import resolve_model_path
 from sparse_lightning.methods.s2ft import SELECTION_FORMAT
 from sparse_lightning.plots.pyplot import pyplot, save
 from sparse_lightning.sparse.block import block_delta_layers
 from sparse_lightning.structure.families import KV_ROLES, CoupledGroup, find_groups
-from sparse_lightning.borders.models import resolve_model_path
 
 UNIT_NAMES = {"heads": "query head", "channels": "FFN channel"}
 #: Wider maps are drawn as the share selected per bin of units, so no selected unit falls between pixels.
