@@ -274,8 +274,6 @@ def held_bytes(shape: ModelShape, plan: Plan, k: int) -> dict[str, int]:
         c["optimizer"] = 2 * trained // n
     if method == "spiel_ag":  # window statistics (replicated) + the observed gradient, its fp32 copy, its |.|
         c["method_state"] = 16 * k + (b + 8) * max(out * inp for out, inp in targets)
-    if method.startswith("spiel"):  # the first index sets, kept to report how far the selection moved
-        c["method_state"] = c.get("method_state", 0) + 4 * k
     if method == "sift":
         c["selection"] = selection_bytes(shape, plan)
     c["activations"] = activation_bytes(shape, plan)
@@ -315,7 +313,7 @@ def checkpoint_bytes(shape: ModelShape, plan: Plan, k: int) -> tuple[int, int]:
         frozen += shape.tied_parameters * b
     if method in ELEMENT_SPARSE:
         records = 4 * k  # the int32 index buffers
-        if method.startswith("spiel"):  # the callback's state: each weight's first index set, to measure drift
+        if method.startswith("spiel"):  # the callback's state: each weight's first index set (kept in host memory)
             records += 4 * k
     elif method == "s2ft":  # block positions and co-permutation orders (int64)
         records = 8 * (shape.intermediate + k // (shape.hidden * shape.layers)) * shape.layers
