@@ -634,9 +634,11 @@ def glue_summary(results: list[dict[str, Any]], table_command: str) -> str:
             cell.setdefault((glue_row(r), r["task"], metric), []).append(value)
     tasks = [t for t in ("sst2", "mrpc", "stsb", "rte", "cola") if any(k[1] == t for k in cell)]
     methods = [m for m in GLUE_ROWS if any(k[0] == m for k in cell)]
-    complete = [t for t in tasks if all((m, t, TASKS[t].main) in cell for m in methods)]
-    means = {m: statistics.fmean(statistics.fmean(cell[(m, t, TASKS[t].main)]) for t in complete) if complete else None
-             for m in methods}
+    # the mean is over the tasks every row with all tasks has; a row still missing some (a plan under way) gets none
+    whole = [m for m in methods if all((m, t, TASKS[t].main) in cell for t in tasks)] or methods
+    complete = [t for t in tasks if all((m, t, TASKS[t].main) in cell for m in whole)]
+    means = {m: statistics.fmean(statistics.fmean(cell[(m, t, TASKS[t].main)]) for t in complete)
+             if complete and all((m, t, TASKS[t].main) in cell for t in complete) else None for m in methods}
     references = [ref for ref in GLUE_REFERENCES if ref in methods]
     trainable = {m: sorted({r["trainable_params"] for r in results if glue_row(r) == m and r["trainable_params"]})
                  for m in methods}

@@ -48,6 +48,11 @@ def test_lora_ranks_plan_gives_rows_r8_and_r16() -> None:
     assert (lora["r"], lora["alpha"], lora["modules_to_save"]) == (16, 32, ["classifier", "pooler"])
     rows = quality.glue_results([result("lora", "cola", 42, 0.3, tag="r16"), result("lora", "cola", 42, 0.1, tag="x")])
     assert [quality.glue_row(r) for r in rows] == ["lora_r16"]
+    # a rank under way (CoLA only) is a row without a mean; it does not shrink the others' mean to CoLA
+    results = [result(m, t, 42, v) for m, v in (("full", 0.9), ("lora", 0.8)) for t in ("mrpc", "cola")]
+    table = quality.glue_summary(results + [result("lora", "cola", 42, 0.5, tag="r16")], "table")
+    assert "| lora | 1000 | 80.0 | 80.0 | 80.0 | +0.0 | -10.0 |" in table.replace("1,000", "1000")
+    assert "| lora_r16 | 1000 | - | 50.0 | - | - | - |" in table.replace("1,000", "1000")
 
 
 def test_matched_plan_trains_rank_one_lora_with_the_pooler() -> None:
