@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from sparse_lightning.distributed import all_reduce_sum_, broadcast_from_rank_zero_, own_process_group
 from sparse_lightning.methods.calibration import Batch, LossFn
@@ -115,12 +116,16 @@ def observed_passes(model: nn.Module, observers: dict[str, WeightGradObserver], 
                     loss_fn: LossFn, layers: dict[str, SparseDeltaLinear]) -> None:
     """Forward and backward over `batches` in eval mode with each named layer's dense gradient going to its
     observer; nothing updated, no `.grad` left behind. Only the observed layers' values require a gradient meanwhile,
-    so backward stops at the first of them and forms no other gradient."""
-    flags = {p: p.requires_grad for p in model.parameters()}
-    model.requires_grad_(False)
+    so backward stops at the first of them and forms no other gradient (not under FSDP2: it fixes each parameter's
+    gradient handling when it first runs, and a flag flipped meanwhile breaks its mixed-precision reduction)."""
+    narrow = not any(isinstance(p, DTensor) for p in model.parameters())
+    flags = {p: p.requires_grad for p in model.parameters()} if narrow else {}
+    if narrow:
+        model.requires_grad_(False)
     for name, observe in observers.items():
         layers[name].weight_grad_observer = observe
-        layers[name].delta_values.requires_grad_(True)
+        if narrow:
+            layers[name].delta_values.requires_grad_(True)
     try:
         with eval_mode(model):
             for batch in batches:
