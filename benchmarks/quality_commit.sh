@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Rewrite the quality tables (and the README's copy of them) and commit them with every finished run's result.json,
-# config, progress and metrics (metrics.<n>.csv: a resumed run's earlier attempts). Only these paths: runs/ is
-# git-ignored, so the run files are added with -f.
+# Rewrite the quality tables (and their copies in docs/results.md and the README) and commit them with every
+# finished run's result.json, config, progress and metrics (metrics.<n>.csv: a resumed run's earlier attempts). Only
+# these paths: runs/ is git-ignored, so the run files are added with -f.
 # Usage: bash benchmarks/quality_commit.sh "commit message"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/python benchmarks/quality.py table
 .venv/bin/python benchmarks/quality_math.py table
 .venv/bin/python benchmarks/readme_results.py
-paths=(README.md benchmarks/quality.py benchmarks/quality_math.py benchmarks/readme_results.py benchmarks/quality_commit.sh
+paths=(README.md docs/results.md benchmarks/quality.py benchmarks/quality_math.py benchmarks/readme_results.py benchmarks/quality_commit.sh
        benchmarks/child_run.py
        benchmarks/results/quality/README.md
        benchmarks/results/quality/quality.json)

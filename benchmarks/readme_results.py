@@ -1,5 +1,6 @@
-"""Copy the quality tables (benchmarks/results/quality/glue.md, math.md) into the README's results section, between
-its `<!-- NAME: ... -->` and `<!-- end NAME -->` markers, so the README shows exactly what the drivers measured.
+"""Copy the quality tables (benchmarks/results/quality/glue.md, math.md) into docs/results.md, and GLUE's headline
+columns into the README, between their `<!-- NAME: ... -->` and `<!-- end NAME -->` markers, so both show exactly
+what the drivers measured.
 
 Usage: .venv/bin/python benchmarks/readme_results.py      (run by benchmarks/quality_commit.sh)
 """
@@ -11,6 +12,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = REPO / "benchmarks" / "results" / "quality"
+RESULTS_PAGE = REPO / "docs" / "results.md"
+README = REPO / "README.md"
+# The README's short GLUE table keeps these columns of glue.md's first table (a header starting with the name).
+HEADLINE_COLUMNS = ("method", "trainable", "mean", "vs LoRA r=1")
 
 
 def tables_of(markdown: str) -> str:
@@ -24,21 +29,48 @@ def tables_of(markdown: str) -> str:
     return "\n".join(lines[(status or rows)[0]:rows[-1] + 1])
 
 
-def splice(readme: str, name: str, body: str) -> str:
+def cells(row: str) -> list[str]:
+    return [cell.strip() for cell in row.strip().strip("|").split("|")]
+
+
+def headline_of(markdown: str) -> str:
+    """The first table of a results file, cut to HEADLINE_COLUMNS (those it has), for the README; a row without a mean
+    (a method still missing tasks) stays in docs/results.md only."""
+    lines = markdown.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("|")), None)
+    if start is None:
+        return ""
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    header = cells(lines[start])
+    keep = [next(i for i, name in enumerate(header) if name.startswith(column))
+            for column in HEADLINE_COLUMNS if any(name.startswith(column) for name in header)]
+    kept = [[cells(line)[i] for i in keep] for line in lines[start:end]]
+    kept[0] = [name.split(" (")[0] for name in kept[0]]  # "mean (sst2, mrpc, ...)" -> "mean": the prose names them
+    if "mean" in kept[0]:
+        mean = kept[0].index("mean")
+        kept = kept[:2] + [row for row in kept[2:] if row[mean] not in ("", "-")]
+    return "\n".join("| " + " | ".join(row) + " |" for row in kept)
+
+
+def splice(text: str, name: str, body: str, where: Path) -> str:
     pattern = re.compile(rf"(<!-- {re.escape(name)}: [^\n]*-->\n)(.*?)(<!-- end {re.escape(name)} -->)", re.S)
-    if not pattern.search(readme):
-        raise SystemExit(f"README.md has no <!-- {name}: ... --> / <!-- end {name} --> markers")
-    return pattern.sub(lambda m: m.group(1) + (body + "\n" if body else "") + m.group(3), readme)
+    if not pattern.search(text):
+        raise SystemExit(f"{where.relative_to(REPO)} has no <!-- {name}: ... --> / <!-- end {name} --> markers")
+    return pattern.sub(lambda m: m.group(1) + (body + "\n" if body else "") + m.group(3), text)
+
+
+def write_spliced(path: Path, bodies: dict[str, str]) -> None:
+    text = path.read_text(encoding="utf-8")
+    for name, body in bodies.items():
+        text = splice(text, name, body, path)
+    path.write_text(text, encoding="utf-8")
+    print(f"wrote {path.relative_to(REPO)}")
 
 
 def main() -> None:
-    readme_path = REPO / "README.md"
-    readme = readme_path.read_text()
-    for name in ("glue.md", "math.md"):
-        source = TABLES / name
-        readme = splice(readme, name, tables_of(source.read_text()) if source.exists() else "")
-    readme_path.write_text(readme)
-    print(f"wrote {readme_path.relative_to(REPO)}")
+    sources = {name: (TABLES / name).read_text() if (TABLES / name).exists() else "" for name in ("glue.md", "math.md")}
+    write_spliced(RESULTS_PAGE, {name: tables_of(text) for name, text in sources.items()})
+    write_spliced(README, {"glue-headline": headline_of(sources["glue.md"])})
 
 
 if __name__ == "__main__":

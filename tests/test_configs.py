@@ -1,4 +1,4 @@
-"""Every shipped config parses, alone or in the compositions the README documents, and means what it says.
+"""Every shipped config parses, alone or in the compositions the README and docs/ document, and means what it says.
 
 Compositions stack fragments with repeated `--config` (model, then task, then method, then strategy/precision):
 `configs/model/<model>.yaml`, `configs/task/<task>.yaml`, `configs/method/<model>/<method>.yaml`. Parsing uses the
@@ -40,7 +40,7 @@ MODELS = {"minilm": ("sparse_lightning.modules.SequenceClassificationModule", "a
           "smollm2": ("sparse_lightning.modules.CausalLMModule", "SmolLM2-135M-Instruct", list(LM_TASKS))}
 SM3 = REGISTRY["spiel_ma"].optimizer
 #: The chosen learning rate of every method of the registry, per model (a method missing here fails its compositions),
-#: and in the README's SST-2 table (configs/experiments/sst2/).
+#: and in docs/results.md's SST-2 table (configs/experiments/sst2/).
 LR = {
     "full": {"minilm": 1e-4, "smollm2": 2e-5, "sst2": 5e-5},
     "lora": {"minilm": 1e-3, "smollm2": 1e-3, "sst2": 1e-3},
@@ -60,7 +60,7 @@ def expected(method: str) -> tuple[str | None, str, dict[str, float]]:
 
 
 COMPOSITIONS = [(model, task, method) for model, (_, _, tasks) in MODELS.items() for task in tasks for method in METHODS]
-# Tasks on the user's own files (README "Your own data"): task -> (model, datamodule class)
+# Tasks on the user's own files (docs/data.md): task -> (model, datamodule class)
 OWN_DATA_TASKS = {"csv_classification": ("minilm", "datamodules.text_classification.TextClassificationDataModule")}
 OWN_DATA_COMPOSITIONS = [(model, task, method) for task, (model, _) in OWN_DATA_TASKS.items() for method in METHODS]
 EXPERIMENTS = sorted(str(p.relative_to(CONFIGS)) for p in (CONFIGS / "experiments").rglob("*.yaml"))
@@ -198,8 +198,8 @@ def test_standalone_configs_parse(parse, config_file):
 
 
 def check_sst2_experiment(config: dict[str, Any], method: str) -> None:
-    """The README's SST-2 table: one schedule for every method, only the method's own settings differ; SIFT's file is
-    the quick start: the chosen recipe (8 calibration batches) on 400 steps, validated once at the end."""
+    """The SST-2 table of docs/results.md: one schedule for every method, only the method's own settings differ;
+    SIFT's file is the quick start: the chosen recipe (8 calibration batches) on 400 steps, validated once at the end."""
     init, trainer = config["model"]["init_args"], config["trainer"]
     schedule = (400, 400) if method == "sift" else (900, 300)
     assert (trainer["max_steps"], trainer["val_check_interval"]) == schedule
@@ -218,7 +218,7 @@ def check_sst2_experiment(config: dict[str, Any], method: str) -> None:
 @pytest.mark.parametrize("task", [task for task in LM_TASKS if (CONFIGS / "experiments" / task).is_dir()])
 @pytest.mark.parametrize("method", ["sift", "full"])
 def test_the_causal_lm_experiments_are_their_compositions(parse, task, method):
-    """The files behind the README's SmolLM2 results equal the composition, except where the run logs."""
+    """The files behind the SmolLM2 results of docs/results.md equal the composition, except where the run logs."""
     experiment = parse([f"experiments/{task}/{method}.yaml"])
     composed = parse(composition("smollm2", task, method))
     assert get(experiment, "trainer.logger.init_args.name") == f"{method}-{task}"
@@ -254,8 +254,10 @@ def test_every_shipped_config_is_covered():
 
 
 def readme_commands() -> list[list[str]]:
-    """The `--config` lists of every `sparse-lightning` command in README.md (continuation lines joined)."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8").replace("\\\n", " ")
+    """The `--config` lists of every `sparse-lightning` command in README.md, then in docs/*.md (continuation lines
+    joined)."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    text = "\n".join(page.read_text(encoding="utf-8") for page in pages).replace("\\\n", " ")
     commands = [line for line in text.splitlines() if "sparse-lightning " in line and "--config" in line]
     return [re.findall(r"--config\s+configs/(\S+\.yaml)", line) for line in commands]
 

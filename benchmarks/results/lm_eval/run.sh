@@ -1,5 +1,5 @@
 #!/bin/bash
-# The README evaluate example (SmolLM2 base vs a 50-step SIFT math delta, AddSub first 100): run from the repository root.
+# The evaluate example of docs/evaluation.md (SmolLM2 base vs a 50-step SIFT math delta, AddSub first 100): run from the repository root.
 cd "$(dirname "$0")/../../.."
 export OMP_NUM_THREADS=1
 NAME=sift-math-issue12
