@@ -66,7 +66,9 @@ class _KeepEpilogLines(DefaultHelpFormatter):
 class SparseLightningCLI(LightningCLI):
     """Links the tokenizer to the model and prints the final metrics, so a run ends with the number it was for."""
 
-    def init_parser(self, **kwargs) -> LightningArgumentParser:
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("epilog", help_text())  # the methods, from the registry, one a line
+        kwargs.setdefault("formatter_class", _KeepEpilogLines)
         parser = super().init_parser(**kwargs)
         self.__dict__.setdefault("_parsers", []).append(parser)  # every key the command takes, for "did you mean"
         return parser
@@ -117,11 +119,6 @@ class SparseLightningCLI(LightningCLI):
                    if k.startswith(("val/", "test/")) and v.numel() == 1}
         if metrics:
             rank_zero_info("final metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
-
-    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        kwargs.setdefault("epilog", help_text())  # the methods, from the registry, one a line
-        kwargs.setdefault("formatter_class", _KeepEpilogLines)
-        return super().init_parser(**kwargs)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Lightning's default bar becomes ours (a bar in a terminal, plain lines in a log file); a progress bar
