@@ -7,6 +7,7 @@ once (`add_rounding_once`), and no update may leave a weight non-finite in its o
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -16,6 +17,22 @@ from torch import Tensor, nn
 
 class DeltaFileError(ValueError):
     """A delta directory that fails validation; nothing was changed."""
+
+
+def unchanged_model_error(where: Path, problem: str) -> DeltaFileError:
+    """A refusal of a delta or adapter file, raised before anything was applied: it says the model is as it was."""
+    return DeltaFileError(f"{where}: {problem}; the model was not changed")
+
+
+def read_json_object(path: Path) -> dict:
+    """A delta's or adapter's JSON config as a dict, or one line naming the file."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise unchanged_model_error(path, f"not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise unchanged_model_error(path, f"expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def require_finite(tensors: dict[str, Tensor], what: str) -> None:

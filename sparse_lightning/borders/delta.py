@@ -19,7 +19,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from sparse_lightning.borders.checks import DeltaFileError, readable_by_all, require_finite, require_finite_results
+from sparse_lightning.borders.checks import (
+    read_json_object,
+    readable_by_all,
+    require_finite,
+    require_finite_results,
+    unchanged_model_error,
+)
 from sparse_lightning.sparse import delta_layers
 
 
@@ -63,33 +69,25 @@ def checked_delta_updates(model: nn.Module, delta_dir: Path) -> list[tuple[Tenso
     """Everything `apply_delta` will do, as (weight, dim or None, index, delta), after checking all of it."""
     config_path, weights_path = delta_dir / DELTA_CONFIG, delta_dir / DELTA_WEIGHTS
 
-    def fail(where: Path, problem: str) -> DeltaFileError:
-        return DeltaFileError(f"{where}: {problem}; the model was not changed")
-
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise fail(path, "no such file (a delta directory holds delta_config.json and delta.safetensors)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise fail(config_path, f"not valid JSON ({error})") from None
-    if not isinstance(config, dict):
-        raise fail(config_path, f"expected a JSON object, got {type(config).__name__}")
+            raise unchanged_model_error(path, "no such file (a delta directory holds delta_config.json and delta.safetensors)")
+    config = read_json_object(config_path)
     fmt = config.get("format")
     if not isinstance(fmt, str) or not fmt.startswith(FORMAT_NAME + "/"):
-        raise fail(config_path, f"format {fmt!r} is not a sparse-lightning delta (expected {FORMAT!r})")
+        raise unchanged_model_error(config_path, f"format {fmt!r} is not a sparse-lightning delta (expected {FORMAT!r})")
     if fmt != FORMAT:
-        raise fail(config_path, f"format version {fmt.rpartition('/')[2]!r} is not supported (this version reads "
+        raise unchanged_model_error(config_path, f"format version {fmt.rpartition('/')[2]!r} is not supported (this version reads "
                                 f"{FORMAT!r})")
     targets, dense = config.get("targets"), config.get("dense", [])
     if not isinstance(targets, dict):
-        raise fail(config_path, "'targets' must be an object of target weights")
+        raise unchanged_model_error(config_path, "'targets' must be an object of target weights")
     if not isinstance(dense, list) or not all(isinstance(name, str) for name in dense):
-        raise fail(config_path, "'dense' must be a list of parameter names")
+        raise unchanged_model_error(config_path, "'dense' must be a list of parameter names")
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as error:
-        raise fail(weights_path, f"not a readable safetensors file ({error})") from None
+        raise unchanged_model_error(weights_path, f"not a readable safetensors file ({error})") from None
 
     params = dict(model.named_parameters())
     base = config.get("base_model")
@@ -98,48 +96,48 @@ def checked_delta_updates(model: nn.Module, delta_dir: Path) -> list[tuple[Tenso
 
     def tensor(key: str, *, integer: bool, ndim: int) -> Tensor:
         if key not in tensors:
-            raise fail(weights_path, f"tensor {key!r} is missing")
+            raise unchanged_model_error(weights_path, f"tensor {key!r} is missing")
         value = tensors[key]
         expected_keys.add(key)
         kind_ok = not value.is_floating_point() and value.dtype != torch.bool if integer else value.is_floating_point()
         if not kind_ok or value.dim() != ndim:
             want = "integer" if integer else "floating-point"
-            raise fail(weights_path, f"tensor {key!r} must be a {ndim}-D {want} tensor, got {value.dim()}-D "
+            raise unchanged_model_error(weights_path, f"tensor {key!r} must be a {ndim}-D {want} tensor, got {value.dim()}-D "
                                      f"{value.dtype}")
         if not integer and not bool(torch.isfinite(value.float()).all()):
-            raise fail(weights_path, f"tensor {key!r} holds {int((~torch.isfinite(value.float())).sum())} non-finite "
+            raise unchanged_model_error(weights_path, f"tensor {key!r} holds {int((~torch.isfinite(value.float())).sum())} non-finite "
                                      "value(s) in fp32, the dtype deltas are added in")
         return value
 
     def positions(key: str, size: int) -> Tensor:
         index = tensor(key, integer=True, ndim=1)
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
-            raise fail(weights_path, f"tensor {key!r} has an index outside [0, {size}) (min {int(index.min())}, "
+            raise unchanged_model_error(weights_path, f"tensor {key!r} has an index outside [0, {size}) (min {int(index.min())}, "
                                      f"max {int(index.max())})")
         if index.unique().numel() != index.numel():
-            raise fail(weights_path, f"tensor {key!r} repeats an index ({index.numel() - index.unique().numel()} "
+            raise unchanged_model_error(weights_path, f"tensor {key!r} repeats an index ({index.numel() - index.unique().numel()} "
                                      "duplicate(s))")
         return index
 
     for name, target in targets.items():
         if not isinstance(target, dict) or not isinstance(target.get("weight"), str):
-            raise fail(config_path, f"target {name!r} must be an object with a 'weight' name")
+            raise unchanged_model_error(config_path, f"target {name!r} must be an object with a 'weight' name")
         weight_name, shape, kind = target["weight"], target.get("shape"), target.get("kind", "entries")
         weight = params.get(weight_name)
         if weight is None:
-            raise fail(config_path, f"target {name!r}: this model has no parameter {weight_name!r}; was the delta "
+            raise unchanged_model_error(config_path, f"target {name!r}: this model has no parameter {weight_name!r}; was the delta "
                                     f"trained on {base}?")
         if not isinstance(shape, list) or list(weight.shape) != shape:
-            raise fail(config_path, f"target {name!r}: {weight_name} has shape {list(weight.shape)} in this model, "
+            raise unchanged_model_error(config_path, f"target {name!r}: {weight_name} has shape {list(weight.shape)} in this model, "
                                     f"the delta says {shape}; was the delta trained on {base}?")
         if kind == "entries":
             index = positions(f"{name}.indices", weight.numel())
             values = tensor(f"{name}.values", integer=False, ndim=1)
             if values.numel() != index.numel():
-                raise fail(weights_path, f"tensor {name + '.values'!r} holds {values.numel()} values for "
+                raise unchanged_model_error(weights_path, f"tensor {name + '.values'!r} holds {values.numel()} values for "
                                          f"{index.numel()} indices")
             if "k" in target and target["k"] != index.numel():
-                raise fail(weights_path, f"target {name!r}: {index.numel()} indices, the config says k={target['k']}")
+                raise unchanged_model_error(weights_path, f"target {name!r}: {index.numel()} indices, the config says k={target['k']}")
             updates.append((weight, -1, index, values))
         elif kind in ("columns", "rows"):
             dim = 1 if kind == "columns" else 0
@@ -148,28 +146,28 @@ def checked_delta_updates(model: nn.Module, delta_dir: Path) -> list[tuple[Tenso
             expected = list(weight.shape)
             expected[dim] = index.numel()
             if list(block.shape) != expected:
-                raise fail(weights_path, f"tensor {name + '.block'!r} has shape {list(block.shape)}, expected "
+                raise unchanged_model_error(weights_path, f"tensor {name + '.block'!r} has shape {list(block.shape)}, expected "
                                          f"{expected} for {index.numel()} {kind}")
             updates.append((weight, dim, index, block))
         else:
-            raise fail(config_path, f"target {name!r}: unknown kind {kind!r} (entries, columns or rows)")
+            raise unchanged_model_error(config_path, f"target {name!r}: unknown kind {kind!r} (entries, columns or rows)")
     for name in dense:
         if name not in params:
-            raise fail(config_path, f"dense parameter {name!r} does not exist in this model; was the delta trained "
+            raise unchanged_model_error(config_path, f"dense parameter {name!r} does not exist in this model; was the delta trained "
                                     f"on {base}?")
         value = tensor(name, integer=False, ndim=params[name].dim())
         if value.shape != params[name].shape:
-            raise fail(weights_path, f"tensor {name!r} has shape {list(value.shape)}, the model's parameter "
+            raise unchanged_model_error(weights_path, f"tensor {name!r} has shape {list(value.shape)}, the model's parameter "
                                      f"{list(params[name].shape)}")
         updates.append((params[name], None, None, value))
     unexpected = sorted(set(tensors) - expected_keys)
     if unexpected:
-        raise fail(weights_path, f"tensor {unexpected[0]!r} is not described by {DELTA_CONFIG} "
+        raise unchanged_model_error(weights_path, f"tensor {unexpected[0]!r} is not described by {DELTA_CONFIG} "
                                  f"({len(unexpected)} such tensor(s))")
     touched = [id(weight) for weight, *_ in updates]
     if len(set(touched)) != len(touched):
-        raise fail(config_path, "two entries change the same parameter")
-    require_finite_results(model, updates, lambda problem: fail(weights_path, problem))
+        raise unchanged_model_error(config_path, "two entries change the same parameter")
+    require_finite_results(model, updates, lambda problem: unchanged_model_error(weights_path, problem))
     return updates
 
 

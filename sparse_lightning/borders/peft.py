@@ -38,11 +38,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from sparse_lightning.borders.checks import (
-    DeltaFileError,
     add_rounding_once,
+    read_json_object,
     readable_by_all,
     require_finite,
     require_finite_results,
+    unchanged_model_error,
 )
 from sparse_lightning.borders.delta import delta_tensors
 from sparse_lightning.borders.name_pattern import NamePattern, NamePatternError
@@ -287,59 +288,51 @@ def apply_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
 def checked_peft_updates(model: nn.Module, adapter_dir: Path) -> list[tuple[Tensor, Tensor | None, Tensor]]:
     config_path, weights_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
 
-    def fail(where: Path, problem: str) -> DeltaFileError:
-        return DeltaFileError(f"{where}: {problem}; the model was not changed")
-
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise fail(config_path, f"not valid JSON ({error})") from None
-    if not isinstance(config, dict):
-        raise fail(config_path, f"expected a JSON object, got {type(config).__name__}")
+    config = read_json_object(config_path)
     peft_type = config.get("peft_type")
     if peft_type not in (SHIRA, SUPERTUNING):
-        raise fail(config_path, f"peft_type {peft_type!r} is not a sparse adapter this library applies (SHIRA or "
+        raise unchanged_model_error(config_path, f"peft_type {peft_type!r} is not a sparse adapter this library applies (SHIRA or "
                                 "SUPERTUNING); load it with peft's PeftModel.from_pretrained")
     if not weights_path.is_file():
         pickled = (adapter_dir / ADAPTER_WEIGHTS_PICKLE).is_file()
-        raise fail(weights_path, "no such file" + (f" ({ADAPTER_WEIGHTS_PICKLE} is a pickle, which is not read: save "
+        raise unchanged_model_error(weights_path, "no such file" + (f" ({ADAPTER_WEIGHTS_PICKLE} is a pickle, which is not read: save "
                                                    "the adapter with safe_serialization=True)" if pickled else ""))
     targets_spec = config.get("target_modules")
     if not (isinstance(targets_spec, str) or (isinstance(targets_spec, list)
                                               and all(isinstance(t, str) for t in targets_spec))):
-        raise fail(config_path, "'target_modules' must be a list of module names or a regex string")
+        raise unchanged_model_error(config_path, "'target_modules' must be a list of module names or a regex string")
     saved = config.get("modules_to_save") or []
     if not isinstance(saved, list) or not all(isinstance(name, str) for name in saved):
-        raise fail(config_path, "'modules_to_save' must be a list of module names or null")
+        raise unchanged_model_error(config_path, "'modules_to_save' must be a list of module names or null")
     odd = [name for name in saved if not MODULE_NAME.fullmatch(name)]
     if odd:
-        raise fail(config_path, f"'modules_to_save' entry {odd[0]!r} is not a module name (letters, digits, _ and "
+        raise unchanged_model_error(config_path, f"'modules_to_save' entry {odd[0]!r} is not a module name (letters, digits, _ and "
                                 "dots)")
     try:
         selects = _selector(targets_spec)
     except NamePatternError as error:
-        raise fail(config_path, f"'target_modules' {error}") from None
+        raise unchanged_model_error(config_path, f"'target_modules' {error}") from None
     if config.get("task_type") == "SEQ_CLS":
         saved = [*saved, *SEQ_CLS_HEADS]
     if peft_type == SHIRA:
         r = config.get("r")
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise fail(config_path, f"'r' must be a positive integer, got {r!r}")
+            raise unchanged_model_error(config_path, f"'r' must be a positive integer, got {r!r}")
         if config.get("fan_in_fan_out"):
-            raise fail(config_path, "fan_in_fan_out is true: SHiRA adapts nn.Linear ([out, in] weights) only")
+            raise unchanged_model_error(config_path, "fan_in_fan_out is true: SHiRA adapts nn.Linear ([out, in] weights) only")
         suffixes = ("shira_indices", "shira_weight")
     else:
         if config.get("r") is not None:
-            raise fail(config_path, f"r={config['r']!r}: a Super-Tuning 'Supra' adapter (sparse + LoRA) is not a "
+            raise unchanged_model_error(config_path, f"r={config['r']!r}: a Super-Tuning 'Supra' adapter (sparse + LoRA) is not a "
                                     "sparse delta; load it with peft")
         sparsity = config.get("sparsity")
         if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
-            raise fail(config_path, f"'sparsity' must be a number in [0, 1), got {sparsity!r}")
+            raise unchanged_model_error(config_path, f"'sparsity' must be a number in [0, 1), got {sparsity!r}")
         suffixes = ("supertuning_indices", "supertuning_values")
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as error:
-        raise fail(weights_path, f"not a readable safetensors file ({error})") from None
+        raise unchanged_model_error(weights_path, f"not a readable safetensors file ({error})") from None
 
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
@@ -349,13 +342,13 @@ def checked_peft_updates(model: nn.Module, adapter_dir: Path) -> list[tuple[Tens
     dense: dict[str, Tensor] = {}
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
-            raise fail(weights_path, f"tensor {key!r} does not start with {PREFIX!r} (not a PEFT adapter tensor)")
+            raise unchanged_model_error(weights_path, f"tensor {key!r} does not start with {PREFIX!r} (not a PEFT adapter tensor)")
         name = key[len(PREFIX):]
         owner, _, leaf = name.rpartition(".")
         if leaf in suffixes:
             targets.setdefault(owner, {})[leaf] = value
         elif leaf.startswith(("shira_", "supertuning_")) or ".supertuning_lora_" in name:
-            raise fail(weights_path, f"tensor {key!r} is not part of a {peft_type} sparse adapter")
+            raise unchanged_model_error(weights_path, f"tensor {key!r} is not part of a {peft_type} sparse adapter")
         else:
             dense[re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)] = value
 
@@ -366,53 +359,53 @@ def checked_peft_updates(model: nn.Module, adapter_dir: Path) -> list[tuple[Tens
     required = suffixes if saved_indices else ("supertuning_values",)
     for name in selected:
         if name not in targets:
-            raise fail(weights_path, f"target module {name!r} (selected by target_modules) has no tensors")
+            raise unchanged_model_error(weights_path, f"target module {name!r} (selected by target_modules) has no tensors")
     for name in targets:
         if name not in modules:
-            raise fail(weights_path, f"this model has no module {name!r}; was the adapter trained on {base}?")
+            raise unchanged_model_error(weights_path, f"this model has no module {name!r}; was the adapter trained on {base}?")
         if name not in selected:
-            raise fail(weights_path, f"module {name!r} has adapter tensors but target_modules does not select it")
+            raise unchanged_model_error(weights_path, f"module {name!r} has adapter tensors but target_modules does not select it")
 
     def check_values(key: str, value: Tensor, count: int) -> Tensor:
         if not value.is_floating_point() or value.dim() != 1 or value.numel() != count:
-            raise fail(weights_path, f"tensor {key!r} must be a 1-D floating-point tensor of {count} values, got "
+            raise unchanged_model_error(weights_path, f"tensor {key!r} must be a 1-D floating-point tensor of {count} values, got "
                                      f"{value.dim()}-D {value.dtype} {list(value.shape)}")
         if not bool(torch.isfinite(value.float()).all()):
-            raise fail(weights_path, f"tensor {key!r} holds {int((~torch.isfinite(value.float())).sum())} non-finite "
+            raise unchanged_model_error(weights_path, f"tensor {key!r} holds {int((~torch.isfinite(value.float())).sum())} non-finite "
                                      "value(s) in fp32, the dtype deltas are added in")
         return value.float()
 
     def check_integer(key: str, value: Tensor, shape: list[int]) -> Tensor:
         if value.is_floating_point() or value.dtype == torch.bool or list(value.shape) != shape:
-            raise fail(weights_path, f"tensor {key!r} must be an integer tensor of shape {shape}, got {value.dtype} "
+            raise unchanged_model_error(weights_path, f"tensor {key!r} must be an integer tensor of shape {shape}, got {value.dtype} "
                                      f"{list(value.shape)}")
         return value.long()
 
     for name in selected:
         module = modules[name]
         if is_transposed_linear(module) or not isinstance(module, nn.Linear):
-            raise fail(config_path, f"target module {name!r} is a {type(module).__name__}; PEFT's {peft_type} adapts "
+            raise unchanged_model_error(config_path, f"target module {name!r} is a {type(module).__name__}; PEFT's {peft_type} adapts "
                                     "nn.Linear only")
         weight = module.weight
         out, inp = weight.shape
         found = targets.get(name, {})
         missing = [leaf for leaf in required if leaf not in found]
         if missing:
-            raise fail(weights_path, f"tensor {PREFIX + name + '.' + missing[0]!r} is missing")
+            raise unchanged_model_error(weights_path, f"tensor {PREFIX + name + '.' + missing[0]!r} is missing")
         if peft_type == SUPERTUNING and not saved_indices and "supertuning_indices" in found:
-            raise fail(weights_path, f"tensor {PREFIX + name + '.supertuning_indices'!r} is present but "
+            raise unchanged_model_error(weights_path, f"tensor {PREFIX + name + '.supertuning_indices'!r} is present but "
                                      "save_precomputed_indices is false (PEFT would ignore it)")
         if peft_type == SHIRA:
             count = r * (out + inp)
             if count > out * inp:
-                raise fail(config_path, f"r={r} asks {count} entries of the [{out}, {inp}] weight {name!r} (it holds "
+                raise unchanged_model_error(config_path, f"r={r} asks {count} entries of the [{out}, {inp}] weight {name!r} (it holds "
                                         f"{out * inp}); was the adapter trained on {base}?")
             key = PREFIX + name + ".shira_indices"
             pairs = check_integer(key, found["shira_indices"], [2, count])
             rows, cols = pairs[0], pairs[1]
             if count and (int(rows.min()) < 0 or int(rows.max()) >= out or int(cols.min()) < 0
                           or int(cols.max()) >= inp):
-                raise fail(weights_path, f"tensor {key!r} has a position outside the [{out}, {inp}] weight (rows "
+                raise unchanged_model_error(weights_path, f"tensor {key!r} has a position outside the [{out}, {inp}] weight (rows "
                                          f"{int(rows.min())}..{int(rows.max())}, columns {int(cols.min())}.."
                                          f"{int(cols.max())})")
             flat = rows * inp + cols
@@ -424,32 +417,32 @@ def checked_peft_updates(model: nn.Module, adapter_dir: Path) -> list[tuple[Tens
             if saved_indices:
                 flat = check_integer(key, found["supertuning_indices"], [count])
                 if count and (int(flat.min()) < 0 or int(flat.max()) >= out * inp):
-                    raise fail(weights_path, f"tensor {key!r} has an index outside [0, {out * inp}) (min "
+                    raise unchanged_model_error(weights_path, f"tensor {key!r} has an index outside [0, {out * inp}) (min "
                                              f"{int(flat.min())}, max {int(flat.max())})")
             else:  # save_precomputed_indices=False: PEFT recomputes them from the base weight's magnitudes
                 flat = torch.topk(weight.detach().abs().flatten(), k=count,
                                   largest=bool(config.get("select_top", True))).indices.cpu()
         if flat.unique().numel() != flat.numel():
-            raise fail(weights_path, f"tensor {key!r} repeats a position ({flat.numel() - flat.unique().numel()} "
+            raise unchanged_model_error(weights_path, f"tensor {key!r} repeats a position ({flat.numel() - flat.unique().numel()} "
                                      "duplicate(s))")
         updates.append((weight, flat, values))
     for name, value in dense.items():
         owner = name.rpartition(".")[0]
         if name not in params:
-            raise fail(weights_path, f"tensor {PREFIX + name!r}: this model has no parameter {name!r}; was the "
+            raise unchanged_model_error(weights_path, f"tensor {PREFIX + name!r}: this model has no parameter {name!r}; was the "
                                      f"adapter trained on {base}?")
         if not _saved_by(saved, owner):
-            raise fail(weights_path, f"tensor {PREFIX + name!r} belongs to no module in modules_to_save")
+            raise unchanged_model_error(weights_path, f"tensor {PREFIX + name!r} belongs to no module in modules_to_save")
         if not value.is_floating_point() or value.shape != params[name].shape:
-            raise fail(weights_path, f"tensor {PREFIX + name!r} has {value.dtype} {list(value.shape)}, the model's "
+            raise unchanged_model_error(weights_path, f"tensor {PREFIX + name!r} has {value.dtype} {list(value.shape)}, the model's "
                                      f"parameter {params[name].dtype} {list(params[name].shape)}")
         if not bool(torch.isfinite(value).all()):
-            raise fail(weights_path, f"tensor {PREFIX + name!r} holds {int((~torch.isfinite(value)).sum())} "
+            raise unchanged_model_error(weights_path, f"tensor {PREFIX + name!r} holds {int((~torch.isfinite(value)).sum())} "
                                      "non-finite value(s)")
         updates.append((params[name], None, value))
     if not updates:
-        raise fail(config_path, "target_modules selects no module of this model and no parameter is saved; was the "
+        raise unchanged_model_error(config_path, "target_modules selects no module of this model and no parameter is saved; was the "
                                 f"adapter trained on {base}?")
     require_finite_results(model, [(weight, None if flat is None else -1, flat, values)
-                                   for weight, flat, values in updates], lambda problem: fail(weights_path, problem))
+                                   for weight, flat, values in updates], lambda problem: unchanged_model_error(weights_path, problem))
     return updates
