@@ -428,8 +428,17 @@ def plan_runs(name: str) -> list[RunSpec]:
         return [RunSpec(task, "lora", seed, CHOSEN["lora"][0], tag=tag, overrides={**CHOSEN["lora"][1], **extra})
                 for seed in (42, 43, 44) for task in ["cola", "mrpc", "sst2", "stsb", "rte"]
                 for tag, extra in LORA_RANKS.items()]
+    if name == "cola-long":
+        # Issue 28, H1 (300 steps is too short on CoLA): every method's chosen recipe, and LoRA r=16, at 600 steps,
+        # seed by seed (a whole seed is a complete row set).
+        methods = ["lora", "sift", "spiel_ag", "s2ft", "spiel_ma", "full"]
+        return [spec for seed in (42, 43, 44) for spec in
+                [RunSpec("cola", m, seed, CHOSEN[m][0], tag="chosen", overrides=dict(CHOSEN[m][1]), steps=600)
+                 for m in methods]
+                + [RunSpec("cola", "lora", seed, CHOSEN["lora"][0], tag="r16", steps=600,
+                           overrides={**CHOSEN["lora"][1], **LORA_RANKS["r16"]})]]
     raise SystemExit(f"unknown plan {name!r}; known: mrpc-sweep, mrpc-followup, mrpc-followup2, glue, "
-                     "glue-lora-matched, glue-lora-ranks")
+                     "glue-lora-matched, glue-lora-ranks, cola-long")
 
 
 def _parse_value(text: str) -> Any:
@@ -689,7 +698,7 @@ def glue_summary(results: list[dict[str, Any]], table_command: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["run", "list", "table", "config"])
-    parser.add_argument("--plan", help="mrpc-sweep | mrpc-followup | mrpc-followup2 | glue | glue-lora-matched | "
+    parser.add_argument("--plan", help="mrpc-sweep | mrpc-followup | mrpc-followup2 | glue | glue-lora-matched | cola-long | "
                         "glue-lora-ranks")
     parser.add_argument("--tasks", help="comma-separated (default mrpc); with --plan, only these of the plan's")
     parser.add_argument("--methods", default=",".join(METHODS))
