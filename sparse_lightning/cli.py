@@ -29,6 +29,7 @@ from sparse_lightning.plots.cli import plot_main
 from sparse_lightning.progress import progress_for
 from sparse_lightning.registry import help_text
 from sparse_lightning.run_folder import claim_run_folders
+from sparse_lightning.usage_errors import raise_usage_errors
 
 
 class SaveConfigToRunDirectory(SaveConfigCallback):
@@ -229,7 +230,7 @@ def export_main(argv: list[str]) -> None:
     parser.add_argument("--module_class", type=str, default=None,
                         help="LightningModule class to rebuild the checkpoint with, when it is not one of "
                              "sparse_lightning's (a class a checkpoint names is imported only from sparse_lightning)")
-    args = parser.parse_args(argv)
+    args = raise_usage_errors(parser).parse_args(argv)
     written = export_checkpoint(args.ckpt_path, args.output, merged=args.merged, module_class=args.module_class,
                                 replace=args.replace, format=args.format)
     for kind, path in written.items():

@@ -46,6 +46,7 @@ from sparse_lightning.modules.sharded_loading import READ_BYTES
 from sparse_lightning.score_groups import DEFAULT_SCORE_MEMORY, check_score_memory
 from sparse_lightning.sparse.delta import allocate_budget
 from sparse_lightning.sparse.inject import default_targets, find_linear_targets
+from sparse_lightning.usage_errors import raise_usage_errors
 
 METHODS = tuple(registry.METHODS)
 ELEMENT_SPARSE = tuple(registry.names(element_sparse=True))
@@ -386,7 +387,7 @@ def estimate_main(argv: list[str]) -> None:
                         help="SIFT's scoring budget: a fraction of a full fp32 score per target weight, per rank")
     parser.add_argument("--full_checkpoint", action="store_true", help="checkpoints also hold the frozen base")
     parser.add_argument("--json", action="store_true", help="every estimate with its components, as JSON")
-    args = parser.parse_args(argv)
+    args = raise_usage_errors(parser).parse_args(argv)
     methods = list(METHODS) if args.method == "all" else args.method.split(",")
     try:
         gpus = [int(g) for g in args.gpus.split(",")]

@@ -134,6 +134,18 @@ def test_export_to_an_empty_output_is_one_line(tmp_path: Path, monkeypatch, caps
     assert [path.name for path in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+@pytest.mark.parametrize("args, names", [
+    (("export", "--bogus", "1"), "sparse-lightning export: unrecognized arguments: --bogus 1"),
+    (("export",), "sparse-lightning export: the following arguments are required"),
+    (("evaluate", "--model", "m", "--tasks", "t", "--bogus"), "sparse-lightning evaluate: unrecognized arguments"),
+    (("estimate", "--model", "llama-8b", "--bogus"), "sparse-lightning estimate: unrecognized arguments: --bogus"),
+    (("plot", "curves", "--output", "c.png"), "sparse-lightning plot curves: the following arguments are required"),
+])
+def test_a_subcommands_bad_flag_is_one_line_naming_it_and_its_help(args, names, monkeypatch, capsys):
+    err = run_command_line(monkeypatch, capsys, *args)
+    assert names in err and err.endswith(f"(options: {names.split(':')[0]} --help)"), err
+
+
 def test_a_loss_already_non_finite_before_any_update_blames_the_init_delta(tiny_lm_dir: Path, tmp_path: Path):
     import lightning.pytorch as pl
     import torch

@@ -370,8 +370,9 @@ def test_export_command_writes_a_peft_adapter_from_a_checkpoint(contract, tiny_b
 
 def test_export_command_refuses_an_unknown_format(tmp_path: Path):
     from sparse_lightning.cli import main
+    from sparse_lightning.usage_errors import UsageError
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match=r"^sparse-lightning export: argument --format: invalid choice: 'lora'"):
         main(["export", "--ckpt_path", str(tmp_path / "x.ckpt"), "--output", str(tmp_path / "o"), "--format", "lora"])
 
 

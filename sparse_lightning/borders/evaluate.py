@@ -29,6 +29,7 @@ from sparse_lightning.borders.models import resolve_model_path
 from sparse_lightning.sparse import merge_and_unwrap
 from sparse_lightning.sparse.quantized import dequantize_model
 from sparse_lightning.structure import restore_original_layout
+from sparse_lightning.usage_errors import raise_usage_errors
 
 LM_EVAL_REQUIREMENT = "lm-eval>=0.4.13"
 INSTALL_HINT = "pip install 'sparse-lightning[eval]' (or pip install 'lm-eval>=0.4.13')"
@@ -348,7 +349,7 @@ def evaluate_main(argv: list[str]) -> None:
     parser.add_argument("--data_dir", type=str | None, default=None,
                         help="data for the shipped sl_math_* / sl_commonsense_* tasks: the math_reasoning or "
                              "commonsense_reasoning folder, or the data folder holding both (default ../shared/data)")
-    args = parser.parse_args(argv)
+    args = raise_usage_errors(parser).parse_args(argv)
     results = evaluate(args.model, args.tasks, include_path=args.include_path, limit=args.limit, output=args.output,
                        batch_size=args.batch_size, device=args.device, base_model=args.base_model,
                        data_dir=args.data_dir)

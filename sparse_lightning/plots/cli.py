@@ -16,6 +16,7 @@ from sparse_lightning.plots.quasi_sparsity import (
     quasi_sparsity,
     share_table,
 )
+from sparse_lightning.usage_errors import raise_usage_errors
 from sparse_lightning.plots.selection_map import plot_selection_map, selection_from_file, selection_matrices
 
 USAGE_EXAMPLES = """examples:
@@ -51,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     for sub in (curves, quasi, selection):
         sub.add_argument("--output", required=True, help="the PNG to write")
         sub.add_argument("--title", default=None, help="a title above the figure")
+    for each in (parser, curves, quasi, selection):
+        raise_usage_errors(each)
     return parser
 
 
