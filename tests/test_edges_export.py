@@ -81,6 +81,17 @@ def test_kill_9_during_an_export_over_an_earlier_one_leaves_the_earlier_one_whol
     assert files(tmp_path / "out") == before  # no new delta beside the old adapter
 
 
+def test_the_next_export_says_where_a_killed_one_left_its_hidden_directories(tiny_lm_dir: Path, tmp_path: Path):
+    done = run_killed_during_export(tiny_lm_dir, tmp_path / "out", replace=False)
+    assert done.returncode == -9, done.stderr[-2000:]
+    (tmp_path / ".out.old-0badf00d").mkdir()  # what a kill between --replace's two renames leaves
+    (tmp_path / ".outer.partial-12345678").mkdir()  # another target's: not named
+    with pytest.warns(UserWarning, match=r"interrupted and left \.out\.old-0badf00d, \.out\.partial-") as caught:
+        export_peft(trained_lm(tiny_lm_dir), tmp_path / "out", base_model=str(tiny_lm_dir))
+    assert ".outer" not in str(caught[0].message)
+    assert (tmp_path / ".out.old-0badf00d").is_dir()  # never deleted for the user: it may be their only copy
+
+
 # ------------------------------------------------------------------------------------------------- cases 3, 4, 15
 
 

@@ -4,15 +4,18 @@ An export directory either appears complete or not at all: everything is written
 (`.NAME.partial-XXXX`) and renamed into place on success, so a kill -9 or a full disk mid-export leaves no half-written
 directory that `from_pretrained` or `apply_delta` would load (at most that hidden sibling). An existing non-empty
 target is refused unless `replace` is asked for; then the old directory is renamed aside, the new one renamed in and
-the old one deleted (a kill between the two renames leaves the old one as `.NAME.old-XXXX`, nothing mixed).
+the old one deleted (a kill between the two renames leaves the old one as `.NAME.old-XXXX`, nothing mixed; the next export to that name
+says where it is).
 """
 
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import secrets
 import shutil
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +41,7 @@ def check_export_target(output: str | os.PathLike | None, replace: bool = False,
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise ExportTargetError(f"{output} is not empty ({len(entries)} entries: {shown}): name a new directory, or "
                                 "replace it whole with --replace true (replace=True)")
+    warn_about_interrupted_exports(target)
     resolved = target.resolve()
     for inside in (Path.cwd(), *(Path(path) for path in keep)):
         inside = inside.expanduser().resolve()
@@ -46,6 +50,18 @@ def check_export_target(output: str | os.PathLike | None, replace: bool = False,
             raise ExportTargetError(f"the export would replace {output}, which holds {what}: name another directory "
                                     "for the export")
     return target
+
+
+def warn_about_interrupted_exports(target: Path) -> None:
+    """Say where an earlier export to `target` that was killed left its hidden siblings: a `.NAME.old-*` holds the
+    directory a `--replace` was replacing (the only copy, if `target` is gone), a `.NAME.partial-*` an unfinished one.
+    They are not deleted here: another export to the same name may still be writing one."""
+    leftovers = sorted(path.name for path in target.parent.glob(f".{glob.escape(target.name)}.*-*")
+                       if path.is_dir() and path.name.rpartition("-")[0] in (f".{target.name}.old", f".{target.name}.partial"))
+    if leftovers:
+        warnings.warn(f"an earlier export to {target} was interrupted and left {', '.join(leftovers)} in "
+                      f"{target.parent}: a .old-* directory is the export it was replacing (move it back if you need "
+                      "it), a .partial-* one is unfinished; delete them when no export is running", stacklevel=3)
 
 
 @contextmanager
