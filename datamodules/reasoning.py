@@ -15,7 +15,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from datamodules.instruction import (
-    HELDOUT,
     InstructionDataModule,
     collate_for_generation,
     encode_for_generation,

@@ -40,7 +40,6 @@ def test_a_three_row_regression_file_without_a_dev_file_is_refused(tmp_path: Pat
 
 
 def test_a_one_row_file_or_a_constant_dev_file_is_refused(tmp_path: Path, tiny_bert_dir: Path):
-    train = write(tmp_path / "train.csv", "text,label\na,x\nb,y\n")
     with pytest.raises(ValueError, match=r"the validation set has 1 record|held out\): the validation set has 0"):
         TextClassificationDataModule(write(tmp_path / "one.csv", "text,label\na,x\n"), label_names=["x", "y"],
                                      tokenizer_name_or_path=str(tiny_bert_dir)).setup("fit")

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from sparse_lightning.callbacks import GradientTopKCallback, RandomMaskCallback, S2FTStructureCallback
-from sparse_lightning.export import DeltaFileError, apply_delta, delta_tensors, export_model
+from sparse_lightning.export import DeltaFileError, apply_delta, delta_tensors
 from sparse_lightning.methods import Calibration
 from sparse_lightning.methods.sift import select_by_gradient
 from sparse_lightning.peft_interop import (

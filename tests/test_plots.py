@@ -11,7 +11,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from sparse_lightning.cli import main
-from sparse_lightning.methods.calibration import Calibration
 from sparse_lightning.methods.s2ft import S2FT
 from sparse_lightning.plots import (
     gradient_magnitudes,
@@ -55,7 +54,7 @@ def png_written(path: Path) -> bool:
 
 def test_curves_draw_every_run_on_every_metric(tmp_path: Path) -> None:
     a = write_metrics(tmp_path / "a", [0.9, 0.7, 0.6, 0.4], [0.6, 0.8])
-    b = write_metrics(tmp_path / "b" / "version_0", [0.8, 0.8, 0.5, 0.5], [0.7, 0.75])
+    write_metrics(tmp_path / "b" / "version_0", [0.8, 0.8, 0.5, 0.5], [0.7, 0.75])
     runs = [read_metrics(a, "sift"), read_metrics(tmp_path / "b")]  # b: the metrics.csv below the folder
     assert runs[1].label == "b" and runs[0].metrics["val/accuracy"] == [(19, 0.6), (39, 0.8)]
     figure = plot_curves(runs, tmp_path / "curves.png", smooth=2)
