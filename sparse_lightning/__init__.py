@@ -8,7 +8,13 @@ from sparse_lightning.callbacks import (
     S2FTStructureCallback,
     SparseMethodCallback,
 )
-from sparse_lightning.modules import CausalLMModule, LoRASettings, SequenceClassificationModule, SparseFineTuningModule
+from sparse_lightning.modules import (
+    CausalLMModule,
+    LoRASettings,
+    SequenceClassificationModule,
+    SparseFineTuningModule,
+    prepare_model,
+)
 
 __version__ = "0.1.0"
 
@@ -24,4 +30,5 @@ __all__ = [
     "SequenceClassificationModule",
     "SparseFineTuningModule",
     "SparseMethodCallback",
+    "prepare_model",
 ]

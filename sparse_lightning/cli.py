@@ -27,7 +27,7 @@ from sparse_lightning.modules import SparseFineTuningModule
 from sparse_lightning.notices import silence_third_party_notices
 from sparse_lightning.plots.cli import plot_main
 from sparse_lightning.progress import progress_for
-from sparse_lightning.registry import help_text
+from sparse_lightning.registry import METHODS, help_text
 from sparse_lightning.run_folder import claim_run_folders
 from sparse_lightning.usage_errors import raise_usage_errors
 
@@ -188,6 +188,9 @@ def config_error_message(error: argparse.ArgumentError, parsers: list) -> str:
         key, sorted({name.rpartition(".")[2] for name in keys}), n=1, cutoff=0.6)
     if "NestedArg" in found.group(0):
         first = f"unknown key {key!r} in the config or command line"
+    for row in METHODS.values():  # an argument a method's callback renamed
+        if row.callback is not None and key in getattr(row.callback, "renamed", {}) and row.callback.__name__ in message:
+            return f"{first}: {row.callback.__name__}'s {key} is now {row.callback.renamed[key]}"
     return first + (f"; did you mean {close[0]!r}?" if close else "")
 
 

@@ -12,6 +12,7 @@ import yaml
 
 from sparse_lightning import cli
 
+ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data" / "sst2_tiny"
 
 
@@ -117,6 +118,13 @@ def test_an_unknown_config_key_is_one_line_naming_the_closest(tiny_bert_dir: Pat
     config = write_config(tmp_path, tiny_bert_dir, max_step=3)
     err = run_command_line(monkeypatch, capsys, "fit", "--config", str(config))
     assert "'trainer.max_step'" in err and "did you mean 'trainer.max_steps'?" in err
+
+
+def test_s2ft_strategy_in_a_config_names_select_by(monkeypatch, capsys):
+    configs = ["model/minilm.yaml", "task/mrpc.yaml", "method/minilm/s2ft.yaml"]
+    args = [a for c in configs for a in ("--config", str(ROOT / "configs" / c))]
+    err = run_command_line(monkeypatch, capsys, "fit", *args, "--trainer.callbacks.init_args.strategy", "random")
+    assert err.endswith("S2FTStructureCallback's strategy is now select_by")
 
 
 def test_export_to_the_checkpoint_file_is_one_line(tmp_path: Path, monkeypatch, capsys):

@@ -6,8 +6,7 @@ model (a checkpoint being evaluated brings its own blocks and permutation).
 
 from __future__ import annotations
 
-import warnings
-from typing import Literal
+from typing import Any, Literal
 
 from sparse_lightning.callbacks.base import SparseMethodCallback
 from sparse_lightning.methods.s2ft import S2FT, SelectBy
@@ -40,11 +39,14 @@ class S2FTStructureCallback(S2FT, SparseMethodCallback):
         load_selection: a JSON selection written by `save_selection` (replaces selecting; counts must match).
         save_selection: write the selection to this JSON file.
         dense_modules: modules trained densely (default: the task module's new heads).
-        strategy: deprecated name of `select_by`.
         score_memory: for select_by="gradient" with several calibration batches, the most the summed gradients hold
             at once, as a fraction of all the trained projections' gradients (default 0.125; 1.0 holds them all, the
             fastest). The scores are the same whatever it is: smaller fractions re-run the batches more often.
     """
+
+    #: Arguments that went, and their new names (the CLI's unknown-key message reads this too): `strategy` clashed
+    #: with the Trainer's.
+    renamed = {"strategy": "select_by"}
 
     def __init__(
         self,
@@ -62,13 +64,13 @@ class S2FTStructureCallback(S2FT, SparseMethodCallback):
         load_selection: str | None = None,
         save_selection: str | None = None,
         dense_modules: list[str] | None = None,
-        strategy: SelectBy | None = None,
         score_memory: float = DEFAULT_SCORE_MEMORY,
+        **removed: Any,
     ) -> None:
-        if strategy is not None:
-            warnings.warn("S2FTStructureCallback(strategy=...) is deprecated (it clashes with the Trainer's strategy): "
-                          "use select_by=...", DeprecationWarning, stacklevel=2)
-            select_by = strategy
+        if removed:
+            key = next(iter(removed))
+            hint = f"; it is now {self.renamed[key]}=..." if key in self.renamed else ""
+            raise TypeError(f"S2FTStructureCallback got an unexpected argument {key!r}{hint}")
         S2FT.__init__(self, head_ratio, num_heads, channel_ratio, num_channels, train, allocation, select_by, order,
                       calibration_batches, seed, gqa, load_selection, save_selection, score_memory)
         SparseMethodCallback.__init__(self, dense_modules)

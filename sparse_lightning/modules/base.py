@@ -2,8 +2,8 @@
 
 No sparse callback on the trainer means full fine-tuning; `lora=...` means the PEFT LoRA baseline;
 otherwise the one `SparseMethodCallback` attaches its deltas in `configure_model` (when fitting), before the
-strategy wraps or shards the model, and the optimizer only ever sees trainable parameters. `_attach` is the one
-place that decides what trains.
+strategy wraps or shards the model, and the optimizer only ever sees trainable parameters. What trains is decided
+by `prepare_model` (modules/prepare.py), which benchmarks and scripts call without a Trainer.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from sparse_lightning.callbacks.base import SparseMethodCallback
 from sparse_lightning.delta_checkpoint import base_fingerprint, check_same_base, check_same_method, frozen_base_keys
 from sparse_lightning.methods.calibration import Calibration
 from sparse_lightning.modules.fsdp2 import fully_shard_model
-from sparse_lightning.modules.lora import LoRASettings, apply_lora
+from sparse_lightning.modules.lora import LoRASettings
 from sparse_lightning.modules.param_groups import parameter_groups
+from sparse_lightning.modules.prepare import prepare_model
 from sparse_lightning.modules.schedules import Schedule, warmup_then_decay
 from sparse_lightning.modules.sharded_loading import ShardedLoad, build_on_meta, checkpoint_files, load_shards
-from sparse_lightning.sparse import default_targets, freeze_except
 from sparse_lightning.sparse.frozen_delta import is_delta_parameter
 from sparse_lightning.sparse.inject import attach_deltas_from_state_dict
 from sparse_lightning.sparse.quantized import (
@@ -227,10 +227,7 @@ class SparseFineTuningModule(LightningModule):
         if self.hparams.get("init_delta") and trainer is not None:  # a reload's checkpoint holds the merged weights
             self._merge_init_delta(model)
         if self.hparams.lora is not None:
-            model.requires_grad_(False)
-            settings = LoRASettings(**self.hparams.lora)
-            dense = settings.modules_to_save if settings.modules_to_save is not None else list(self.head_modules)
-            model = apply_lora(model, settings, list(default_targets(model)), dense)
+            model = prepare_model(model, LoRASettings(**self.hparams.lora), heads=self.head_modules)
         self.model = model  # compute_loss reads self.model, and calibration may run during attach
         if method is not None and fitting:
             self._attach(method)
@@ -265,10 +262,9 @@ class SparseFineTuningModule(LightningModule):
         rank_zero_info(f"init_delta: started from {path}")
 
     def _attach(self, method: SparseMethodCallback) -> None:
-        """The one place that decides what trains: the method's deltas, plus its `dense_modules` (default: this
-        module's new heads); everything else is frozen."""
-        method.attach(self.model, self.calibration())
-        freeze_except(self.model, method.dense_modules if method.dense_modules is not None else self.head_modules)
+        """What trains: the method's deltas, plus its `dense_modules` (default: this module's new heads); everything
+        else is frozen (`prepare_model`, the one place that decides it, with or without a Trainer)."""
+        prepare_model(self.model, method, self.calibration(), self.head_modules)
         self._sparse_attached = True
         self._applied_orders = order_records(self.model)
 
