@@ -3,13 +3,15 @@
 A delta checkpoint keeps the trained tensors (delta values and indices, `delta_selected`, S2FT's blocks, positions and
 co-permutation records, densely trained heads, LoRA adapters), the optimizer, scheduler, RNG and data position;
 whoever loads it rebuilds the base from `model_name_or_path` (then `init_delta`, S2FT's recorded permutation and
-`quantize`, as training did) and checks the fingerprint first, so a delta never lands on another model. The
+`quantize`, as training did) and checks the fingerprint first, so a delta never lands on another model (other weights, shapes, or config
+values such as the RoPE base). The
 fingerprint reads only a few small slices: it is computed once when the base is built, never from the file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +25,12 @@ if TYPE_CHECKING:
 
 #: Elements of each fingerprinted tensor read from its start and from its end.
 FINGERPRINT_SLICE = 4096
+#: Config fields that change what the same weights compute (shapes are in the architecture digest already). Only
+#: these: dropout, dtype, cache or output settings may differ between a run and its resume.
+FUNCTION_FIELDS = ("rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor", "rms_norm_eps",
+                   "layer_norm_eps", "layer_norm_epsilon", "hidden_act", "hidden_activation", "activation_function",
+                   "tie_word_embeddings", "position_embedding_type", "sliding_window", "attn_logit_softcapping",
+                   "final_logit_softcapping", "query_pre_attn_scalar", "scale_attn_weights")
 
 
 class BaseMismatchError(ValueError):
@@ -76,10 +84,17 @@ def _file_slices(plan: ShardedLoad | None, owner: nn.Module, name: str) -> bytes
     return _bytes(torch.cat([head, tail]))
 
 
+def function_config(config: Any) -> dict[str, Any]:
+    """The config fields in `FUNCTION_FIELDS` that the model's config has, as JSON-safe values."""
+    values = config.to_dict() if hasattr(config, "to_dict") else {}
+    return {key: json.loads(json.dumps(values[key], default=str)) for key in FUNCTION_FIELDS if key in values}
+
+
 def base_fingerprint(model: nn.Module, name: str, plan: ShardedLoad | None = None) -> dict[str, Any]:
-    """The base as built: its name, an architecture digest (model type, every weight's name and shape) and a weights
+    """The base as built: its name, an architecture digest (model type, every weight's name and shape), a weights
     digest (slices of the input embedding and of the middle weight matrix: loaded tensors, never a new head; read
-    from the file through `plan` when the base waits on the meta device to be loaded by shards)."""
+    from the file through `plan` when the base waits on the meta device to be loaded by shards) and the config fields
+    that change what those weights compute (RoPE base, norm epsilon, activation, ...)."""
     params = list(model.named_parameters())
     shapes = ";".join(f"{key}:{list(p.shape)}" for key, p in params)
     config = getattr(model, "config", None)
@@ -91,7 +106,7 @@ def base_fingerprint(model: nn.Module, name: str, plan: ShardedLoad | None = Non
     owners = {id(p): (module, key) for module in model.modules() for key, p in module.named_parameters(recurse=False)}
     slices = [_file_slices(plan, *owners[id(t)]) if t.is_meta else _slices(t) for t in chosen]
     weights = _digest(*slices) if chosen and None not in slices else None
-    return {"model": name, "architecture": architecture, "weights": weights}
+    return {"model": name, "architecture": architecture, "weights": weights, "config": function_config(config)}
 
 
 def check_same_base(recorded: dict[str, Any] | None, current: dict[str, Any] | None, checkpoint: str) -> None:
@@ -101,6 +116,15 @@ def check_same_base(recorded: dict[str, Any] | None, current: dict[str, Any] | N
         return
     differs = [part for part in ("architecture", "weights")
                if recorded.get(part) and current.get(part) and recorded[part] != current[part]]
+    configs = recorded.get("config"), current.get("config")  # absent from checkpoints written before it was kept
+    fields = sorted(key for key in set(configs[0] or {}) | set(configs[1] or {})
+                    if None not in configs and configs[0].get(key) != configs[1].get(key))
+    if fields and not differs:
+        shown = ", ".join(f"{key} {configs[0].get(key)!r} vs {configs[1].get(key)!r}" for key in fields[:3])
+        raise BaseMismatchError(
+            f"{checkpoint} holds a delta trained on base {recorded.get('model')!r} with other config values than "
+            f"this run's {current.get('model')!r} ({shown}): the same weights would compute something else; set "
+            "model_name_or_path to the checkpoint's base (its config.json as trained)")
     if differs:
         raise BaseMismatchError(
             f"{checkpoint} holds a delta trained on base {recorded.get('model')!r}, but this run built "

@@ -8,6 +8,8 @@ tests/test_contract_distributed.py.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from types import ModuleType
 
@@ -16,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from sparse_lightning.delta_checkpoint import BaseMismatchError, base_fingerprint
+from sparse_lightning.delta_checkpoint import BaseMismatchError, base_fingerprint, check_same_base
 from sparse_lightning.export import CheckpointError, export_checkpoint
 from sparse_lightning.modules import SequenceClassificationModule
 from sparse_lightning.modules.lora import LoRASettings
@@ -141,6 +143,27 @@ def test_a_checkpoint_of_another_base_is_refused_naming_both(contract: ModuleTyp
     with pytest.raises(CheckpointError, match=f"^{tmp_path / 'moved.ckpt'}: .*{other_base}"):
         export_checkpoint(tmp_path / "moved.ckpt", tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+def test_a_base_with_the_same_weights_but_another_rope_base_is_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """The same safetensors with `rope_theta` edited in config.json: same shapes and weights, another function."""
+    from transformers import AutoModelForCausalLM
+
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_llama_dir, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["rope_theta"] = 12345.0
+    if isinstance(config.get("rope_parameters"), dict):
+        config["rope_parameters"]["rope_theta"] = 12345.0
+    (edited / "config.json").write_text(json.dumps(config))
+    trained_on = base_fingerprint(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), "tiny")
+    now = base_fingerprint(AutoModelForCausalLM.from_pretrained(edited), "edited")
+    assert now["weights"] == trained_on["weights"] and now["architecture"] == trained_on["architecture"]
+    with pytest.raises(BaseMismatchError, match=r"^last.ckpt holds a delta trained on base 'tiny' with other config "
+                                                r"values than this run's 'edited' \(rope_\w+ .*12345"):
+        check_same_base(trained_on, now, "last.ckpt")
+    check_same_base({**trained_on, "config": None}, now, "last.ckpt")  # written before the config was kept: passes
+    check_same_base(trained_on, {**trained_on, "model": "alias"}, "last.ckpt")
 
 
 @pytest.mark.parametrize(("saved_by", "resumed_with"), [("sift", "spiel_ag"), ("spiel_ag", "sift"), ("sift", "s2ft")])
