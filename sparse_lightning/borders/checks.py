@@ -1,8 +1,10 @@
 """The checks every export format and every reader share: one list, so the formats cannot drift apart.
 
 Writing: nothing non-finite is written (`require_finite`, `require_finite_model`) and written files get the mode a
-plainly created file gets (`readable_by_all`). Reading: an update is added in fp32 and rounded to the weight's dtype
-once (`add_rounding_once`), and no update may leave a weight non-finite in its own dtype (`require_finite_results`).
+plainly created file gets (`readable_by_all`). Reading: a config is a JSON object (`read_json_object`), tensors have
+the kind, shape and range the format says and are finite (`TensorFile`), an update is added in fp32 and rounded to
+the weight's dtype once (`add_rounding_once`), and no update may leave a weight non-finite in its own dtype
+(`require_finite_results`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 
@@ -33,6 +37,50 @@ def read_json_object(path: Path) -> dict:
     if not isinstance(config, dict):
         raise unchanged_model_error(path, f"expected a JSON object, got {type(config).__name__}")
     return config
+
+
+class TensorFile:
+    """A delta's or adapter's safetensors file, read whole, with the tensor checks every reader makes: each failure
+    names the file and the tensor and says the model was not changed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.tensors: dict[str, Tensor] = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise unchanged_model_error(path, f"not a readable safetensors file ({error})") from None
+
+    def error(self, problem: str) -> DeltaFileError:
+        return unchanged_model_error(self.path, problem)
+
+    def floats(self, key: str, value: Tensor, ndim: int = 1, count: int | None = None) -> Tensor:
+        """`value`, an `ndim`-D floating-point tensor (of `count` elements) that is finite in fp32."""
+        if not value.is_floating_point() or value.dim() != ndim or (count is not None and value.numel() != count):
+            of = f" of {count} values" if count is not None else ""
+            raise self.error(f"tensor {key!r} must be a {ndim}-D floating-point tensor{of}, got {value.dim()}-D "
+                             f"{value.dtype} {list(value.shape)}")
+        bad = int((~torch.isfinite(value.float())).sum())
+        if bad:
+            raise self.error(f"tensor {key!r} holds {bad} non-finite value(s) in fp32, the dtype deltas are added in")
+        return value
+
+    def integers(self, key: str, value: Tensor, ndim: int = 1, shape: list[int] | None = None) -> Tensor:
+        """`value`, an integer tensor with `ndim` dimensions (of exactly `shape` when given)."""
+        wrong_shape = list(value.shape) != shape if shape is not None else value.dim() != ndim
+        if value.is_floating_point() or value.dtype == torch.bool or wrong_shape:
+            what = f"an integer tensor of shape {shape}" if shape is not None else f"a {ndim}-D integer tensor"
+            raise self.error(f"tensor {key!r} must be {what}, got {value.dim()}-D {value.dtype} {list(value.shape)}")
+        return value
+
+    def positions(self, key: str, flat: Tensor, size: int) -> Tensor:
+        """`flat`, distinct positions in [0, size)."""
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= size):
+            raise self.error(f"tensor {key!r} has an index outside [0, {size}) (min {int(flat.min())}, max "
+                             f"{int(flat.max())})")
+        repeated = flat.numel() - flat.unique().numel()
+        if repeated:
+            raise self.error(f"tensor {key!r} repeats a position ({repeated} duplicate(s))")
+        return flat
 
 
 def require_finite(tensors: dict[str, Tensor], what: str) -> None:

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from sparse_lightning.borders.checks import (
+    TensorFile,
     read_json_object,
     readable_by_all,
     require_finite,
@@ -84,40 +84,21 @@ def checked_delta_updates(model: nn.Module, delta_dir: Path) -> list[tuple[Tenso
         raise unchanged_model_error(config_path, "'targets' must be an object of target weights")
     if not isinstance(dense, list) or not all(isinstance(name, str) for name in dense):
         raise unchanged_model_error(config_path, "'dense' must be a list of parameter names")
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise unchanged_model_error(weights_path, f"not a readable safetensors file ({error})") from None
-
+    file = TensorFile(weights_path)
+    tensors = file.tensors
     params = dict(model.named_parameters())
     base = config.get("base_model")
     expected_keys: set[str] = set()
     updates: list[tuple[Tensor, int | None, Tensor | None, Tensor]] = []
 
-    def tensor(key: str, *, integer: bool, ndim: int) -> Tensor:
+    def tensor(key: str) -> Tensor:
         if key not in tensors:
-            raise unchanged_model_error(weights_path, f"tensor {key!r} is missing")
-        value = tensors[key]
+            raise file.error(f"tensor {key!r} is missing")
         expected_keys.add(key)
-        kind_ok = not value.is_floating_point() and value.dtype != torch.bool if integer else value.is_floating_point()
-        if not kind_ok or value.dim() != ndim:
-            want = "integer" if integer else "floating-point"
-            raise unchanged_model_error(weights_path, f"tensor {key!r} must be a {ndim}-D {want} tensor, got {value.dim()}-D "
-                                     f"{value.dtype}")
-        if not integer and not bool(torch.isfinite(value.float()).all()):
-            raise unchanged_model_error(weights_path, f"tensor {key!r} holds {int((~torch.isfinite(value.float())).sum())} non-finite "
-                                     "value(s) in fp32, the dtype deltas are added in")
-        return value
+        return tensors[key]
 
     def positions(key: str, size: int) -> Tensor:
-        index = tensor(key, integer=True, ndim=1)
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
-            raise unchanged_model_error(weights_path, f"tensor {key!r} has an index outside [0, {size}) (min {int(index.min())}, "
-                                     f"max {int(index.max())})")
-        if index.unique().numel() != index.numel():
-            raise unchanged_model_error(weights_path, f"tensor {key!r} repeats an index ({index.numel() - index.unique().numel()} "
-                                     "duplicate(s))")
-        return index
+        return file.positions(key, file.integers(key, tensor(key)), size)
 
     for name, target in targets.items():
         if not isinstance(target, dict) or not isinstance(target.get("weight"), str):
@@ -132,7 +113,7 @@ def checked_delta_updates(model: nn.Module, delta_dir: Path) -> list[tuple[Tenso
                                     f"the delta says {shape}; was the delta trained on {base}?")
         if kind == "entries":
             index = positions(f"{name}.indices", weight.numel())
-            values = tensor(f"{name}.values", integer=False, ndim=1)
+            values = file.floats(f"{name}.values", tensor(f"{name}.values"))
             if values.numel() != index.numel():
                 raise unchanged_model_error(weights_path, f"tensor {name + '.values'!r} holds {values.numel()} values for "
                                          f"{index.numel()} indices")
@@ -142,7 +123,7 @@ def checked_delta_updates(model: nn.Module, delta_dir: Path) -> list[tuple[Tenso
         elif kind in ("columns", "rows"):
             dim = 1 if kind == "columns" else 0
             index = positions(f"{name}.{kind}", weight.shape[dim])
-            block = tensor(f"{name}.block", integer=False, ndim=2)
+            block = file.floats(f"{name}.block", tensor(f"{name}.block"), ndim=2)
             expected = list(weight.shape)
             expected[dim] = index.numel()
             if list(block.shape) != expected:
@@ -155,7 +136,7 @@ def checked_delta_updates(model: nn.Module, delta_dir: Path) -> list[tuple[Tenso
         if name not in params:
             raise unchanged_model_error(config_path, f"dense parameter {name!r} does not exist in this model; was the delta trained "
                                     f"on {base}?")
-        value = tensor(name, integer=False, ndim=params[name].dim())
+        value = file.floats(name, tensor(name), ndim=params[name].dim())
         if value.shape != params[name].shape:
             raise unchanged_model_error(weights_path, f"tensor {name!r} has shape {list(value.shape)}, the model's parameter "
                                      f"{list(params[name].shape)}")

@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from sparse_lightning.borders.checks import (
+    TensorFile,
     add_rounding_once,
     read_json_object,
     readable_by_all,
@@ -329,11 +330,8 @@ def checked_peft_updates(model: nn.Module, adapter_dir: Path) -> list[tuple[Tens
         if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
             raise unchanged_model_error(config_path, f"'sparsity' must be a number in [0, 1), got {sparsity!r}")
         suffixes = ("supertuning_indices", "supertuning_values")
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise unchanged_model_error(weights_path, f"not a readable safetensors file ({error})") from None
-
+    file = TensorFile(weights_path)
+    tensors = file.tensors
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
     base = config.get("base_model_name_or_path")
@@ -366,21 +364,6 @@ def checked_peft_updates(model: nn.Module, adapter_dir: Path) -> list[tuple[Tens
         if name not in selected:
             raise unchanged_model_error(weights_path, f"module {name!r} has adapter tensors but target_modules does not select it")
 
-    def check_values(key: str, value: Tensor, count: int) -> Tensor:
-        if not value.is_floating_point() or value.dim() != 1 or value.numel() != count:
-            raise unchanged_model_error(weights_path, f"tensor {key!r} must be a 1-D floating-point tensor of {count} values, got "
-                                     f"{value.dim()}-D {value.dtype} {list(value.shape)}")
-        if not bool(torch.isfinite(value.float()).all()):
-            raise unchanged_model_error(weights_path, f"tensor {key!r} holds {int((~torch.isfinite(value.float())).sum())} non-finite "
-                                     "value(s) in fp32, the dtype deltas are added in")
-        return value.float()
-
-    def check_integer(key: str, value: Tensor, shape: list[int]) -> Tensor:
-        if value.is_floating_point() or value.dtype == torch.bool or list(value.shape) != shape:
-            raise unchanged_model_error(weights_path, f"tensor {key!r} must be an integer tensor of shape {shape}, got {value.dtype} "
-                                     f"{list(value.shape)}")
-        return value.long()
-
     for name in selected:
         module = modules[name]
         if is_transposed_linear(module) or not isinstance(module, nn.Linear):
@@ -401,7 +384,7 @@ def checked_peft_updates(model: nn.Module, adapter_dir: Path) -> list[tuple[Tens
                 raise unchanged_model_error(config_path, f"r={r} asks {count} entries of the [{out}, {inp}] weight {name!r} (it holds "
                                         f"{out * inp}); was the adapter trained on {base}?")
             key = PREFIX + name + ".shira_indices"
-            pairs = check_integer(key, found["shira_indices"], [2, count])
+            pairs = file.integers(key, found["shira_indices"], shape=[2, count]).long()
             rows, cols = pairs[0], pairs[1]
             if count and (int(rows.min()) < 0 or int(rows.max()) >= out or int(cols.min()) < 0
                           or int(cols.max()) >= inp):
@@ -409,23 +392,17 @@ def checked_peft_updates(model: nn.Module, adapter_dir: Path) -> list[tuple[Tens
                                          f"{int(rows.min())}..{int(rows.max())}, columns {int(cols.min())}.."
                                          f"{int(cols.max())})")
             flat = rows * inp + cols
-            values = check_values(PREFIX + name + ".shira_weight", found["shira_weight"], count)
+            values = file.floats(PREFIX + name + ".shira_weight", found["shira_weight"], count=count).float()
         else:
             count = supertuning_count(out * inp, float(config["sparsity"]))
             key = PREFIX + name + ".supertuning_indices"
-            values = check_values(PREFIX + name + ".supertuning_values", found["supertuning_values"], count)
+            values = file.floats(PREFIX + name + ".supertuning_values", found["supertuning_values"], count=count).float()
             if saved_indices:
-                flat = check_integer(key, found["supertuning_indices"], [count])
-                if count and (int(flat.min()) < 0 or int(flat.max()) >= out * inp):
-                    raise unchanged_model_error(weights_path, f"tensor {key!r} has an index outside [0, {out * inp}) (min "
-                                             f"{int(flat.min())}, max {int(flat.max())})")
+                flat = file.integers(key, found["supertuning_indices"], shape=[count]).long()
             else:  # save_precomputed_indices=False: PEFT recomputes them from the base weight's magnitudes
                 flat = torch.topk(weight.detach().abs().flatten(), k=count,
                                   largest=bool(config.get("select_top", True))).indices.cpu()
-        if flat.unique().numel() != flat.numel():
-            raise unchanged_model_error(weights_path, f"tensor {key!r} repeats a position ({flat.numel() - flat.unique().numel()} "
-                                     "duplicate(s))")
-        updates.append((weight, flat, values))
+        updates.append((weight, file.positions(key, flat, out * inp), values))
     for name, value in dense.items():
         owner = name.rpartition(".")[0]
         if name not in params:
