@@ -1,6 +1,7 @@
 """Loading by shards (modules/sharded_loading.py): a model built on the meta device and filled from safetensors
 slices is the model `from_pretrained` loads, in one process and on 2 FSDP2 ranks (every parameter, buffer, step
-loss and trained delta equal to the full load's, bit for bit)."""
+loss and trained delta equal to the full load's, bit for bit), with the random mask, S2FT (co-permuted on the meta
+model, permuted rows read) and LoRA."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
+from sparse_lightning.callbacks import S2FTStructureCallback
+from sparse_lightning.methods.s2ft import S2FT
 from sparse_lightning.models import resolve_model_path
 from sparse_lightning.modules import sharded_loading
+from sparse_lightning.modules.lora import LoRASettings, apply_lora
 from sparse_lightning.modules.sharded_loading import build_on_meta, checkpoint_files, load_shards
 
 SCRIPT = Path(__file__).resolve().parent / "distributed_scripts" / "sharded_load_run.py"
@@ -51,6 +55,53 @@ def test_one_process_load_equals_from_pretrained(odd_llama_dir: Path, monkeypatc
     for name, tensor in expected.items():
         assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def attach_s2ft(model: torch.nn.Module) -> torch.nn.Module:
+    """Heads (o columns, v rows of 2 KV heads) and channels (down columns, up rows of 67)."""
+    S2FT(num_heads=2, num_channels=5, train=["o", "v", "down", "up"], seed=3).attach(model)
+    return model
+
+
+def attach_lora(model: torch.nn.Module) -> torch.nn.Module:
+    return apply_lora(model, LoRASettings(r=4), ["q_proj", "v_proj", "down_proj"], [])
+
+
+@pytest.mark.parametrize("attach", [attach_s2ft, attach_lora], ids=["s2ft", "lora"])
+def test_a_method_attached_on_the_meta_model_gives_the_full_loads_model(attach, odd_llama_dir: Path,
+                                                                        monkeypatch) -> None:
+    """S2FT co-permutes the meta model (only its order records hold values) and the loader reads the permuted rows
+    and columns; LoRA's adapters keep the values PEFT draws: every tensor equals attaching to from_pretrained's model
+    from the same seed."""
+    monkeypatch.setattr(sharded_loading, "READ_BYTES", 1000)
+    model, plan = build_on_meta(AutoModelForCausalLM, odd_llama_dir, checkpoint_files(odd_llama_dir), ())
+    reference = AutoModelForCausalLM.from_pretrained(odd_llama_dir)
+    torch.manual_seed(5)
+    model = attach(model)
+    torch.manual_seed(5)
+    reference = attach(reference)
+    load_shards(model, plan, torch.device("cpu"))
+    loaded, expected = state(model), state(reference)
+    assert loaded.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+def test_s2ft_loads_by_shards_only_when_its_selection_reads_no_weight(tmp_path: Path) -> None:
+    """A random or loaded selection needs shapes only; weight norms and calibration passes need the values."""
+    selection = tmp_path / "selection.json"
+    assert S2FTStructureCallback().attaches_from_shapes
+    assert S2FTStructureCallback(select_by="weight", load_selection=str(selection)).attaches_from_shapes
+    for select_by in ("weight", "activation", "weight_activation", "gradient"):
+        assert not S2FTStructureCallback(select_by=select_by).attaches_from_shapes
+
+
+def test_a_meta_tensor_without_a_checkpoint_key_is_refused(odd_llama_dir: Path) -> None:
+    """Whatever leaves a parameter on meta that the checkpoint does not fill is an error, not uninitialised memory."""
+    model, plan = build_on_meta(AutoModelForCausalLM, odd_llama_dir, checkpoint_files(odd_llama_dir), ())
+    model.model.layers[0].mlp.extra = torch.nn.Linear(2, 2, device="meta")
+    with pytest.raises(RuntimeError, match=r"no checkpoint tensor for model\.layers\.0\.mlp\.extra\.weight"):
+        load_shards(model, plan, torch.device("cpu"))
 
 
 def test_a_new_head_is_initialised_as_from_pretrained_initialises_it(tiny_bert_dir: Path) -> None:
@@ -99,15 +150,17 @@ def shards_against_full(output: Path) -> list[tuple[dict, dict]]:
 
 
 @pytest.mark.multiprocess
+@pytest.mark.parametrize("method", ["random_mask", "s2ft", "lora"])
 @pytest.mark.parametrize("task", ["causal_lm", "classification"])
 def test_two_fsdp2_ranks_loading_by_shards_train_what_the_full_load_trains(
-        task: str, odd_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path, launch_ranks) -> None:
-    """The LLaMA (index of files, uneven rows, tied embeddings) and BERT with a new classifier, random mask, 3 steps
-    on 2 ranks: the sharded load builds on meta, and every gathered parameter, buffer, step loss and trained tensor
-    equals the full load's."""
+        task: str, method: str, odd_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path, launch_ranks) -> None:
+    """The LLaMA (index of files, uneven rows, tied embeddings) and BERT with a new classifier, 3 steps on 2 ranks
+    with the random mask, S2FT (permuted rows and columns, BERT's biases) or LoRA (BERT: a dense classifier and a
+    pooler copied from the meta model): the sharded load builds on meta, and every gathered parameter, buffer, step
+    loss and trained tensor equals the full load's."""
     model_dir = odd_llama_dir if task == "causal_lm" else tiny_bert_dir
-    launch_ranks(SCRIPT, ["--model_dir", str(model_dir), "--task", task, "--output", str(tmp_path)],
-                 f"the sharded-load runs ({task})", 300)
+    launch_ranks(SCRIPT, ["--model_dir", str(model_dir), "--task", task, "--method", method, "--output", str(tmp_path)],
+                 f"the sharded-load runs ({task}, {method})", 300)
     for shards, full in shards_against_full(tmp_path):
         assert shards["built_on_meta"] and not full["built_on_meta"]
         for key in ("start_parameters", "start_buffers", "trained"):

@@ -106,6 +106,13 @@ class S2FT:
         self.load_selection, self.save_selection = load_selection, save_selection
         self.score_memory = check_score_memory(score_memory)
 
+    @property
+    def attaches_from_shapes(self) -> bool:
+        """A random or loaded selection reads no weight value: under FSDP2 the base then stays on the meta device
+        while S2FT co-permutes it (only the order is recorded) and each rank reads its permuted rows after sharding.
+        Weight norms and calibration passes need the values, so those selections load the whole base first."""
+        return bool(self.load_selection) or self.select_by == "random"
+
     def attach(self, model: nn.Module, calibration: Calibration | None = None) -> None:
         """Select, co-permute and add the blocks. Data-driven selections read `calibration` (from the module under
         a Trainer; `Calibration.from_batches(model, batches)` without one)."""

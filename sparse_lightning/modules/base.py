@@ -27,7 +27,7 @@ from sparse_lightning.callbacks.base import SparseMethodCallback
 from sparse_lightning.delta_checkpoint import base_fingerprint, check_same_base, check_same_method, frozen_base_keys
 from sparse_lightning.methods.calibration import Calibration
 from sparse_lightning.modules.fsdp2 import fully_shard_model
-from sparse_lightning.modules.lora import LoRASettings
+from sparse_lightning.modules.lora import LoRASettings, saved_module_copies
 from sparse_lightning.modules.param_groups import parameter_groups
 from sparse_lightning.modules.prepare import prepare_model
 from sparse_lightning.modules.schedules import Schedule, warmup_then_decay
@@ -215,10 +215,9 @@ class SparseFineTuningModule(LightningModule):
             if method is not None and fitting and not self._sparse_attached:
                 self._attach_late(method)
             return
-        # Under FSDP2 a method that attaches from weight shapes lets every rank load only its shard; S2FT (permutes
-        # weight values), LoRA (PEFT's initialisation) and init_delta (merged into the weights) need the whole base.
-        self._load_by_shards = (self.device_mesh is not None and self.hparams.lora is None
-                                and not self.hparams.get("init_delta")
+        # Under FSDP2 a method that attaches from weight shapes (LoRA does too) lets every rank load only its shard;
+        # S2FT selections that read weights or data, and init_delta (merged into the weights), need the whole base.
+        self._load_by_shards = (self.device_mesh is not None and not self.hparams.get("init_delta")
                                 and (method is None or not fitting or method.attaches_from_shapes))
         model = self.build_model()
         self._load_by_shards = False
@@ -228,6 +227,8 @@ class SparseFineTuningModule(LightningModule):
             self._merge_init_delta(model)
         if self.hparams.lora is not None:
             model = prepare_model(model, LoRASettings(**self.hparams.lora), heads=self.head_modules)
+            if self._sharded_load is not None:
+                self._sharded_load.follow_copies(saved_module_copies(model))
         self.model = model  # compute_loss reads self.model, and calibration may run during attach
         if method is not None and fitting:
             self._attach(method)

@@ -5,7 +5,8 @@
 (their shapes come from the weight shapes; their own tensors are real from the start), FSDP2 shards the still-empty
 model, and `load_shards` gives every parameter its rank's rows, read from the checkpoint's safetensors files as
 slices (`safe_open(...).get_slice(key)[start:stop]`, a block of rows per memory map, so no page of the other
-ranks' rows is read and at most one block's file pages are resident). What the checkpoint does not hold (buffers such as rotary `inv_freq` or
+ranks' rows is read and at most one block's file pages are resident); S2FT's co-permutation, recorded on the meta
+model, is applied by reading the permuted rows and columns. What the checkpoint does not hold (buffers such as rotary `inv_freq` or
 `position_ids`, and new task heads) is created for real before sharding and initialised by the model's own
 `initialize_weights`, exactly as `from_pretrained` initialises it.
 
@@ -54,6 +55,14 @@ class ShardedLoad:
 
     files: dict[str, Path]
     sources: dict[tuple[int, str], str] = field(default_factory=dict)
+
+    def follow_copies(self, pairs: list[tuple[nn.Module, nn.Module]]) -> None:
+        """Each copy's parameters read what its original's read (LoRA's `modules_to_save` copies of a meta module)."""
+        for original, copy in pairs:
+            for name, _ in copy.named_parameters(recurse=False):
+                key = self.sources.get((id(original), name))
+                if key is not None:
+                    self.sources[(id(copy), name)] = key
 
 
 def checkpoint_key(name: str, model: nn.Module, files: dict[str, Path]) -> str | None:
@@ -141,10 +150,22 @@ def _materialize(model: nn.Module, missing: set[str], files: dict[str, Path]) ->
 @torch.no_grad()
 def load_shards(model: nn.Module, plan: ShardedLoad, device: torch.device) -> None:
     """After `fully_shard`: give every meta parameter its local shard on `device` and fill it with its rows of the
-    checkpoint tensor (FSDP2 shards dim 0 as `torch.chunk` does). Tensors that were real already (deltas, buffers,
-    new heads) are left as they are."""
+    checkpoint tensor (FSDP2 shards dim 0 as `torch.chunk` does). A weight S2FT co-permuted on the meta model (its
+    order record is all it holds) gets the permuted rows: the rows or columns the record gathers, read from the
+    file. Tensors that were real already (deltas, buffers, new heads) are left as they are."""
     from safetensors import safe_open
 
+    from sparse_lightning.structure.permute import recorded_gathers
+
+    gathers = recorded_gathers(model)
+    holders = [(f"{module_name}.{name}".lstrip("."), id(param), (id(module), name) in plan.sources)
+               for module_name, module in model.named_modules()
+               for name, param in module.named_parameters(recurse=False) if param.is_meta]
+    read = {param for _, param, sourced in holders if sourced}  # a tied weight is read once, through one holder
+    unread = [name for name, param, _ in holders if param not in read]
+    if unread:
+        raise RuntimeError(f"sharded loading has no checkpoint tensor for {unread[0]} (and {len(unread) - 1} more), "
+                           "still on the meta device: whatever put it there must create it for real")
     swapping = torch.__future__.get_swap_module_params_on_conversion()
     torch.__future__.set_swap_module_params_on_conversion(True)  # in place: tied weights stay one parameter
     try:
@@ -162,7 +183,14 @@ def load_shards(model: nn.Module, plan: ShardedLoad, device: torch.device) -> No
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 shape = torch.Size(handle.get_slice(key).get_shape())
             local, start = _local_rows(param, shape, key)
-            _copy_rows(path, key, local, start)
+            rows = torch.arange(start, start + local.shape[0]) if local.dim() else None
+            columns = None
+            dim, index = gathers.get((id(module), name), (None, None))
+            if dim == 0:
+                rows = index[start:start + local.shape[0]]
+            elif dim == 1:
+                columns = index
+            _copy_rows(path, key, local, rows, columns)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"sharded loading left {left[0]} (and {len(left) - 1} more) on the meta device")
@@ -190,9 +218,21 @@ def _local_rows(param: torch.Tensor, shape: torch.Size, key: str) -> tuple[torch
     return local, start
 
 
-def _copy_rows(path: Path, key: str, local: torch.Tensor, start: int) -> None:
-    """local[i] = checkpoint[key][start + i], about READ_BYTES at a time, each block through its own memory map:
-    the file pages a block touches leave the process when its map closes, so the file adds at most one block."""
+def _runs(rows: list[int], most: int) -> list[tuple[int, int]]:
+    """(first, last) local positions whose checkpoint rows are consecutive, at most `most` rows each."""
+    runs, first = [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[i - 1] + 1 or i - first == most:
+            runs.append((first, i))
+            first = i
+    return runs
+
+
+def _copy_rows(path: Path, key: str, local: torch.Tensor, rows: torch.Tensor | None,
+               columns: torch.Tensor | None = None) -> None:
+    """local[i] = checkpoint[key][rows[i]] (with only `columns`, in that order, when given), about READ_BYTES of
+    consecutive rows at a time, each read through its own memory map: the file pages a read touches leave the
+    process when its map closes, so the file adds at most one block."""
     from safetensors import safe_open
 
     if local.dim() == 0:
@@ -200,8 +240,8 @@ def _copy_rows(path: Path, key: str, local: torch.Tensor, start: int) -> None:
             local.copy_(handle.get_tensor(key))
         return
     row_bytes = max(1, local[0].numel() * local.element_size()) if local.shape[0] else 1
-    step = max(1, READ_BYTES // row_bytes)
-    for first in range(0, local.shape[0], step):
-        last = min(local.shape[0], first + step)
+    for first, last in _runs(rows.tolist(), max(1, READ_BYTES // row_bytes)):
+        source = int(rows[first])
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            local[first:last].copy_(handle.get_slice(key)[start + first:start + last])
+            block = handle.get_slice(key)[source:source + last - first]
+            local[first:last].copy_(block if columns is None else block.index_select(1, columns))

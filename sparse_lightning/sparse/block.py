@@ -32,7 +32,9 @@ class BlockDeltaLinear(FrozenLinearWithDelta):
         if not 1 <= index.numel() <= size - start or start < 0:
             raise ValueError(f"a block needs 1 to {size - start} positions from {start} along dim {self.dim} of a "
                              f"{tuple(shape)} weight, got {index.numel()}")
-        device = base.weight.device
+        # On a meta base (loaded by shards after FSDP2 wraps it: modules/sharded_loading.py) the block is real from
+        # the start, on the default device, like the element deltas (sparse/delta.py).
+        device = base.weight.device if not base.weight.is_meta else torch.get_default_device()
         self.register_buffer(self.index_name, index.to(device=device, dtype=torch.long))
         self.start = start
         if start:  # inside a fused weight (Phi-3's v rows in qkv_proj): recorded, so a checkpoint rebuilds it

@@ -36,14 +36,45 @@ def role_order(group: CoupledGroup, role: str, order: Tensor) -> Tensor:
     return order
 
 
-@torch.no_grad()
-def _apply(model: nn.Module, group: CoupledGroup, order: Tensor) -> None:
-    """Each role moves its own rows/columns; the rest of a fused weight (the other roles' part) stays put."""
+def role_gathers(model: nn.Module, group: CoupledGroup, order: Tensor) -> list[tuple[nn.Module, int, Tensor]]:
+    """Per Linear of the group: the dim its units lie along and the (CPU) index that gathers the co-permuted weight
+    from the original one, `permuted = weight.index_select(dim, index)` (and the bias, for rows). Each role moves its
+    own rows/columns; the rest of a fused weight (the other roles' part) stays put."""
+    gathers = []
     for role, path in group.roles.items():
         linear = base_linear(model, path)
         dim = 1 if role in COLUMN_ROLES else 0
         index = torch.arange(linear.weight.shape[dim])
-        index[group.all_positions(role)] = group.positions(role, role_order(group, role, order))
+        index[group.all_positions(role)] = group.positions(role, role_order(group, role, order.cpu()))
+        gathers.append((linear, dim, index))
+    return gathers
+
+
+def recorded_gathers(model: nn.Module) -> dict[tuple[int, str], tuple[int, Tensor]]:
+    """(id of a Linear, "weight" or "bias") -> (dim, index) for every weight the model's order records say is
+    co-permuted: what a base still on the meta device (loaded by shards after FSDP2 wraps it,
+    `modules/sharded_loading.py`) reads to hold the values `permute_group` would have moved."""
+    if not any(name in module._buffers for module in model.modules() for name in ORDER_BUFFERS):
+        return {}
+    gathers: dict[tuple[int, str], tuple[int, Tensor]] = {}
+    for group in find_groups(model):
+        order = model.get_submodule(group.owner)._buffers.get(order_buffer(group))
+        if order is None:
+            continue
+        for linear, dim, index in role_gathers(model, group, order):
+            gathers[(id(linear), "weight")] = (dim, index)
+            if dim == 0 and linear.bias is not None:
+                gathers[(id(linear), "bias")] = (0, index)
+    return gathers
+
+
+@torch.no_grad()
+def _apply(model: nn.Module, group: CoupledGroup, order: Tensor) -> None:
+    """Move the group's weights; a weight on the meta device has no values yet: the shard loader reads them
+    permuted, from the order record (`recorded_gathers`)."""
+    for linear, dim, index in role_gathers(model, group, order):
+        if linear.weight.is_meta:
+            continue
         index = index.to(linear.weight.device)
         linear.weight.copy_(linear.weight.index_select(dim, index))
         if dim == 0 and linear.bias is not None:
@@ -59,7 +90,8 @@ def permute_group(model: nn.Module, group: CoupledGroup, order: Tensor) -> None:
     order = order.to(torch.long)
     check_order(group, order)
     _apply(model, group, order)
-    owner.register_buffer(name, order.to(next(owner.parameters()).device))
+    device = next(owner.parameters()).device
+    owner.register_buffer(name, order.to(torch.get_default_device() if device.type == "meta" else device))
 
 
 @torch.no_grad()

@@ -1,11 +1,13 @@
 """Loading by shards against the full load, on 2 CPU ranks under FSDP2 (tests/test_sharded_loading.py).
 
-In the same two processes, one model directory is fitted twice from the same seed with the random mask: `shards`
+In the same two processes, one model directory is fitted twice from the same seed with one method (the random mask,
+S2FT with a random selection training rows and columns, or LoRA with a dense head and pooler on BERT): `shards`
 (the library's loader: meta-device build, each rank reads its rows) and `full` (every rank runs `from_pretrained`,
 the path before sharded loading). Every rank writes `<loader>/rank<r>.pt`: whether the built model was on the meta
 device, every parameter (gathered) and buffer at `on_train_start`, the step losses and the trained deltas.
 
-    python sharded_load_run.py --model_dir DIR --task causal_lm|classification --output OUT
+    python sharded_load_run.py --model_dir DIR --task causal_lm|classification --method random_mask|s2ft|lora\
+        --output OUT
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from sparse_lightning.callbacks import RandomMaskCallback  # noqa: E402
+from sparse_lightning.callbacks import RandomMaskCallback, S2FTStructureCallback  # noqa: E402
 from sparse_lightning.models import resolve_model_path  # noqa: E402
 from sparse_lightning.modules import CausalLMModule, SequenceClassificationModule  # noqa: E402
 
@@ -89,17 +91,30 @@ class Record(pl.Callback):
         torch.save(self.result, self.output / f"rank{trainer.global_rank}.pt")
 
 
-def run(model_dir: str, task: str, loader: str, output: Path) -> None:
+def method_settings(method: str, task: str) -> tuple[list[pl.Callback], dict[str, Any]]:
+    """(callbacks, module kwargs) of the method."""
+    if method == "random_mask":
+        return [RandomMaskCallback(density=0.05)], {}
+    if method == "s2ft":  # heads (o columns, v rows) and channels (down columns, up rows: 67 split unevenly)
+        return [S2FTStructureCallback(num_heads=2, num_channels=5, train=["o", "v", "down", "up"], seed=3)], {}
+    heads = {"modules_to_save": ["classifier", "pooler"]} if task == "classification" else {}
+    return [], {"lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"] if task == "classification"
+                         else ["q_proj", "v_proj", "down_proj"], **heads}}
+
+
+def run(model_dir: str, task: str, method: str, loader: str, output: Path) -> None:
     pl.seed_everything(0, verbose=False)
+    callbacks, settings = method_settings(method, task)
+    optimizer = lambda p: torch.optim.AdamW(p, lr=1e-2)  # noqa: E731
     if task == "causal_lm":
-        module = module_class(task, loader)(model_dir, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+        module = module_class(task, loader)(model_dir, optimizer=optimizer, **settings)
         from transformers import AutoConfig
 
         data = Tokens(AutoConfig.from_pretrained(model_dir).vocab_size)
     else:
         from datamodules.glue import GLUEDataModule
 
-        module = module_class(task, loader)(model_dir, num_labels=2, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+        module = module_class(task, loader)(model_dir, num_labels=2, optimizer=optimizer, **settings)
         data = GLUEDataModule(task="sst2", tokenizer_name_or_path=model_dir,
                               train_file=str(REPO / "tests" / "data" / "sst2_tiny" / "train.tsv"),
                               validation_files=[str(REPO / "tests" / "data" / "sst2_tiny" / "dev.tsv")],
@@ -108,8 +123,7 @@ def run(model_dir: str, task: str, loader: str, output: Path) -> None:
                          strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
                          max_steps=STEPS, limit_val_batches=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[RandomMaskCallback(density=0.05), Record(output / loader)],
-                         default_root_dir=str(output / "root"))
+                         callbacks=[*callbacks, Record(output / loader)], default_root_dir=str(output / "root"))
     trainer.fit(module, datamodule=data)
 
 
@@ -117,11 +131,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model_dir", required=True)
     parser.add_argument("--task", required=True, choices=["causal_lm", "classification"])
+    parser.add_argument("--method", default="random_mask", choices=["random_mask", "s2ft", "lora"])
     parser.add_argument("--output", required=True, type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
     for loader in ("shards", "full"):
-        run(args.model_dir, args.task, loader, args.output)
+        run(args.model_dir, args.task, args.method, loader, args.output)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
