@@ -24,16 +24,16 @@ interleave the methods (on a shared machine, load drifts; interleaving spreads i
 - `--in-process` (GPU): every run in the driver process.
 
 LoRA's rank is chosen so its trainable count is as close as possible to SIFT's, on the same target
-modules; SHiRA (PEFT's) and every element-sparse method train exactly SIFT's k per target weight. Every method is built by the library's own functions (callbacks' `attach`, and the algorithms in
-`sparse_lightning.methods`: SIFT selects with `select_by_gradient` on the first batch, SpIEL's cycle is
+modules; SHiRA (PEFT's) and every element-sparse method train exactly SIFT's k per target weight. Every method is
+built by the library's own functions (`prepare_model`, and the algorithms in `sparse_lightning.methods`: SIFT selects with `select_by_gradient` on the first batch, SpIEL's cycle is
 `PruneRegrow` run before every step as its callback runs it); selection happens before the memory mark
 is reset, so its score buffers are not counted.
 
     python benchmarks/step_benchmark.py --model smollm2 --methods all --threads 1 --interleave \
         --output benchmarks/results/cpu_smollm2_floor_interleaved.md
 
-A new method is one more entry in `METHODS`: a function that makes a loaded model
-ready to train and returns it.
+Every method of `sparse_lightning.registry` runs here as the library prepares it (`prepare_model`), at the budget
+`library_method` gives its kind; the floor and PEFT's SHiRA are this benchmark's own rows (`OWN_METHODS`).
 """
 
 from __future__ import annotations
@@ -263,19 +263,64 @@ def setup_floor(model: nn.Module, spec: ModelSpec, heads: tuple[str, ...], budge
     return model
 
 
-def setup_full(model: nn.Module, spec: ModelSpec, heads: tuple[str, ...], budget: Budget) -> nn.Module:
-    model.requires_grad_(True)
-    return model
+def library_method(name: str, model: nn.Module, spec: ModelSpec, budget: Budget) -> Any:
+    """The registry method `name` at the benchmark's budget, as `prepare_model` takes it: element-sparse methods train
+    SIFT's k per target weight (SpIEL as one global count, with the published cycle S=20, A=5), S2FT as many down
+    channels per layer as makes its count closest to the matched LoRA's (the paper's choice for grouped-query
+    models; random selection: a step costs the same whichever channels are chosen), LoRA the matched rank on the
+    same targets; full fine-tuning is None."""
+    from sparse_lightning.modules.prepare import method_from_name
+    from sparse_lightning.registry import method
+    from sparse_lightning.structure import find_groups
 
-
-def setup_lora(model: nn.Module, spec: ModelSpec, heads: tuple[str, ...], budget: Budget) -> nn.Module:
-    """As `SparseFineTuningModule.configure_model` does it: freeze, then PEFT on the targets (heads trained)."""
-    from sparse_lightning.modules.lora import LoRASettings, apply_lora
-
+    row, targets = method(name), list(spec.targets)
+    if row.element_sparse and row.reselects:
+        count = sum(sift_counts(model, spec, budget).values())
+        return method_from_name(name, num_params=count, target_modules=targets, reselection_until=10**6)
+    if row.element_sparse:
+        return method_from_name(name, density=None if budget.sift_lora_rank else budget.density,
+                                lora_rank=budget.sift_lora_rank, target_modules=targets)
     rank = matched_lora_rank(model, spec, budget)
-    budget.notes["lora_rank"] = rank
-    model.requires_grad_(False)
-    return apply_lora(model, LoRASettings(r=rank, alpha=2 * rank), list(spec.targets), list(heads))
+    if row.structured:
+        lora = rank * sum(out + inp for out, inp in target_shapes(model, spec.targets))
+        channel_groups = [g for g in find_groups(model) if g.kind == "channels"]
+        per_channel = model.get_submodule(channel_groups[0].roles["down"]).out_features
+        budget.notes["s2ft_channels"] = max(1, round(lora / (per_channel * len(channel_groups))))
+        return method_from_name(name, train=["down"], num_channels=budget.notes["s2ft_channels"])
+    if row.sparse:
+        raise ValueError(f"{name}: the step benchmark has no budget rule for this kind of method yet")
+    if name == "lora":
+        budget.notes["lora_rank"] = rank
+        return method_from_name(name, r=rank, alpha=2 * rank, target_modules=targets)
+    return method_from_name(name)
+
+
+def setup_library_method(name: str, model: nn.Module, spec: ModelSpec, heads: tuple[str, ...],
+                         budget: Budget) -> nn.Module:
+    """`prepare_model` (what trains, as `sparse-lightning fit` decides it), then what the method's callback would run
+    at the start of training: SIFT's selection (`select_by_gradient`) on one batch and SpIEL's cycle
+    (`PruneRegrow`, before every timed step), outside and inside the timed steps as under a Trainer."""
+    from sparse_lightning.methods import select_by_gradient
+    from sparse_lightning.modules.prepare import prepare_model
+    from sparse_lightning.registry import method
+    from sparse_lightning.sparse import sparse_delta_layers
+
+    row = method(name)
+    callback = library_method(name, model, spec, budget)
+    model = prepare_model(model, callback, heads=heads)
+    budget.optimizer = row.optimizer_class()
+    if row.element_sparse and row.data_driven:
+        select_by_gradient(model, budget.calibration_batches, budget.loss_fn)
+    if row.reselects:
+        layers = sparse_delta_layers(model)
+
+        def before_step(step: int, optimizer: torch.optim.Optimizer) -> None:
+            if step == 0:
+                callback.cycle.start(layers, optimizer, next(model.parameters()).device)
+            callback.cycle.before_step(layers, step, optimizer)
+
+        budget.before_step = before_step
+    return model
 
 
 def setup_shira(model: nn.Module, spec: ModelSpec, heads: tuple[str, ...], budget: Budget) -> nn.Module:
@@ -315,88 +360,25 @@ def setup_shira(model: nn.Module, spec: ModelSpec, heads: tuple[str, ...], budge
     return model
 
 
-def setup_sift(model: nn.Module, spec: ModelSpec, heads: tuple[str, ...], budget: Budget) -> nn.Module:
-    """`GradientTopKCallback.attach` + `freeze_except(heads)`, then the real selection
-    (`sparse_lightning.methods.select_by_gradient`) on one batch, outside the timed steps."""
-    from sparse_lightning.callbacks import GradientTopKCallback
-    from sparse_lightning.methods import select_by_gradient
-    from sparse_lightning.sparse import freeze_except
-
-    callback = GradientTopKCallback(density=None if budget.sift_lora_rank else budget.density,
-                                    lora_rank=budget.sift_lora_rank, target_modules=list(spec.targets))
-    callback.attach(model)
-    freeze_except(model, heads)
-    select_by_gradient(model, budget.calibration_batches, budget.loss_fn)
-    return model
-
-
-def setup_random_mask(model: nn.Module, spec: ModelSpec, heads: tuple[str, ...], budget: Budget) -> nn.Module:
-    """`RandomMaskCallback.attach` (SIFT's count, fixed random entries) + `freeze_except(heads)`."""
-    from sparse_lightning.callbacks import RandomMaskCallback
-    from sparse_lightning.sparse import freeze_except
-
-    RandomMaskCallback(density=None if budget.sift_lora_rank else budget.density, lora_rank=budget.sift_lora_rank,
-                       target_modules=list(spec.targets)).attach(model)
-    freeze_except(model, heads)
-    return model
-
-
-def setup_spiel(model: nn.Module, spec: ModelSpec, heads: tuple[str, ...], budget: Budget, regrowth: str) -> nn.Module:
-    """`PruneRegrowCallback` with SIFT's count and the published cycle (S=20, A=5); its algorithm
-    (`sparse_lightning.methods.PruneRegrow`) runs before every timed step as the callback runs it: a run of
-    `warmup + steps` >= 25 steps holds the statistics windows and a reselection."""
-    from sparse_lightning.callbacks import PruneRegrowCallback
-    from sparse_lightning.sparse import freeze_except, sparse_delta_layers
-    from sparse_lightning.sparse.optim import SM3
-
-    count = sum(sift_counts(model, spec, budget).values())
-    callback = PruneRegrowCallback(num_params=count, target_modules=list(spec.targets), regrowth=regrowth,
-                                   reselection_until=10**6)
-    callback.attach(model)
-    freeze_except(model, heads)
-    if regrowth == "momentum":
-        budget.optimizer = SM3
-    layers = sparse_delta_layers(model)
-
-    def before_step(step: int, optimizer: torch.optim.Optimizer) -> None:
-        if step == 0:
-            callback.cycle.start(layers, optimizer, next(model.parameters()).device)
-        callback.cycle.before_step(layers, step, optimizer)
-
-    budget.before_step = before_step
-    return model
-
-
-def setup_s2ft(model: nn.Module, spec: ModelSpec, heads: tuple[str, ...], budget: Budget) -> nn.Module:
-    """`S2FTStructureCallback(train=[down]).attach` (the paper's choice for grouped-query models) with as many
-    FFN channels per layer as makes its block count closest to the matched LoRA's count on the targets; random
-    selection (a step costs the same whichever channels are chosen); then `freeze_except(heads)`."""
-    from sparse_lightning.callbacks import S2FTStructureCallback
-    from sparse_lightning.sparse import freeze_except
-    from sparse_lightning.structure import find_groups
-
-    lora = matched_lora_rank(model, spec, budget) * sum(out + inp for out, inp in target_shapes(model, spec.targets))
-    channel_groups = [g for g in find_groups(model) if g.kind == "channels"]
-    per_channel = model.get_submodule(channel_groups[0].roles["down"]).out_features
-    count = max(1, round(lora / (per_channel * len(channel_groups))))
-    budget.notes["s2ft_channels"] = count
-    S2FTStructureCallback(train=["down"], num_channels=count).attach(model)
-    freeze_except(model, heads)
-    return model
-
-
-#: name -> function(model, spec, head_modules, budget) returning the model ready to train.
-METHODS: dict[str, Callable[[nn.Module, ModelSpec, tuple[str, ...], Budget], nn.Module]] = {
+#: The benchmark's own rows (the floor, PEFT's SHiRA): name -> function(model, spec, head_modules, budget) returning
+#: the model ready to train. Every method of `sparse_lightning.registry` runs too (`setup_library_method`).
+OWN_METHODS: dict[str, Callable[[nn.Module, ModelSpec, tuple[str, ...], Budget], nn.Module]] = {
     "floor": setup_floor,
-    "full": setup_full,
-    "lora": setup_lora,
     "shira": setup_shira,
-    "sift": setup_sift,
-    "random_mask": setup_random_mask,
-    "spiel_ag": lambda *args: setup_spiel(*args, regrowth="gradient"),
-    "spiel_ma": lambda *args: setup_spiel(*args, regrowth="momentum"),
-    "s2ft": setup_s2ft,
 }
+
+
+def method_names() -> list[str]:
+    """Every method this benchmark runs: its own rows, then the registry's."""
+    from sparse_lightning.registry import METHODS
+
+    return [*OWN_METHODS, *METHODS]
+
+
+def setup(name: str, model: nn.Module, spec: ModelSpec, heads: tuple[str, ...], budget: Budget) -> nn.Module:
+    if name in OWN_METHODS:
+        return OWN_METHODS[name](model, spec, heads, budget)
+    return setup_library_method(name, model, spec, heads, budget)
 
 
 # ----------------------------------------------------------------------------------------- worker
@@ -444,7 +426,7 @@ def prepare(args: argparse.Namespace, method: str, spec: ModelSpec, batches: lis
     model, heads, loss_for = spec.load(spec, getattr(torch, args.dtype), device)
     model = model.to(device)
     budget = Budget(args.density, args.sift_lora_rank, calibration_batches=batches[:1], loss_fn=loss_for(model))
-    model = METHODS[method](model, spec, heads, budget).to(device)
+    model = setup(method, model, spec, heads, budget).to(device)
     if getattr(args, "quantize", None):  # as the module does: after the method attached, heads and LM head kept
         from sparse_lightning.sparse.quantized import quantize_frozen_linears
 
@@ -560,7 +542,7 @@ def interleaved_lengths(args: argparse.Namespace, method: str) -> tuple[int, int
     """(steps, warmup) in `--interleave` mode. SpIEL: warmup 1, then steps 1..9 of its first cycle: four window
     steps (1-4), the reselection before step 5 (the first one, which replaces every slot: dearer than the later 20%
     ones, so the estimate errs high) and four plain steps (6-9); `amortised_cycle` weighs them as one cycle does."""
-    return (9, 1) if method in CYCLE_METHODS else (args.steps, args.warmup)
+    return (9, 1) if reselects(method) else (args.steps, args.warmup)
 
 
 def amortised_cycle(times: list[float], kinds: list[str]) -> float:
@@ -620,7 +602,7 @@ def run_interleaved(args: argparse.Namespace) -> dict[str, Any]:
                   "warmup_times_s": records[method]["wall"][:warmup],
                   "paired_floor_cpu_s": [floor_cpu[i] for i in measured],
                   "paired_floor_step_s": [floor_wall[i] for i in measured]}
-        if method in CYCLE_METHODS:
+        if reselects(method):
             kinds = [spiel_step_kind(i) for i in measured]
             result["step_kinds"] = kinds
             result["amortised_cpu_s"] = amortised_cycle(result["cpu_times_s"], kinds)
@@ -642,8 +624,12 @@ def matmuls_by_shape(profiler: Any, sort: str, steps: int) -> str:
 
 # ----------------------------------------------------------------------------------------- driver
 
-#: Methods whose cost changes along a reselection cycle: their time runs cover exactly one cycle (read the mean).
-CYCLE_METHODS = ("spiel_ag", "spiel_ma")
+def reselects(method: str) -> bool:
+    """Whether the method's cost changes along a reselection cycle: its time runs cover exactly one cycle (read the
+    mean)."""
+    from sparse_lightning.registry import METHODS
+
+    return method in METHODS and METHODS[method].reselects
 
 
 def run_lengths(args: argparse.Namespace, method: str, measure: str) -> tuple[int, int]:
@@ -654,9 +640,9 @@ def run_lengths(args: argparse.Namespace, method: str, measure: str) -> tuple[in
     (`--profile`), SpIEL runs steps 1-5 only: four window steps and the (first) reselection, what SIFT lacks."""
     if measure == "memory":
         return 1, 1
-    if method in CYCLE_METHODS and args.profile:  # profiled: steps 1-5, four window steps and the first reselection
+    if reselects(method) and args.profile:  # profiled: steps 1-5, four window steps and the first reselection
         return 5, 1
-    if method in CYCLE_METHODS:
+    if reselects(method):
         from sparse_lightning.methods.reselection_schedule import ReselectionSchedule
 
         schedule = ReselectionSchedule()
@@ -785,7 +771,7 @@ def benchmark(args: argparse.Namespace, model: str, methods: list[str]) -> list[
         result["mean_step_s"] = statistics.mean(result["step_times_s"])
         result["median_cpu_s"] = statistics.median(result["cpu_times_s"])
         result["mean_cpu_s"] = statistics.mean(result["cpu_times_s"])  # SpIEL's windows are a quarter of its steps
-        result["amortised"] = result["method"] in CYCLE_METHODS
+        result["amortised"] = reselects(result["method"])
         if "step_kinds" in result:  # interleaved: SpIEL's cycle from its step kinds, pooled over rounds
             result["amortised_cpu_s"] = amortised_cycle(result["cpu_times_s"], result["step_kinds"])
             result["amortised_step_s"] = amortised_cycle(result["step_times_s"], result["step_kinds"])
@@ -922,7 +908,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="all", choices=[*MODELS, "all"],
                         help=f"all = {', '.join(DEFAULT_MODELS)}")
     parser.add_argument("--methods", default="floor,full,lora,shira,sift",
-                        help=f"comma-separated, from {', '.join(METHODS)}, or all")
+                        help=f"comma-separated, from {', '.join(method_names())}, or all")
     parser.add_argument("--steps", type=int, default=10, help="measured steps per time run")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps before them")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds of time runs")
@@ -962,14 +948,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if args.methods == "all":
-        args.methods = ",".join(METHODS)
+        args.methods = ",".join(method_names())
     if args.interleave and (args.profile or args.in_process):
         parser.error("--interleave runs its own process; it does not combine with --profile or --in-process")
     if args.in_process and args.device == "cpu" and not args.worker:
         log("--in-process on CPU: a dry run only (the peak-RSS column mixes the methods' allocator states)")
-    unknown = set(args.methods.split(",")) - set(METHODS)
+    unknown = set(args.methods.split(",")) - set(method_names())
     if unknown:
-        parser.error(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
+        parser.error(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(method_names())}")
     return args
 
 

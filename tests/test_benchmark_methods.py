@@ -1,5 +1,6 @@
-"""benchmarks/step_benchmark.py builds every method through the library (and PEFT for LoRA / SHiRA): each one, on a
-tiny LLaMA built from a config, trains the count it claims; the floor trains nothing yet runs every layer's backward."""
+"""benchmarks/step_benchmark.py builds every method of the registry through `prepare_model` (and PEFT for SHiRA):
+each one, on a tiny LLaMA built from a config, trains the count it claims; the floor trains nothing yet runs every
+layer's backward."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparse_lightning.registry import names
+from sparse_lightning.registry import METHODS, names
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_benchmark.py"
 
@@ -34,7 +35,7 @@ def build(bench, method: str, **budget):
                         loss_fn=loss_for(model))
     targets = bench.sift_counts(model, spec, plan)
     shapes = bench.target_shapes(model, spec.targets)
-    model = bench.METHODS[method](model, spec, heads, plan)
+    model = bench.setup(method, model, spec, heads, plan)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return model, loss_for(model), batches[0], plan, targets, shapes, trainable
 
@@ -60,6 +61,13 @@ def test_lora_full_and_s2ft_counts(bench):
     model, _, _, plan, _, _, trainable = build(bench, "s2ft")
     config = bench.MODELS["llama_tiny"].config
     assert trainable == plan.notes["s2ft_channels"] * config["hidden_size"] * config["num_hidden_layers"]
+
+
+def test_every_registry_method_runs_and_trains(bench):
+    assert bench.method_names()[len(bench.OWN_METHODS):] == list(METHODS)
+    for method in METHODS:
+        _, _, _, plan, _, _, trainable = build(bench, method)
+        assert trainable > 0 and plan.optimizer is METHODS[method].optimizer_class()
 
 
 def test_floor_runs_every_layers_backward_without_weight_gradients(bench):
