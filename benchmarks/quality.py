@@ -1,31 +1,35 @@
 """Quality benchmark (issue 14): every method against LoRA and full fine-tuning on GLUE, resumable.
 
 For each (task, method, seed, overrides) the driver writes one self-contained YAML config into
-`benchmarks/results/quality/runs/<name>/quality_config.yaml` (built here from Python dicts: method fragment +
-task fragment + schedule; nothing under `configs/` is read), runs the real CLI
+`benchmarks/results/quality/runs/<name>/quality_config.yaml`: the benchmark's schedule and task, the method's
+shipped MiniLM recipe `configs/method/minilm/<method>.yaml` stacked on it as a later `--config` would be, the run's
+seed and learning rate, then the run's overrides (named by its tag; "chosen" = none). It runs the real CLI
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/sparse-lightning fit --config <that yaml>
 
-as a child process (log in `train.log`, CSVLogger metrics in `metrics.csv`), and writes `result.json`: the
-metrics at every validation, the final ones, the trainable count the module printed, the child's CPU time
-(user + sys, every attempt) and the wall time. A run whose `result.json` exists is skipped, so the driver can be
-killed at any moment and started again; an interrupted run resumes from its last checkpoint (every ~40 steps) with
-the same code (benchmarks/child_run.py). Only one training job runs at a time per lock file (`--lock`, default
+as a child process with this tree's library first on PYTHONPATH (`--code COMMIT` trains a commit instead; log in
+`train.log`, CSVLogger metrics in `metrics.csv`), and writes `result.json`: the metrics at every validation, the
+final ones, the trainable count the module printed, the child's CPU time (user + sys, every attempt), the wall time
+and the code's id. A run whose `result.json` exists is skipped, so the driver can be killed at any moment and
+started again; an interrupted run resumes from its last checkpoint (every ~40 steps) with the same code
+(benchmarks/child_run.py). Only one training job runs at a time per lock file (`--lock`, default
 `benchmarks/results/quality/.lock`); the lock is inherited by the child, so it stays held even if the driver is
 killed while the child runs.
 
 Usage:
-    .venv/bin/python benchmarks/quality.py run --plan mrpc-sweep              # the MRPC tuning sweep, in order
+    .venv/bin/python benchmarks/quality.py run --plan glue                    # 7 methods x 5 tasks x 3 seeds
     .venv/bin/python benchmarks/quality.py run --tasks mrpc,rte --methods lora,sift --seeds 42,43,44 \
         [--lr sift=2e-3 --lr lora=1e-3] [--steps 300] [--tag NAME --set dotted.key=value ...]
-    .venv/bin/python benchmarks/quality.py run --plan glue                    # 7 methods x 5 tasks x 3 seeds
-    .venv/bin/python benchmarks/quality.py list --plan mrpc-sweep             # what is done / queued
+    .venv/bin/python benchmarks/quality.py list --plan glue                   # what is done / queued
+    .venv/bin/python benchmarks/quality.py config --tasks rte --methods s2ft  # print the config a run would use
     .venv/bin/python benchmarks/quality.py table                              # -> benchmarks/results/quality/*.md|json
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import json
 import os
 import shlex
@@ -43,25 +47,22 @@ import yaml
 from child_run import CLI, add_checkpointing, checkpoint_interval, child_env, measured, run_child, save_record
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the registry of this tree, whatever the venv's editable install points at
+from sparse_lightning import registry  # noqa: E402
 OUT = REPO / "benchmarks" / "results" / "quality"
 RUNS = OUT / "runs"
 DATA_DIR = (REPO.parent / "shared" / "data" / "glue").resolve()
 PYTHON = REPO / ".venv" / "bin" / "python"
 
-# The library under test is being refactored in this working tree while the benchmark runs: every run imports a
-# pinned commit, extracted with `git archive` into SNAPSHOTS (PYTHONPATH wins over the venv's editable finder),
-# so all runs of a table train the same code. `--code worktree` uses the live tree instead.
-CODE_COMMIT = "02ee668f415b87003f0dd6658934fa14fabfc9f6"  # LoRA modules_to_save; the MRPC sweep ran at 7875a9a,
-# the first GLUE runs at 5299cc0 (the same training code for every method but LoRA; each result.json records its commit)
+# The library under test: the working tree by default (`--code worktree`); `--code COMMIT` trains that commit instead,
+# extracted with `git archive` into SNAPSHOTS and put first on PYTHONPATH (the tables' older runs were pinned that
+# way: each result.json records its commit). The recipes are always this tree's configs/method/minilm/ fragments.
 SNAPSHOTS = Path(os.environ.get("QUALITY_SNAPSHOTS", "/tmp/sparse_lightning_quality"))
 
 MODEL = "all-MiniLM-L6-v2"
-TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-DENSE = ["classifier", "pooler"]
-# The SST-2 recipe's budget: 0.5% of every encoder Linear = 53,112 sparse entries, plus pooler and classifier
-# dense (148,610 with 2 labels): 201,722 trainable. LoRA r=5 on the same Linears: 207,360 + classifier = 208,130.
-SPARSE_ENTRIES = 53_112
-DENSITY = 0.005
+#: The recipes: configs/method/<FRAGMENTS>/<method>.yaml, the shipped MiniLM defaults chosen on the MRPC sweep
+#: (mrpc.md): every run is one of them plus the run's overrides (a tag names them; "chosen" has none).
+FRAGMENTS = "minilm"
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Schedule (the same for every method and task)
@@ -97,119 +98,61 @@ TASKS: dict[str, Task] = {
 }
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Methods: default learning rate and the config fragment
+# Methods: the registry's, baselines first (the tables' order); each recipe is its shipped fragment
 
-
-DEFAULT_LR = {
-    "full": 5e-5, "lora": 1e-3, "sift": 2e-3, "spiel_ag": 2e-3, "spiel_ma": 1e-2, "s2ft": 2e-3, "random_mask": 2e-3,
-}
-METHODS = tuple(DEFAULT_LR)
-
-
-# The defaults chosen from the MRPC sweep (mrpc.md; two seeds for the leaders): per method, the learning rate and
-# what changes from the base recipe above. SIFT scores |gradient| over 8 batches (0.799 -> 0.822); S2FT puts its
-# budget in 87 down-projection channels with the pooler frozen (0.760 -> 0.804 at 5e-3); full FT 1e-4 (= 5e-5 at
-# 300 steps, faster early). SpIEL-MA: the one rate tried (1e-2). LoRA trains the pooler densely, as the sparse
-# recipes do: with it frozen (PEFT's default, the head only) LoRA stays at the mean on STS-B (Pearson 0.07; 0.848
-# with it trained; 355,970 trainable, 1.76x the sparse count: conservative for the comparison).
-S2FT_ENCODER_BUDGET = {"trainer.callbacks.0.init_args.num_channels": 87,
-                       "trainer.callbacks.0.init_args.dense_modules": ["classifier"]}
+METHODS = (*registry.names(sparse=False)[::-1], *registry.names(sparse=True))
+# LoRA at the sparse methods' count (r=1) and at its own larger ranks (issue 28: the reference is LoRA's best
+# setting), alpha = 2r as chosen, pooler trained as in the fragment: overrides of the LoRA fragment, named by tag.
 LORA_MATCHED = {"model.init_args.lora.r": 1, "model.init_args.lora.alpha": 2}
-# LoRA at its own larger ranks (issue 28: the reference is LoRA's best setting): alpha = 2r as chosen, pooler trained.
 LORA_RANKS = {f"r{r}": {"model.init_args.lora.r": r, "model.init_args.lora.alpha": 2 * r} for r in (8, 16)}
-CHOSEN: dict[str, tuple[float, dict[str, Any]]] = {
-    "full": (1e-4, {}),
-    "lora": (1e-3, {"model.init_args.lora.modules_to_save": ["classifier", "pooler"]}),
-    "sift": (2e-3, {"trainer.callbacks.0.init_args.calibration_batches": 8}),
-    "spiel_ag": (2e-3, {}),
-    "spiel_ma": (1e-2, {}),
-    "s2ft": (5e-3, S2FT_ENCODER_BUDGET),
-    "random_mask": (2e-3, {}),
-}
 
 
-def _adamw(lr: float) -> dict[str, Any]:
-    return {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr, "weight_decay": 0.0}}
+def fragment(method: str) -> dict[str, Any]:
+    """The shipped recipe of `method` for MiniLM (configs/method/minilm/<method>.yaml), as parsed YAML."""
+    return yaml.safe_load(registry.method(method).fragment(FRAGMENTS).read_text(encoding="utf-8"))
 
 
-def _spiel(regrowth: str) -> dict[str, Any]:
-    return {"class_path": "sparse_lightning.callbacks.PruneRegrowCallback",
-            "init_args": {"num_params": SPARSE_ENTRIES, "target_modules": TARGETS, "dense_modules": DENSE,
-                          "regrowth": regrowth, "reselection_interval": 20, "accumulation_steps": 5,
-                          "regrow_fraction": 0.2}}
+def fragment_lr(method: str) -> float:
+    return float(fragment(method)["model"]["init_args"]["optimizer"]["init_args"]["lr"])
 
 
-def method_fragment(method: str, lr: float, seed: int, snapshot: Path | None = None) -> dict[str, Any]:
-    """{'callbacks': [...], 'model': {extra init_args}} for one method."""
-    model: dict[str, Any] = {"optimizer": _adamw(lr)}
-    callbacks: list[dict[str, Any]] = []
-    if method == "full":
-        pass
-    elif method == "lora":
-        model["lora"] = {"r": 5, "alpha": 10, "target_modules": TARGETS}
-    elif method == "sift":
-        callbacks.append({"class_path": "sparse_lightning.callbacks.GradientTopKCallback",
-                          "init_args": {"density": DENSITY, "target_modules": TARGETS, "calibration_batches": 1,
-                                        "dense_modules": DENSE}})
-    elif method == "spiel_ag":
-        callbacks.append(_spiel("gradient"))
-    elif method == "spiel_ma":
-        callbacks.append(_spiel("momentum"))
-        model["optimizer"] = {"class_path": "sparse_lightning.sparse.optim.SM3",
-                              "init_args": {"lr": lr, "weight_decay": 0.0}}
-    elif method == "s2ft":
-        # 23 co-permuted down-projection (output.dense) input channels per layer, random (seeded): 201,602 trainable.
-        callbacks.append({"class_path": "sparse_lightning.callbacks.S2FTStructureCallback",
-                          "init_args": {"train": ["down"], "num_channels": 23, "strategy": "random", "seed": seed,
-                                        "dense_modules": DENSE}})
-    elif method == "random_mask":
-        callbacks.append({"class_path": "sparse_lightning.callbacks.RandomMaskCallback",
-                          "init_args": {"density": DENSITY, "target_modules": TARGETS, "dense_modules": DENSE}})
-    else:
-        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    return {"callbacks": [adapt_callback(c, seed, snapshot) for c in callbacks], "model": model}
+def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` stacked on `base` as a later `--config` is: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
-_SIGNATURES: dict[tuple[str, str], list[str] | None] = {}
-_SIGNATURE_ERRORS: dict[tuple[str, str], str] = {}
+def seeded(callbacks: list[dict[str, Any]], method: str, seed: int) -> list[dict[str, Any]]:
+    """Every seed draws its own random choices: a method callback that takes a `seed` (SpIEL's random start, the
+    random mask, S2FT's random selection) gets the run's."""
+    callback = registry.method(method).callback
+    if callback is None or "seed" not in inspect.signature(callback).parameters:
+        return callbacks
+    return [{**c, "init_args": {**c.get("init_args", {}), "seed": seed}} for c in callbacks]
 
 
-def init_params(class_path: str, snapshot: Path | None = None) -> list[str] | None:
-    """The `__init__` parameter names of a class in the library under test, or None if it does not import.
+def recipe_overrides(record: dict[str, Any]) -> dict[str, Any]:
+    """A result's overrides that its method's fragment does not already say. Runs before the fragments were read
+    spelt their recipe as overrides of an older base (e.g. SIFT's calibration_batches 8); the same recipe now has
+    none, so both group as one in the tables."""
+    recipe = fragment(record["method"])
+    missing = object()
 
-    Checked in the venv's interpreter with the run's PYTHONPATH (a child process: the driver imports no torch)."""
-    key = (class_path, str(snapshot))
-    if key not in _SIGNATURES:
-        module, _, name = class_path.rpartition(".")
-        code = (f"import inspect, json; from {module} import {name} as C; "
-                "print(json.dumps(list(inspect.signature(C.__init__).parameters)))")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        if snapshot is not None:
-            env["PYTHONPATH"] = str(snapshot)
-        proc = subprocess.run([str(PYTHON), "-c", code], cwd="/", capture_output=True, text=True, env=env)
-        _SIGNATURES[key] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
-        _SIGNATURE_ERRORS[key] = (proc.stderr.strip().splitlines() or [""])[-1] if proc.returncode else ""
-    return _SIGNATURES[key]
+    def says(key: str, value: Any) -> bool:
+        node: Any = recipe
+        for part in key.split("."):
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            elif isinstance(node, dict) and part in node:
+                node = node[part]
+            else:
+                node = missing
+                break
+        return node is not missing and node == value
 
-
-def adapt_callback(callback: dict[str, Any], seed: int, snapshot: Path | None) -> dict[str, Any]:
-    """Fit a callback fragment to the library version under test: S2FT's `strategy` became `select_by`; a
-    callback that takes a `seed` (SpIEL's random start, random mask, S2FT) gets the run's seed."""
-    params = init_params(callback["class_path"], snapshot)
-    if params is None:
-        return callback
-    args = dict(callback["init_args"])
-    if "strategy" in args and "select_by" in params:
-        args["select_by"] = args.pop("strategy")
-    if "seed" in params:
-        args["seed"] = seed
-    return {**callback, "init_args": args}
-
-
-def random_mask_available(snapshot: Path | None = None) -> tuple[bool, str]:
-    class_path = "sparse_lightning.callbacks.RandomMaskCallback"
-    ok = init_params(class_path, snapshot) is not None
-    return ok, _SIGNATURE_ERRORS.get((class_path, str(snapshot)), "")
+    return {key: value for key, value in record.get("overrides", {}).items() if not says(key, value)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -229,7 +172,7 @@ class RunSpec:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+        return self.lr if self.lr is not None else fragment_lr(self.method)
 
     @property
     def max_steps(self) -> int:
@@ -269,9 +212,10 @@ def _rel(path: Path) -> str:
     return os.path.relpath(Path(path).resolve(), REPO)
 
 
-def build_config(spec: RunSpec, data_dir: Path = DATA_DIR, snapshot: Path | None = None) -> dict[str, Any]:
+def build_config(spec: RunSpec, data_dir: Path = DATA_DIR) -> dict[str, Any]:
+    """The run's whole config: the benchmark's schedule and task, the method's shipped fragment stacked on it (as a
+    later `--config`), the run's seed and learning rate, then its overrides."""
     task = TASKS[spec.task]
-    fragment = method_fragment(spec.method, spec.learning_rate, spec.seed, snapshot)
     run_dir = spec.run_dir
     config: dict[str, Any] = {
         "seed_everything": spec.seed,
@@ -285,7 +229,6 @@ def build_config(spec: RunSpec, data_dir: Path = DATA_DIR, snapshot: Path | None
             "enable_progress_bar": False,
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                        "init_args": {"save_dir": _rel(run_dir), "name": "", "version": ""}},
-            "callbacks": fragment["callbacks"],
         },
         "model": {
             "class_path": "sparse_lightning.modules.SequenceClassificationModule",
@@ -295,7 +238,7 @@ def build_config(spec: RunSpec, data_dir: Path = DATA_DIR, snapshot: Path | None
                 "lr_schedule": SCHEDULE["lr_schedule"],
                 "model_kwargs": {"hidden_dropout_prob": SCHEDULE["dropout"],
                                  "attention_probs_dropout_prob": SCHEDULE["dropout"]},
-                **fragment["model"],
+                "optimizer": {"class_path": registry.ADAMW, "init_args": {"weight_decay": 0.0}},
             },
         },
         "data": {
@@ -310,6 +253,9 @@ def build_config(spec: RunSpec, data_dir: Path = DATA_DIR, snapshot: Path | None
             },
         },
     }
+    config = merged(config, fragment(spec.method))
+    config["trainer"]["callbacks"] = seeded(config["trainer"].get("callbacks", []), spec.method, spec.seed)
+    config["model"]["init_args"]["optimizer"]["init_args"]["lr"] = spec.learning_rate
     if spec.diagnose:
         config["trainer"]["callbacks"].append({"class_path": "benchmarks.quality_diagnostics.TrainingDiagnostics",
                                                "init_args": {"out": _rel(run_dir)}})
@@ -321,12 +267,25 @@ def build_config(spec: RunSpec, data_dir: Path = DATA_DIR, snapshot: Path | None
     return config
 
 
-def code_snapshot(code: str) -> tuple[Path | None, str]:
-    """(directory to put first on PYTHONPATH, or None for the live tree; the full commit hash or 'worktree')."""
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def worktree_code() -> str:
+    """This tree's code as an id a run records (and resumes only with): HEAD, plus a hash of the uncommitted changes
+    to the library, if any."""
+    library = ("sparse_lightning", "datamodules")
+    changes = _git("diff", "HEAD", "--", *library) + _git("ls-files", "--others", "--exclude-standard", "--", *library)
+    head = _git("rev-parse", "HEAD")
+    return f"{head}+{hashlib.sha1(changes.encode()).hexdigest()[:10]}" if changes else head
+
+
+def code_snapshot(code: str) -> tuple[Path, str]:
+    """(directory to put first on PYTHONPATH, the code's id): this tree for 'worktree', else the commit's
+    `git archive` under SNAPSHOTS."""
     if code == "worktree":
-        return None, "worktree"
-    commit = subprocess.run(["git", "rev-parse", "--verify", f"{code}^{{commit}}"], cwd=REPO, check=True,
-                            capture_output=True, text=True).stdout.strip()
+        return REPO, worktree_code()
+    commit = _git("rev-parse", "--verify", f"{code}^{{commit}}")
     target = SNAPSHOTS / commit
     if not (target / ".complete").exists():
         partial = SNAPSHOTS / f".{commit}.{os.getpid()}"
@@ -347,20 +306,14 @@ def run_one(spec: RunSpec, lock_path: Path, data_dir: Path, driver_command: str,
     if result_path.exists():
         return None
     snapshot, commit = code_snapshot(code)
-    if spec.method == "random_mask":
-        ok, error = random_mask_available(snapshot)
-        if not ok:
-            print(f"[quality] skip {spec.name}: sparse_lightning.callbacks.RandomMaskCallback does not import yet "
-                  f"({error})", flush=True)
-            return None
     config_path = run_dir / "quality_config.yaml"
     header = (f"# issue 14 quality benchmark: {spec.name}\n"
               f"# written by: {driver_command}\n"
-              f"# library code: {commit} (PYTHONPATH={snapshot or 'the working tree'})\n"
+              f"# library code: {commit} (PYTHONPATH={snapshot})\n"
               f"# run: OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/sparse-lightning fit --config {config_path.relative_to(REPO)}\n")
 
     def write_config() -> None:
-        config_path.write_text(header + yaml.safe_dump(build_config(spec, data_dir, snapshot), sort_keys=False))
+        config_path.write_text(header + yaml.safe_dump(build_config(spec, data_dir), sort_keys=False))
 
     command = [str(CLI), "fit", "--config", str(config_path)]
     outcome = run_child(spec.name, run_dir, command, child_env(snapshot), lock_path, commit, write_config)
@@ -379,66 +332,40 @@ def run_one(spec: RunSpec, lock_path: Path, data_dir: Path, driver_command: str,
 # Plans
 
 
+#: The MRPC tuning plans ran (all done) with the recipes of their time, written in this script as overrides of an older
+#: base: a rerun could not rebuild them. Their runs stay in runs/ (each with its whole config).
+RETIRED_PLANS = {"mrpc-sweep": "7875a9a", "mrpc-followup": "7875a9a", "mrpc-followup2": "7875a9a"}
+PLANS = ("glue", "glue-lora-matched", "glue-lora-ranks", "cola-long")
+
+
 def plan_runs(name: str) -> list[RunSpec]:
-    if name == "mrpc-sweep":
-        # issue 14's MRPC tuning sweep (seed 42), in priority order.
-        order = [("lora", 1e-3), ("sift", 2e-3), ("sift", 5e-3), ("spiel_ag", 2e-3), ("spiel_ag", 5e-3),
-                 ("s2ft", 2e-3), ("s2ft", 5e-3), ("full", 5e-5), ("lora", 2e-3), ("sift", 1e-2), ("spiel_ma", 1e-2), ("s2ft", 1e-2)]
-        return [RunSpec("mrpc", method, 42, lr) for method, lr in order]
-    if name == "mrpc-followup":
-        # Diagnostics queued after the sweep: is it the split of the budget? The sparse methods spend 148,610 of
-        # their 201,722 on the pooler and classifier (53,112 encoder entries) while LoRA r=5 puts 207,360 in the
-        # encoder. "enc": all ~201k in the encoder Linears, pooler frozen as under LoRA. "calib8": SIFT scores
-        # |gradient| over 8 batches instead of 1.
-        enc = {"trainer.callbacks.0.init_args.density": None, "trainer.callbacks.0.init_args.num_params": 200_952,
-               "trainer.callbacks.0.init_args.dense_modules": ["classifier"]}
-        # S2FT "enc": 87 down-projection channels per layer (87 x 384 x 6 = 200,448) + the classifier.
-        s2ft_enc = S2FT_ENCODER_BUDGET
-        return [RunSpec("mrpc", "sift", 42, 2e-3, tag="enc", overrides=dict(enc)),
-                RunSpec("mrpc", "spiel_ag", 42, 2e-3, tag="enc", overrides=dict(enc)),
-                RunSpec("mrpc", "s2ft", 42, 2e-3, tag="enc", overrides=s2ft_enc),
-                RunSpec("mrpc", "sift", 42, 2e-3, tag="calib8",
-                        overrides={"trainer.callbacks.0.init_args.calibration_batches": 8})]
-    if name == "mrpc-followup2":
-        # What the first follow-up suggested: SIFT gains from 8 calibration batches (0.799 -> 0.819 at 2e-3) and
-        # from 5e-3 (0.811), so both together; S2FT gains from 87 encoder channels (0.762 -> 0.797); full FT below
-        # LoRA at 5e-5 may be too slow a rate for 300 steps. Then a second seed of the leaders, to see the noise.
-        calib8 = {"trainer.callbacks.0.init_args.calibration_batches": 8}
-        s2ft_enc = S2FT_ENCODER_BUDGET
-        return [RunSpec("mrpc", "sift", 42, 5e-3, tag="calib8", overrides=dict(calib8)),
-                RunSpec("mrpc", "s2ft", 42, 5e-3, tag="enc", overrides=dict(s2ft_enc)),
-                RunSpec("mrpc", "full", 42, 1e-4),
-                RunSpec("mrpc", "lora", 43, 1e-3),
-                RunSpec("mrpc", "spiel_ag", 43, 2e-3),
-                RunSpec("mrpc", "sift", 43, 2e-3, tag="calib8", overrides=dict(calib8))]
     if name == "glue":
         # The chosen defaults on every task, seed by seed (a whole seed is a complete table); MRPC last in each seed,
         # since the sweep already ran its configurations (at an older commit).
         order = ["sst2", "stsb", "rte", "cola", "mrpc"]
-        return [RunSpec(task, method, seed, CHOSEN[method][0], tag="chosen", overrides=dict(CHOSEN[method][1]))
-                for seed in (42, 43, 44) for task in order for method in METHODS]
+        return [RunSpec(task, method, seed, tag="chosen") for seed in (42, 43, 44) for task in order
+                for method in METHODS]
     if name == "glue-lora-matched":
         # LoRA at the sparse methods' trainable count and budget split: r=1 (alpha 2, the chosen alpha/r) in the
         # encoder, pooler and classifier dense: 41,472 + 148,610 = 190,082 trainable (the sparse rows: 201,722).
-        return [RunSpec(task, "lora", seed, CHOSEN["lora"][0], tag="matched",
-                        overrides={**CHOSEN["lora"][1], **LORA_MATCHED})
+        return [RunSpec(task, "lora", seed, tag="matched", overrides=dict(LORA_MATCHED))
                 for seed in (42, 43, 44) for task in ["sst2", "stsb", "rte", "cola", "mrpc"]]
     if name == "glue-lora-ranks":
         # LoRA r=8 and r=16 (tags r8, r16), the chosen lr and alpha/r, pooler trained; CoLA and MRPC first.
-        return [RunSpec(task, "lora", seed, CHOSEN["lora"][0], tag=tag, overrides={**CHOSEN["lora"][1], **extra})
+        return [RunSpec(task, "lora", seed, tag=tag, overrides=dict(extra))
                 for seed in (42, 43, 44) for task in ["cola", "mrpc", "sst2", "stsb", "rte"]
                 for tag, extra in LORA_RANKS.items()]
     if name == "cola-long":
-        # Issue 28, H1 (300 steps is too short on CoLA): every method's chosen recipe, and LoRA r=16, at 600 steps,
-        # seed by seed (a whole seed is a complete row set).
-        methods = ["lora", "sift", "spiel_ag", "s2ft", "spiel_ma", "full"]
+        # Issue 28, H1 (300 steps is too short on CoLA): every method's chosen recipe but the random mask's, and LoRA
+        # r=16, at 600 steps, seed by seed (a whole seed is a complete row set).
+        methods = [m for m in METHODS if m != "random_mask"]
         return [spec for seed in (42, 43, 44) for spec in
-                [RunSpec("cola", m, seed, CHOSEN[m][0], tag="chosen", overrides=dict(CHOSEN[m][1]), steps=600)
-                 for m in methods]
-                + [RunSpec("cola", "lora", seed, CHOSEN["lora"][0], tag="r16", steps=600,
-                           overrides={**CHOSEN["lora"][1], **LORA_RANKS["r16"]})]]
-    raise SystemExit(f"unknown plan {name!r}; known: mrpc-sweep, mrpc-followup, mrpc-followup2, glue, "
-                     "glue-lora-matched, glue-lora-ranks, cola-long")
+                [RunSpec("cola", m, seed, tag="chosen", steps=600) for m in methods]
+                + [RunSpec("cola", "lora", seed, tag="r16", steps=600, overrides=dict(LORA_RANKS["r16"]))]]
+    if name in RETIRED_PLANS:
+        raise SystemExit(f"plan {name} is done and retired: it ran with the recipes of commit {RETIRED_PLANS[name]} "
+                         f"(git show {RETIRED_PLANS[name]}:benchmarks/quality.py); its runs are in {_rel(RUNS)}")
+    raise SystemExit(f"unknown plan {name!r}; known: {', '.join(PLANS)}")
 
 
 def _parse_value(text: str) -> Any:
@@ -458,8 +385,10 @@ def specs_from_args(args: argparse.Namespace) -> list[RunSpec]:
         for item in args.lr or []:
             method, _, values = item.partition("=")
             lrs[method] = [float(v) for v in values.split(",")]
-        specs = [RunSpec(task, method, seed, lr) for seed in seeds for task in tasks for method in methods
-                 for lr in lrs.get(method, [None])]
+        specs = [RunSpec(task, method, seed, lr, tag="chosen") for seed in seeds for task in tasks
+                 for method in methods for lr in lrs.get(method, [None])]
+    if args.set and not args.tag:
+        raise SystemExit("--set changes the recipe: name the change with --tag NAME (run names carry it)")
     overrides = {}
     for item in args.set or []:
         key, _, value = item.partition("=")
@@ -508,7 +437,7 @@ def make_tables(table_command: str) -> list[Path]:
         task = TASKS[task_name]
         groups: dict[tuple, list[dict[str, Any]]] = {}
         for r in rows:
-            key = (r["method"], r["lr"], r["max_steps"], r.get("tag", ""), json.dumps(r.get("overrides", {}), sort_keys=True))
+            key = (r["method"], r["lr"], r["max_steps"], r.get("tag", ""), json.dumps(recipe_overrides(r), sort_keys=True))
             groups.setdefault(key, []).append(r)
         order = {m: i for i, m in enumerate(METHODS)}
         keys = sorted(groups, key=lambda k: (order.get(k[0], 99), k[1], k[2], k[3], k[4]))
@@ -543,7 +472,8 @@ def make_tables(table_command: str) -> list[Path]:
                   "|---|---:|---:|---|---:|---|" + "---:|" * len(task.metrics) + "---|---:|"]
         for key in keys:
             group = sorted(groups[key], key=lambda r: r["seed"])
-            method, lr, steps, tag, overrides = key
+            method, lr, steps, tag, _ = key
+            overrides = json.dumps(group[0].get("overrides", {}), sort_keys=True)  # as its runs recorded them
             trainable = sorted({r["trainable_params"] for r in group if r["trainable_params"]})
             finals = {m: [r["final"][m] for r in group if m in r["final"]] for m in task.metrics}
             per_step: dict[int, list[float]] = {}
@@ -620,7 +550,8 @@ def glue_row(result: dict[str, Any]) -> str:
     return "lora_matched" if tag == "matched" else f"lora_{tag}" if tag in LORA_RANKS else result["method"]
 
 
-GLUE_ROWS = ("full", "lora", *(f"lora_{tag}" for tag in LORA_RANKS), "lora_matched", *METHODS[2:])
+GLUE_ROWS = (*registry.names(sparse=False)[::-1], *(f"lora_{tag}" for tag in LORA_RANKS), "lora_matched",
+             *registry.names(sparse=True))
 GLUE_REFERENCES = {"lora": "LoRA", "lora_matched": "LoRA r=1", "full": "full"}
 
 
@@ -656,8 +587,8 @@ def glue_summary(results: list[dict[str, Any]], table_command: str) -> str:
     seeds = sorted({r["seed"] for r in results})
     lines = [
         "# GLUE with the chosen defaults (issue 14)", "",
-        f"all-MiniLM-L6-v2, every method at its chosen default (`CHOSEN` in benchmarks/quality.py, the MiniLM method "
-        f"configs), {SCHEDULE['max_steps']} steps of {SCHEDULE['batch_size']}, final dev metric x 100: "
+        f"all-MiniLM-L6-v2, every method at its chosen default (its MiniLM method config, "
+        f"`configs/method/minilm/<method>.yaml`), {SCHEDULE['max_steps']} steps of {SCHEDULE['batch_size']}, final dev metric x 100: "
         + ", ".join(f"{t} {TASKS[t].main}" for t in tasks)
         + f". Seeds so far: {', '.join(map(str, seeds))}; mean ± std over seeds where a cell has more than one. "
         f"{len(results)} runs, {cpu / 3600:.2f} core-hours (one thread each). Tuned on MRPC only (SST-2 and STS-B "
@@ -698,25 +629,25 @@ def glue_summary(results: list[dict[str, Any]], table_command: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["run", "list", "table", "config"])
-    parser.add_argument("--plan", help="mrpc-sweep | mrpc-followup | mrpc-followup2 | glue | glue-lora-matched | cola-long | "
-                        "glue-lora-ranks")
+    parser.add_argument("--plan", help=" | ".join(PLANS))
     parser.add_argument("--tasks", help="comma-separated (default mrpc); with --plan, only these of the plan's")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", default="42")
-    parser.add_argument("--lr", action="append", help="METHOD=LR[,LR...] (repeatable); default: DEFAULT_LR")
+    parser.add_argument("--lr", action="append", help="METHOD=LR[,LR...] (repeatable); default: the "
+                        "method config's")
     parser.add_argument("--steps", type=int, help=f"max optimizer steps (default {SCHEDULE['max_steps']})")
-    parser.add_argument("--tag", default="", help="names the override set in the run name")
+    parser.add_argument("--tag", default="", help="names the override set in the run name (without --plan, default "
+                        "'chosen': the method configs as shipped)")
     parser.add_argument("--set", action="append", help="dotted.config.key=YAML value (repeatable), e.g. "
                         "trainer.callbacks.0.init_args.calibration_batches=4; use with --tag")
     parser.add_argument("--diagnose", action="store_true", help="log per-group gradient / update norms and the "
-                        "sparse selection into the run directory (benchmarks/quality_diagnostics.py); needs --code "
-                        "at a commit that has that file")
+                        "sparse selection into the run directory (benchmarks/quality_diagnostics.py)")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
     parser.add_argument("--lock", type=Path, default=OUT / ".lock",
                         help="one training job at a time per lock; a second driver with another lock runs a second "
                              "job beside the first, taking the runs the first has not claimed")
-    parser.add_argument("--code", default=CODE_COMMIT, help="library commit to train with (git archive into "
-                        f"{SNAPSHOTS}), or 'worktree' for the live tree; default {CODE_COMMIT[:10]}")
+    parser.add_argument("--code", default="worktree", help="library code to train: 'worktree' (this tree, the "
+                        f"default) or a commit (git archive into {SNAPSHOTS}); the recipes are this tree's either way")
     args = parser.parse_args(argv)
     command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
 
@@ -734,8 +665,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.mode == "config":
         for spec in specs:
-            snapshot, _ = code_snapshot(args.code)
-            print(f"# {spec.name}\n" + yaml.safe_dump(build_config(spec, args.data_dir, snapshot), sort_keys=False))
+            print(f"# {spec.name}\n" + yaml.safe_dump(build_config(spec, args.data_dir), sort_keys=False))
         return
     OUT.mkdir(parents=True, exist_ok=True)
     args.lock.parent.mkdir(parents=True, exist_ok=True)

@@ -9,12 +9,16 @@ with the benchmark's test sets (AddSub, SingleEq, MultiArith, SVAMP: the first 2
 task's, so `drop_train_overlap` leaves 1,258 of the 3,260 training records. The CLI's `--print_config` writes the
 whole configuration into `benchmarks/results/quality/math_runs/<name>/quality_config.yaml`, which is then trained
 (`fit`) or, for the untrained model, scored (`validate`). 200 steps of 8, one validation at the end, one seed; the
-learning rates are the method configs' (untuned on math: no tuning budget is left after GLUE). By default the
-untrained model and four methods (BUDGETED, below: ~1.5 core-hours a run, ~5.5 in all). Runs, locks, pinned
-code and result.json work as in quality.py (the same helpers): kill the driver at any moment and start it again.
+learning rates are the method configs' (untuned on math: no tuning budget is left after GLUE). A run costs ~1.5
+core-hours, so `--methods` says which: the table holds the untrained model (`base`) and LoRA (the reference), SIFT,
+S2FT (whose paper's headline is math) and SpIEL-AG (the best sparse method on GLUE), ~7 core-hours; full FT (the
+costliest step, 1.6x LoRA's), the random mask and SpIEL-MA (the two weakest on GLUE) were left out of issue 14's
+~4 core-hour budget. Runs, locks, code and result.json work as in quality.py (the same helpers; this tree's library
+by default, `--code COMMIT` for another): kill the driver at any moment and start it again.
 
 Usage:
-    .venv/bin/python benchmarks/quality_math.py run [--methods lora,sift] [--lock benchmarks/results/quality/.lock2]
+    .venv/bin/python benchmarks/quality_math.py run --methods base,lora,sift,s2ft,spiel_ag \
+        [--lock benchmarks/results/quality/.lock2]
     .venv/bin/python benchmarks/quality_math.py table        # -> benchmarks/results/quality/math.md|json
 """
 
@@ -34,23 +38,16 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from child_run import (CLI, add_checkpointing, checkpoint_interval, child_env, measured, run_child,  # noqa: E402
                        save_record)
+from quality import METHODS as GLUE_METHODS  # noqa: E402
 from quality import OUT, REPO, code_snapshot, time_spent  # noqa: E402
 
 RUNS = OUT / "math_runs"
 DATA_DIR = (REPO.parent / "shared" / "data" / "math_reasoning").resolve()
 EVAL_SETS = ["AddSub", "SingleEq", "MultiArith", "SVAMP"]
 SEED = 42
-# The code these runs train with (quality.py's snapshot mechanism): the commit that set SpIEL's SmolLM2 rates.
-CODE_COMMIT = "6d025968de9981d4d197156003131552aea14df1"
-# Priority order (a partial table is still a comparison). One SmolLM2 step of 8 costs ~20 CPU s at one thread, so a
-# run is ~70 CPU min of training and ~20-30 of generation: all seven methods would be ~11 core-hours against the ~4
-# issue 14 gives the math table. Fewer methods at the full 200 steps, not seven at a schedule too short to learn the
-# answer format: the untrained model and four methods, ~5.5 core-hours.
-# The four: LoRA (the reference), SIFT, S2FT (whose paper's headline is math), SpIEL-AG (the best sparse method on
-# GLUE). Full FT (the costliest step, 1.6x LoRA's), the random mask and SpIEL-MA (the two weakest on GLUE) run only
-# when asked for (--methods).
-METHODS = ("base", "lora", "sift", "s2ft", "spiel_ag", "full", "random_mask", "spiel_ma")
-BUDGETED = METHODS[:5]
+# One SmolLM2 step of 8 costs ~20 CPU s at one thread, so a run is ~70 CPU min of training and ~20-30 of generation:
+# all seven methods would be ~11 core-hours. "base" is the untrained model (validated, not trained).
+METHODS = ("base", *GLUE_METHODS)
 CHECKPOINT_EVERY = 25  # optimizer steps between the resume checkpoints (~8 CPU min; a run is 200)
 
 
@@ -118,7 +115,8 @@ def make_table(table_command: str) -> list[Path]:
         "1,258 training records left after dropping every question of the four test sets, seed 42. Accuracy x 100 "
         "on the first 200 of each test set, greedy, up to 160 new tokens, answer extracted from the reply. "
         f"{len(results)} runs, {cpu / 3600:.2f} core-hours (one thread each).", "",
-        "```bash", "python benchmarks/quality_math.py run", table_command, "```", "",
+        "```bash", f"python benchmarks/quality_math.py run --methods {','.join(m for m in METHODS if m in results)}",
+        table_command, "```", "",
         f"Seed: {SEED} ({len(results)} run{'s' if len(results) != 1 else ''}, {time_spent(results.values())}).", "",
         *([f"Not run: {', '.join(missing)} (issue 14 gives the math table ~4 core-hours; GLUE's three seeds came "
            "first).", ""] if (missing := [m for m in METHODS if m not in results]) else []),
@@ -149,16 +147,17 @@ def make_table(table_command: str) -> list[Path]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["run", "table"])
-    parser.add_argument("--methods", default=",".join(BUDGETED),
-                        help=f"comma-separated, of {', '.join(METHODS)} (default: {', '.join(BUDGETED)})")
+    parser.add_argument("--methods", help=f"comma-separated, of {', '.join(METHODS)} (needed to run)")
     parser.add_argument("--lock", type=Path, default=OUT / ".lock", help="one training job at a time per lock")
-    parser.add_argument("--code", default=CODE_COMMIT, help="library commit to train with, or 'worktree'")
+    parser.add_argument("--code", default="worktree", help="library code to train: 'worktree' (default) or a commit")
     args = parser.parse_args(argv)
     command = "python benchmarks/quality_math.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.mode == "table":
         for path in make_table(command):
             print(f"wrote {path.relative_to(REPO)}")
         return
+    if not args.methods:
+        raise SystemExit("say which methods to run: --methods base,lora,... (a run costs ~1.5 core-hours)")
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

@@ -146,7 +146,7 @@ def check_model_and_method(config: dict[str, Any], model: str, method: str) -> N
         assert callbacks[0]["init_args"]["regrowth"] == {"spiel_ag": "gradient", "spiel_ma": "momentum"}[method]
     if method == "s2ft":
         assert callbacks[0]["init_args"]["select_by"] == "random"
-    if model == "minilm" and callbacks:  # the chosen budget (benchmarks/quality.py CHOSEN): ~201k trainable each
+    if model == "minilm" and callbacks:  # the chosen budget (benchmarks/results/quality/mrpc.md): ~201k trainable each
         args = callbacks[0]["init_args"]
         if method == "s2ft":
             assert (args["num_channels"], args["dense_modules"]) == (87, ["classifier"])

@@ -1,5 +1,7 @@
 """benchmarks/quality.py's GLUE summary: LoRA at the sparse count is its own row and its own reference column, the
-gaps are means over the tasks every row has, and the matched plan really trains LoRA r=1 with the pooler."""
+gaps are means over the tasks every row has, and the matched plan really trains LoRA r=1 with the pooler. Every run
+is its method's shipped MiniLM config plus its overrides, and runs that spelt the same recipe as overrides of the
+older base group with the new ones."""
 
 from __future__ import annotations
 
@@ -7,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+
+from sparse_lightning import registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 quality = pytest.importorskip("quality")
@@ -61,3 +66,43 @@ def test_matched_plan_trains_rank_one_lora_with_the_pooler() -> None:
     lora = quality.build_config(specs[0])["model"]["init_args"]["lora"]
     assert (lora["r"], lora["alpha"]) == (1, 2)
     assert lora["modules_to_save"] == ["classifier", "pooler"]
+
+
+def test_every_plan_run_is_the_shipped_method_config(tmp_path: Path) -> None:
+    seeds = {spec.method: spec for spec in quality.plan_runs("glue") if spec.task == "rte" and spec.seed == 43}
+    assert list(seeds) == list(quality.METHODS)
+    for method, spec in seeds.items():
+        shipped = yaml.safe_load(registry.method(method).fragment("minilm").read_text())
+        config = quality.build_config(spec, tmp_path)
+        assert spec.name == f"rte-{method}-lr{shipped['model']['init_args']['optimizer']['init_args']['lr']:g}-chosen-s43"
+        optimizer = config["model"]["init_args"]["optimizer"]
+        assert optimizer["init_args"] == {**shipped["model"]["init_args"]["optimizer"]["init_args"], "weight_decay": 0.0}
+        assert optimizer["class_path"] == registry.method(method).optimizer
+        callbacks = [c for c in config["trainer"]["callbacks"] if c["class_path"].startswith("sparse_lightning")]
+        expected = shipped.get("trainer", {}).get("callbacks", [])
+        assert [c["class_path"] for c in callbacks] == [c["class_path"] for c in expected]
+        for built, recipe in zip(callbacks, expected):
+            assert built["init_args"] == {**recipe["init_args"], **({"seed": 43} if "seed" in built["init_args"]
+                                                                      else {})}
+        assert config["model"]["init_args"].get("lora") == shipped["model"]["init_args"].get("lora")
+    assert seeds["s2ft"].overrides == {} and "seed" in quality.build_config(seeds["s2ft"])["trainer"]["callbacks"][0][
+        "init_args"]
+
+
+def test_old_spellings_of_the_chosen_recipe_group_with_the_new() -> None:
+    old = {**result("sift", "mrpc", 42, 0.8), "overrides": {"trainer.callbacks.0.init_args.calibration_batches": 8}}
+    new = {**result("sift", "mrpc", 43, 0.9), "overrides": {}}
+    other = {**result("sift", "mrpc", 44, 0.7, tag="calib4"),
+             "overrides": {"trainer.callbacks.0.init_args.calibration_batches": 4}}
+    assert quality.recipe_overrides(old) == quality.recipe_overrides(new) == {}
+    assert quality.recipe_overrides(other) == other["overrides"]
+    lora = {**result("lora", "cola", 42, 0.3, tag="r16"),
+            "overrides": {"model.init_args.lora.modules_to_save": ["classifier", "pooler"], **quality.LORA_RANKS["r16"]}}
+    assert quality.recipe_overrides(lora) == quality.LORA_RANKS["r16"]
+
+
+def test_retired_plans_and_unnamed_overrides_say_what_to_do() -> None:
+    with pytest.raises(SystemExit, match="plan mrpc-sweep is done and retired: it ran with the recipes of commit"):
+        quality.plan_runs("mrpc-sweep")
+    with pytest.raises(SystemExit, match="--set changes the recipe: name the change with --tag"):
+        quality.main(["list", "--methods", "sift", "--set", "trainer.max_steps=3"])
