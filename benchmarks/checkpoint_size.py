@@ -37,11 +37,7 @@ TASKS = {"minilm": "sst2", "smollm2": "alpaca"}
 
 
 def configs(model: str, method: str) -> list[str]:
-    """The tuned experiment config where one exists (MiniLM's SIFT row is the quick start), else the composition
-    model + task + method."""
-    experiment = f"configs/experiments/{TASKS[model]}/{method}.yaml"
-    if model == "minilm" and (REPO / experiment).is_file():
-        return [experiment]
+    """The composition model + task + method (MiniLM's SIFT row is the quick start)."""
     return [f"configs/model/{model}.yaml", f"configs/task/{TASKS[model]}.yaml", f"configs/method/{model}/{method}.yaml"]
 
 
@@ -103,7 +99,8 @@ def main() -> None:
         "",
         f"`python benchmarks/checkpoint_size.py --models {' '.join(args.models)}`: for each method, a {STEPS}-step "
         "`sparse-lightning fit` (the repository's model + task + method configs, one thread) that saves one "
-        "checkpoint (MiniLM's SIFT row is the quick start, `configs/experiments/sst2/sift.yaml`), run once with `--model.full_checkpoint true` (the whole model, as every checkpoint was before) "
+        "checkpoint (MiniLM's SIFT row is the quick start: `configs/model/minilm.yaml` + `configs/task/sst2.yaml` + "
+        "`configs/method/minilm/sift.yaml`), run once with `--model.full_checkpoint true` (the whole model, as every checkpoint was before) "
         "and once by default (a delta checkpoint: what trains, its optimizer state, RNG, data position and a "
         "fingerprint of the base). A row's command, e.g.:",
         "",

@@ -232,12 +232,13 @@ def test_batches_must_say_what_to_evaluate(tiny_lm_dir):
         CausalLMModule(str(tiny_lm_dir), dtype="fp33")
 
 
-@pytest.mark.parametrize("config", [f"experiments/{task}/{method}.yaml" for method in ("sift", "full")
-                                    for task in ("alpaca", "math", "commonsense")] + ["eval/math.yaml", "eval/commonsense.yaml"])
-def test_committed_configs_parse(config, capsys):
-    command = "validate" if config.startswith("eval/") else "fit"
+@pytest.mark.parametrize("configs", [["model/smollm2.yaml", f"task/{task}.yaml", f"method/smollm2/{method}.yaml"]
+                                     for method in ("sift", "full") for task in ("alpaca", "math", "commonsense")]
+                         + [["eval/math.yaml"], ["eval/commonsense.yaml"]], ids=str)
+def test_committed_configs_parse(configs, capsys):
+    command = "validate" if configs[0].startswith("eval/") else "fit"
     with pytest.raises(SystemExit) as exit_info:
-        cli.main([command, "--config", str(CONFIGS / config), "--print_config"])
+        cli.main([command, *[a for c in configs for a in ("--config", str(CONFIGS / c))], "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "class_path: sparse_lightning.modules.CausalLMModule" in capsys.readouterr().out
 

@@ -27,10 +27,10 @@ CONFIGS = ROOT / "configs"
 
 # Every GLUE task carries the quality table's recipe: a step schedule and dropout off (the method defaults were
 # chosen under it). task -> (max_steps, val_check_interval, max_length); the five benchmarked tasks but SST-2 run
-# benchmarks/quality.py's schedule, 300 steps validated every 100; SST-2 is the quick start's one pass.
+# benchmarks/quality.py's schedule, 300 steps validated every 100; SST-2 is the quick start's 400 steps.
 GLUE_SCHEDULES = {"cola": (300, 100, 64), "mrpc": (300, 100, 128), "rte": (300, 100, 128), "stsb": (300, 100, 128),
                   "wnli": (300, 100, 128), "qnli": (900, 300, 128), "mnli": (3000, 1000, 128),
-                  "qqp": (3000, 1000, 128), "sst2": (900, 300, 128)}
+                  "qqp": (3000, 1000, 128), "sst2": (400, 400, 128)}
 GLUE_TASKS = list(GLUE_SCHEDULES)
 LM_TASKS = {"math": "datamodules.reasoning.MathDataModule",
             "commonsense": "datamodules.reasoning.CommonsenseDataModule",
@@ -39,15 +39,14 @@ LM_TASKS = {"math": "datamodules.reasoning.MathDataModule",
 MODELS = {"minilm": ("sparse_lightning.modules.SequenceClassificationModule", "all-MiniLM-L6-v2", GLUE_TASKS),
           "smollm2": ("sparse_lightning.modules.CausalLMModule", "SmolLM2-135M-Instruct", list(LM_TASKS))}
 SM3 = REGISTRY["spiel_ma"].optimizer
-#: The chosen learning rate of every method of the registry, per model (a method missing here fails its compositions),
-#: and in docs/results.md's SST-2 table (configs/experiments/sst2/).
+#: The chosen learning rate of every method of the registry, per model (a method missing here fails its compositions).
 LR = {
-    "full": {"minilm": 1e-4, "smollm2": 2e-5, "sst2": 5e-5},
-    "lora": {"minilm": 1e-3, "smollm2": 1e-3, "sst2": 1e-3},
-    "sift": {"minilm": 2e-3, "smollm2": 1e-3, "sst2": 2e-3},
-    "spiel_ag": {"minilm": 2e-3, "smollm2": 1e-3, "sst2": 2e-3},
-    "spiel_ma": {"minilm": 1e-2, "smollm2": 5e-3, "sst2": 1e-2},
-    "s2ft": {"minilm": 5e-3, "smollm2": 1e-3, "sst2": 2e-3},
+    "full": {"minilm": 1e-4, "smollm2": 2e-5},
+    "lora": {"minilm": 1e-3, "smollm2": 1e-3},
+    "sift": {"minilm": 2e-3, "smollm2": 1e-3},
+    "spiel_ag": {"minilm": 2e-3, "smollm2": 1e-3},
+    "spiel_ma": {"minilm": 1e-2, "smollm2": 5e-3},
+    "s2ft": {"minilm": 5e-3, "smollm2": 1e-3},
     "random_mask": {"minilm": 2e-3, "smollm2": 1e-3},
 }
 METHODS = list(REGISTRY)
@@ -63,17 +62,18 @@ COMPOSITIONS = [(model, task, method) for model, (_, _, tasks) in MODELS.items()
 # Tasks on the user's own files (docs/data.md): task -> (model, datamodule class)
 OWN_DATA_TASKS = {"csv_classification": ("minilm", "datamodules.text_classification.TextClassificationDataModule")}
 OWN_DATA_COMPOSITIONS = [(model, task, method) for task, (model, _) in OWN_DATA_TASKS.items() for method in METHODS]
-EXPERIMENTS = sorted(str(p.relative_to(CONFIGS)) for p in (CONFIGS / "experiments").rglob("*.yaml"))
-STANDALONE = EXPERIMENTS + ["eval/math.yaml", "eval/commonsense.yaml"]
+STANDALONE = ["eval/math.yaml", "eval/commonsense.yaml"]
+#: The README's first command: the chosen MiniLM SIFT recipe on SST-2's quick-start schedule.
+QUICK_START = ["model/minilm.yaml", "task/sst2.yaml", "method/minilm/sift.yaml"]
 # (base configs, fragment, what the fragment must set)
 STACKED = [
-    (["experiments/sst2/sift.yaml"], "strategy/ddp.yaml", {"trainer.strategy": "ddp", "trainer.devices": 2}),
+    (QUICK_START, "strategy/ddp.yaml", {"trainer.strategy": "ddp", "trainer.devices": 2}),
     (["model/minilm.yaml", "task/cola.yaml", "method/minilm/sift.yaml"], "strategy/ddp.yaml",
      {"trainer.strategy": "ddp", "trainer.devices": 2}),
     (["model/smollm2.yaml", "task/alpaca.yaml", "method/smollm2/spiel_ag.yaml"], "strategy/fsdp2.yaml",
      {"trainer.strategy.class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
       "trainer.strategy.init_args.data_parallel_size": 2, "trainer.devices": 2}),
-    (["experiments/alpaca/sift.yaml"], "strategy/fsdp2_bf16.yaml",
+    (["model/smollm2.yaml", "task/alpaca.yaml", "method/smollm2/sift.yaml"], "strategy/fsdp2_bf16.yaml",
      {"trainer.strategy.class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
       "model.init_args.fsdp_param_dtype": "bfloat16"}),
     (["model/minilm.yaml", "task/sst2.yaml", "method/minilm/spiel_ma.yaml"], "precision/bf16_mixed.yaml",
@@ -105,7 +105,7 @@ def parser():
         patch.setattr(sys, "argv", ["sparse-lightning"])
         return ParseOnly(SparseFineTuningModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
                          auto_configure_optimizers=False,
-                         args=["--config", str(CONFIGS / "experiments/sst2/sift.yaml")]).parser
+                         args=[a for c in QUICK_START for a in ("--config", str(CONFIGS / c))]).parser
 
 
 @pytest.fixture(scope="module")
@@ -184,47 +184,23 @@ def test_compositions_parse_to_what_each_fragment_says(parse, model, task, metho
 @pytest.mark.parametrize("config_file", STANDALONE)
 def test_standalone_configs_parse(parse, config_file):
     config = parse([config_file])
-    model = "minilm" if "sst2" in config_file else "smollm2"
-    if config_file.startswith("experiments/"):
-        method = Path(config_file).stem
-        if model == "smollm2":
-            check_model_and_method(config, model, method)
-        else:
-            check_sst2_experiment(config, method)
-    else:
-        assert config["model"]["class_path"] == MODELS["smollm2"][0]
-        assert config["data"]["init_args"]["tokenizer_name_or_path"] == "SmolLM2-135M-Instruct"
-        assert config["data"]["init_args"]["val_fraction"] == 0.0  # evaluation only
+    assert config["model"]["class_path"] == MODELS["smollm2"][0]
+    assert config["data"]["init_args"]["tokenizer_name_or_path"] == "SmolLM2-135M-Instruct"
+    assert config["data"]["init_args"]["val_fraction"] == 0.0  # evaluation only
 
 
-def check_sst2_experiment(config: dict[str, Any], method: str) -> None:
-    """The SST-2 table of docs/results.md: one schedule for every method, only the method's own settings differ;
-    SIFT's file is the quick start: the chosen recipe (8 calibration batches) on 400 steps, validated once at the end."""
-    init, trainer = config["model"]["init_args"], config["trainer"]
-    schedule = (400, 400) if method == "sift" else (900, 300)
-    assert (trainer["max_steps"], trainer["val_check_interval"]) == schedule
-    if method == "sift":
-        assert trainer["callbacks"][0]["init_args"]["calibration_batches"] == 8  # configs/method/minilm/sift.yaml
-    assert config["data"]["init_args"]["data_dir"] == "bundled" and config["data"]["init_args"]["task"] == "sst2"
-    assert config["data"]["init_args"]["tokenizer_name_or_path"] == "all-MiniLM-L6-v2"
-    assert init["model_kwargs"] == {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-    assert init["warmup_ratio"] == 0.06 and init["lr_schedule"] == "linear"
-    assert init["optimizer"]["init_args"]["lr"] == pytest.approx(LR[method]["sst2"])
-    callbacks = trainer.get("callbacks") or []
-    if method not in ("full", "lora"):
-        assert len(callbacks) == 1 and callbacks[0]["init_args"]["dense_modules"] == ["classifier", "pooler"]
+def test_the_quick_start_is_the_chosen_sift_recipe_on_400_steps(parse):
+    """One recipe per (model, task, method): the quick start is the composition, on SST-2's quick-start schedule."""
+    config = parse(QUICK_START)
+    check_model_and_method(config, "minilm", "sift")
+    assert (config["trainer"]["max_steps"], config["trainer"]["val_check_interval"]) == (400, 400)
+    assert config["trainer"]["log_every_n_steps"] == 25 and config["data"]["init_args"]["data_dir"] == "bundled"
 
 
-@pytest.mark.parametrize("task", [task for task in LM_TASKS if (CONFIGS / "experiments" / task).is_dir()])
-@pytest.mark.parametrize("method", ["sift", "full"])
-def test_the_causal_lm_experiments_are_their_compositions(parse, task, method):
-    """The files behind the SmolLM2 results of docs/results.md equal the composition, except where the run logs."""
-    experiment = parse([f"experiments/{task}/{method}.yaml"])
-    composed = parse(composition("smollm2", task, method))
-    assert get(experiment, "trainer.logger.init_args.name") == f"{method}-{task}"
-    for config in (experiment, composed):
-        del config["trainer"]["logger"]["init_args"]["name"], config["trainer"]["logger"]["init_args"]["save_dir"]
-    assert experiment == composed
+def test_there_is_no_second_recipe_file():
+    """configs/ holds fragments (model, task, method, strategy, precision) and evaluation configs only: no whole-run
+    copies of a composition that could drift from it (issue 27)."""
+    assert sorted(p.name for p in CONFIGS.iterdir()) == ["eval", "method", "model", "precision", "strategy", "task"]
 
 
 @pytest.mark.parametrize(("configs", "fragment", "expected"), STACKED,
@@ -272,7 +248,7 @@ def test_readme_commands_parse(parse, configs):
 
 def test_the_readme_documents_the_composition_and_the_quick_start():
     configs = readme_commands()
-    assert configs[0] == ["experiments/sst2/sift.yaml"]  # the quick start comes first
+    assert configs[0] == QUICK_START  # the quick start comes first
     assert ["model/minilm.yaml", "task/cola.yaml", "method/minilm/sift.yaml"] in configs
     assert ["model/smollm2.yaml", "task/math.yaml", "method/smollm2/sift.yaml"] in configs
 

@@ -7,7 +7,8 @@ RUN=runs/$NAME
 echo "lock acquired $(date -u +%T)"
 STEPS=50; LIMIT=100
 echo "steps $STEPS limit $LIMIT"
-/usr/bin/time -f "fit: %e s wall, %U s user" .venv/bin/sparse-lightning fit --config configs/experiments/math/sift.yaml \
+/usr/bin/time -f "fit: %e s wall, %U s user" .venv/bin/sparse-lightning fit --config configs/model/smollm2.yaml \
+  --config configs/task/math.yaml --config configs/method/smollm2/sift.yaml \
   --trainer.max_steps $STEPS --trainer.limit_val_batches 0 --trainer.enable_progress_bar false \
   --trainer.logger.init_args.name $NAME \
   --trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint --trainer.callbacks.every_n_train_steps $STEPS \
