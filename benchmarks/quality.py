@@ -272,12 +272,13 @@ def _git(*args: str) -> str:
 
 
 def worktree_code() -> str:
-    """This tree's code as an id a run records (and resumes only with): HEAD, plus a hash of the uncommitted changes
-    to the library, if any."""
+    """This tree's library as an id a run records (and resumes only with): the last commit that changed the library
+    (commits to docs, tests or benchmarks leave it, so a run resumes across them), plus a hash of the uncommitted
+    changes to the library, if any."""
     library = ("sparse_lightning", "datamodules")
     changes = _git("diff", "HEAD", "--", *library) + _git("ls-files", "--others", "--exclude-standard", "--", *library)
-    head = _git("rev-parse", "HEAD")
-    return f"{head}+{hashlib.sha1(changes.encode()).hexdigest()[:10]}" if changes else head
+    commit = _git("log", "-1", "--format=%H", "--", *library)
+    return f"{commit}+{hashlib.sha1(changes.encode()).hexdigest()[:10]}" if changes else commit
 
 
 def code_snapshot(code: str) -> tuple[Path, str]:

@@ -5,6 +5,7 @@ older base group with the new ones."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -106,3 +107,27 @@ def test_retired_plans_and_unnamed_overrides_say_what_to_do() -> None:
         quality.plan_runs("mrpc-sweep")
     with pytest.raises(SystemExit, match="--set changes the recipe: name the change with --tag"):
         quality.main(["list", "--methods", "sift", "--set", "trainer.max_steps=3"])
+
+
+def test_a_run_records_the_library_it_trains(tmp_path: Path, monkeypatch) -> None:
+    """The code id a run resumes with moves with the library only: not with commits to docs or benchmarks."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "sparse_lightning").mkdir()
+    (tmp_path / "sparse_lightning" / "a.py").write_text("x = 1\n")
+    git("add", ".")
+    git("commit", "-qm", "library")
+    library = git("rev-parse", "HEAD")
+    (tmp_path / "README.md").write_text("docs\n")
+    git("add", ".")
+    git("commit", "-qm", "docs")
+    monkeypatch.setattr(quality, "REPO", tmp_path)
+    assert quality.code_snapshot("worktree") == (tmp_path, library)
+    (tmp_path / "sparse_lightning" / "a.py").write_text("x = 2\n")
+    changed = quality.worktree_code()
+    assert changed.startswith(library + "+")
+    (tmp_path / "sparse_lightning" / "a.py").write_text("x = 3\n")
+    assert quality.worktree_code() not in (library, changed)
