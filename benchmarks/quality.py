@@ -49,10 +49,10 @@ from child_run import CLI, add_checkpointing, checkpoint_interval, child_env, me
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the registry of this tree, whatever the venv's editable install points at
 from sparse_lightning import registry  # noqa: E402
+
 OUT = REPO / "benchmarks" / "results" / "quality"
 RUNS = OUT / "runs"
 DATA_DIR = (REPO.parent / "shared" / "data" / "glue").resolve()
-PYTHON = REPO / ".venv" / "bin" / "python"
 
 # The library under test: the working tree by default (`--code worktree`); `--code COMMIT` trains that commit instead,
 # extracted with `git archive` into SNAPSHOTS and put first on PYTHONPATH (the tables' older runs were pinned that
