@@ -38,6 +38,32 @@ def all_reduce_sum_(tensor: Tensor, group: dist.ProcessGroup | None = None) -> T
     return tensor
 
 
+def world_size(group: dist.ProcessGroup | None = None) -> int:
+    return dist.get_world_size(group) if is_distributed() else 1
+
+
+def rank(group: dist.ProcessGroup | None = None) -> int:
+    return dist.get_rank(group) if is_distributed() else 0
+
+
+def reduce_scatter_sum(tensor: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """This rank's slice of `tensor` summed over ranks: dim 0 cut into equal slices in rank order (its length must
+    divide by the world size), so no rank receives the whole sum."""
+    moved = _collective(tensor.contiguous())
+    out = moved.new_empty((moved.shape[0] // world_size(group), *moved.shape[1:]))
+    dist.reduce_scatter_single(out, moved, group=group)
+    return out.to(tensor.device)
+
+
+def all_gather_cat(tensor: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """Every rank's `tensor` (one shape on every rank) concatenated along dim 0 in rank order; the same on every
+    rank, bit for bit."""
+    moved = _collective(tensor.contiguous())
+    out = moved.new_empty((moved.shape[0] * world_size(group), *moved.shape[1:]))
+    dist.all_gather_single(out, moved, group=group)
+    return out.to(tensor.device)
+
+
 def broadcast_from_rank_zero_(tensor: Tensor) -> Tensor:
     """Make a selection bitwise identical on every rank (ties could otherwise break differently)."""
     if is_distributed():

@@ -19,3 +19,16 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+@contextmanager
+def scoring_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`eval_mode` for passes that score from gradients, keeping the model's gradient checkpointing: transformers
+    recomputes a checkpointed layer only while that layer is training, so such layers (their own flag, none of their
+    submodules': dropout stays off) are left training meanwhile, and a scoring pass holds what a checkpointed
+    training step holds."""
+    with eval_mode(model):
+        for module in model.modules():
+            if getattr(module, "gradient_checkpointing", False) is True:
+                module.training = True
+        yield model

@@ -27,9 +27,10 @@ from transformers import (
     Phi3Config,
 )
 
+from sparse_lightning import row_sharded_sums
 from sparse_lightning.callbacks import GradientTopKCallback
-from sparse_lightning.methods import select_by_gradient
-from sparse_lightning.methods import sift
+from sparse_lightning.methods import select_by_gradient, sift
+from sparse_lightning.row_sharded_sums import share_bytes
 from sparse_lightning.score_groups import groups_within
 from sparse_lightning.sparse import freeze_except, sparse_delta_layers
 from sparse_lightning.structure import find_groups
@@ -137,9 +138,28 @@ def test_one_batch_chooses_inside_backward_without_summing(monkeypatch) -> None:
     def no_sum(*args, **kwargs):
         raise AssertionError("one calibration batch must not hold summed scores")
 
-    monkeypatch.setattr(sift, "summed_weight_gradients", no_sum)
+    monkeypatch.setattr(sift, "summed_top_k", no_sum)
     select_by_gradient(model, calibration, lambda batch: model(**batch).loss)
     assert all(torch.equal(chosen(model)[name], reference[name]) for name in reference)
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_scoring_recomputes_checkpointed_layers_and_chooses_the_same(count: int) -> None:
+    """With the model's gradient checkpointing on, the scoring passes recompute each block in backward (a training
+    step's memory, not eval mode's, where transformers would skip it), with dropout still off, and choose the same."""
+    model = with_deltas("llama")
+    calibration = batches("llama", count)
+    reference_model = copy.deepcopy(model)
+    reference = dense_sum_selection(reference_model, calibration, lambda batch: reference_model(**batch).loss)
+    model.gradient_checkpointing_enable()
+    model.train()
+    runs = []
+    model.model.layers[0].mlp.register_forward_pre_hook(lambda module, args: runs.append(module.training))
+    select_by_gradient(model, calibration, lambda batch: model(**batch).loss, score_memory=1.0)
+    assert runs == [False, False] * count  # forward, then its recomputation in backward; in eval mode
+    assert all(torch.equal(chosen(model)[name], reference[name]) for name in reference)
+    assert model.model.layers[0].training and not any(m.training for m in model.model.layers[0].modules()
+                                                     if isinstance(m, nn.Dropout))
 
 
 class Twice(nn.Module):
@@ -181,6 +201,23 @@ def test_groups_keep_model_order_and_an_oversized_weight_alone() -> None:
     assert groups_within(sizes, 0.2) == [["a", "b"], ["c"], ["d", "e"]]
     assert groups_within(sizes, 1.0) == [list(sizes)]
     assert groups_within(sizes, 1e-9) == [[name] for name in sizes]
+
+
+def test_on_two_ranks_a_group_holds_half_the_bytes_and_the_same_weights() -> None:
+    """Each rank's share of a sum is its rows (uneven rows round up), and the budget is a fraction of the rank's
+    shares: the groups of one process, each holding about half its bytes per rank."""
+    shapes = {name: torch.Size((rows, 4)) for name, rows in zip("abcdef", (6, 6, 5, 6, 6, 6))}
+    one = {name: share_bytes(shape, 1) for name, shape in shapes.items()}
+    two = {name: share_bytes(shape, 2) for name, shape in shapes.items()}
+    assert list(one.values()) == [96, 96, 80, 96, 96, 96] and list(two.values()) == [48] * 6
+    assert groups_within(one, 0.35) == groups_within(two, 0.35) == [["a", "b"], ["c", "d"], ["e", "f"]]
+
+
+def test_canonical_top_k_breaks_ties_to_the_lower_position() -> None:
+    scores = torch.tensor([1.0, 3.0, 2.0, 3.0, 2.0, 2.0, 0.0])
+    assert canonical_top_k(scores, 3).tolist() == [1, 2, 3]
+    assert torch.equal(row_sharded_sums.canonical_top_k(scores, 3), canonical_top_k(scores, 3))
+    assert row_sharded_sums.canonical_top_k(scores, 0).numel() == 0
 
 
 def all_at_once_gradient_scores(model: nn.Module, groups, roles, calibration, loss_fn) -> dict[str, torch.Tensor]:
@@ -235,30 +272,36 @@ def selection_run() -> ModuleType:
     return module
 
 
+def canonical_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest of a 1-D tensor, ties to the lower position (a stable sort), sorted."""
+    return torch.sort(scores, descending=True, stable=True).indices[:k].sort().values
+
+
 @pytest.mark.multiprocess
 def test_every_rank_holds_the_dense_sum_selection(selection_run: ModuleType, launch_ranks, tmp_path: Path) -> None:
-    """On 2 ranks, replicated and FSDP2-sharded, from 1 and 3 batches: each rank's indices are those of one process
-    summing both ranks' gradients at once (each rank's batches summed in order, then the two sums: what the all-reduce
-    adds); S2FT's gradient scores likewise."""
+    """On 2 ranks, replicated and FSDP2-sharded, from 1 and 3 batches: every rank holds the same indices, those of one
+    process summing both ranks' batches at once (interleaved, rank 0's first; the ranks sum each batch, then the
+    batches, so the order of additions differs, and on this data no near-tie at a top-k boundary changes a set);
+    S2FT's gradient scores are those of each rank's sum then the two, bit for bit; and a row-sharded sum holds only its
+    rows (3 + 2 of 5, padded to 3) and picks the canonical top-k of the whole sum, ties to the lower position."""
     launch_ranks(SELECTION_SCRIPT, ["--output", str(tmp_path)], "the 2-rank selection", 300)
     results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     for count in selection_run.BATCH_COUNTS:
-        sums = []
-        for rank in range(2):
-            model = selection_run.tiny_model()
-            layers = sparse_delta_layers(model)
-            sums.append({name: torch.zeros(layer.weight_shape) for name, layer in layers.items()})
-            for name, layer in layers.items():
-                layer.weight_grad_observer = sums[-1][name].add_
-            for batch in selection_run.rank_batches(rank, count):
-                model(**batch).loss.backward()
+        model = selection_run.tiny_model()
+        layers = sparse_delta_layers(model)
+        sums = {name: torch.zeros(layer.weight_shape) for name, layer in layers.items()}
         for name, layer in layers.items():
-            summed = (sums[0][name] + sums[1][name]).abs().view(-1)
-            expected = torch.topk(summed, layer.k, sorted=False).indices.sort().values
-            for rank in range(2):
-                for strategy in ("replicas", "fsdp2"):
-                    got = results[rank][f"{strategy}-{count}"][name].long()
-                    assert torch.equal(got, expected), (rank, strategy, count, name)
+            layer.weight_grad_observer = sums[name].add_
+        for pair in zip(*(selection_run.rank_batches(rank, count) for rank in range(2))):
+            for batch in pair:
+                model(**batch).loss.backward()
+        assert any(layer.weight_shape[0] % 2 for layer in layers.values())  # some rows split unevenly
+        for name, layer in layers.items():
+            expected = torch.topk(sums[name].abs().view(-1), layer.k, sorted=False).indices.sort().values
+            for strategy in ("replicas", "fsdp2"):
+                got = [results[rank][f"{strategy}-{count}"][name].long() for rank in range(2)]
+                assert torch.equal(got[0], got[1]), (strategy, count, name)
+                assert torch.equal(got[0], expected), (strategy, count, name)
         grads = []
         for rank in range(2):
             model = selection_run.tiny_base()
@@ -277,3 +320,11 @@ def test_every_rank_holds_the_dense_sum_selection(selection_run: ModuleType, lau
             expected = unit_norms_sq(g, summed).sqrt()
             for rank in range(2):
                 assert torch.equal(results[rank][f"s2ft-{count}"][g.owner], expected), (rank, count, g.owner)
+    probes = [results[rank]["row-shards"] for rank in range(2)]
+    whole = sum(selection_run.probe_gradient(rank, batch) for batch in range(2) for rank in range(2))
+    assert [p["rows"] for p in probes] == [3, 3]
+    assert torch.equal(torch.cat([p["own"] for p in probes]), whole)
+    expected = canonical_top_k(whole.abs().view(-1), selection_run.PROBE_K)
+    scores = whole.abs().view(-1)
+    assert (scores >= scores[expected].min()).sum() > selection_run.PROBE_K  # ties cross the k-th place
+    assert torch.equal(probes[0]["top_k"], expected) and torch.equal(probes[1]["top_k"], expected)

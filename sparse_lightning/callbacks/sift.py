@@ -30,7 +30,8 @@ class GradientTopKCallback(ElementSparseCallback):
         dense_modules: modules trained densely (default: the task module's new heads).
         calibration_batches: training batches whose gradients score the entries.
         score_memory: with several calibration batches, the most the summed scores hold at once, as a fraction of
-            a full fp32 score for every target weight (default 0.125; 1.0 holds them all, the fastest). The selection
+            a full fp32 score for every target weight (default 0.125; 1.0 holds them all, the fastest); on N ranks
+            (DDP, FSDP2) each rank holds its 1/N rows of every sum, so the fraction is of that share. The selection
             is the same whatever it is: smaller fractions re-run the batches more often, about 1 / score_memory
             times. One calibration batch needs about one layer's gradient at a time and ignores it.
     """

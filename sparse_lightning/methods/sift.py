@@ -4,8 +4,9 @@ Scores are the dense gradient summed over the calibration batches (and ranks), a
 bounded memory: from one batch each layer's top-k is taken inside backward as its dense gradient forms, so about one
 layer's gradient lives at a time; from several, the exact sums are kept for groups of layers within a budget
 (`score_groups.py`), the batches re-run once per group. Either way the chosen sets are those of the all-at-once
-dense sum. The passes run with dropout off, update nothing and leave no `.grad` behind; indices are written only
-once every layer has chosen. Layers that already chose (a resumed run, a reloaded checkpoint) keep their indices and
+dense sum. On several ranks each rank holds only its rows of a sum and every rank picks the same top-k from all
+ranks' candidates (`row_sharded_sums.py`). The passes run with dropout off, update nothing and leave no `.grad`
+behind; indices are written only once every layer has chosen. Layers that already chose (a resumed run, a reloaded checkpoint) keep their indices and
 trained values.
 """
 
@@ -17,17 +18,13 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from sparse_lightning.distributed import all_reduce_sum_, broadcast_from_rank_zero_, own_process_group
+from sparse_lightning.distributed import broadcast_from_rank_zero_, own_process_group, world_size
 from sparse_lightning.methods.calibration import Batch, LossFn
+from sparse_lightning.modes import scoring_mode
+from sparse_lightning.row_sharded_sums import RowShardedSum, share_bytes, top_k_positions
 from sparse_lightning.score_groups import DEFAULT_SCORE_MEMORY, check_score_memory, groups_within
-from sparse_lightning.modes import eval_mode
 from sparse_lightning.sparse import SparseDeltaLinear, sparse_delta_layers
 from sparse_lightning.sparse.functional import WeightGradObserver
-
-
-def top_k_positions(scores: Tensor, k: int) -> Tensor:
-    """The flat positions of the k largest scores, sorted."""
-    return torch.topk(scores.view(-1), k, sorted=False).indices.sort().values
 
 
 @torch.no_grad()
@@ -47,58 +44,64 @@ def select_by_gradient(model: nn.Module, batches: list[Batch], loss_fn: LossFn,
 
     Args:
         score_memory: with several batches, the most the summed scores hold at once, as a fraction of a full fp32
-            score for every unselected weight (1.0: all at once); the batches run about 1 / score_memory times.
+            score for every unselected weight (1.0: all at once; on N ranks, of this rank's 1/N rows of each); the
+            batches run about 1 / score_memory times.
             One batch needs no sum and ignores it.
     """
     check_score_memory(score_memory)
     layers = unselected_layers(model)
     if not layers:
         return layers
-    if len(batches) == 1:
-        chosen = top_k_as_gradients_form(model, layers, batches[0], loss_fn)
-        # a layer that ran twice in the forward (or never) needs its summed (or zero) gradient: score it exactly
-        again = {name: layer for name, layer in layers.items() if name not in chosen}
-        if again:
-            chosen.update(summed_top_k(model, again, batches, loss_fn, score_memory))
-    else:
-        chosen = summed_top_k(model, layers, batches, loss_fn, score_memory)
-    for name, layer in layers.items():
-        layer.set_indices(broadcast_from_rank_zero_(chosen[name].to(layer.delta_indices.dtype)))
+    with own_process_group() as group:  # collectives inside backward, beside FSDP2's own
+        if len(batches) == 1:
+            chosen = top_k_as_gradients_form(model, layers, batches[0], loss_fn, group)
+            # a layer that ran twice in the forward (or never) needs its summed (or zero) gradient: score it exactly
+            again = {name: layer for name, layer in layers.items() if name not in chosen}
+            if again:
+                chosen.update(summed_top_k(model, again, batches, loss_fn, score_memory, group))
+        else:
+            chosen = summed_top_k(model, layers, batches, loss_fn, score_memory, group)
+    for name, layer in layers.items():  # the same on every rank by construction (row_sharded_sums.py)
+        layer.set_indices(chosen[name].to(layer.delta_indices.dtype))
     return layers
 
 
 def top_k_as_gradients_form(model: nn.Module, layers: dict[str, SparseDeltaLinear], batch: Batch,
-                            loss_fn: LossFn) -> dict[str, Tensor]:
+                            loss_fn: LossFn, group=None) -> dict[str, Tensor]:
     """Each layer's top-k |gradient| positions from one batch, chosen inside backward from its dense gradient
-    (summed over ranks there, on a process group of its own). Layers observed more than once are left out."""
+    (reduce-scattered over ranks there, on `group`, each rank ranking its rows). Layers observed more than once are
+    left out."""
     chosen: dict[str, Tensor] = {}
     repeated: set[str] = set()
 
-    def observer(name: str, layer: SparseDeltaLinear, group) -> WeightGradObserver:
-        @torch.no_grad()
+    def observer(name: str, layer: SparseDeltaLinear) -> WeightGradObserver:
         def observe(grad: Tensor) -> None:
-            scores = all_reduce_sum_(grad.to(torch.float32, copy=True), group)
+            scores = RowShardedSum(layer.weight_shape, grad.device, group)
+            scores.add_(grad)
             if name in chosen:
                 repeated.add(name)
-            chosen[name] = top_k_positions(scores.abs_(), layer.k)
+            chosen[name] = scores.top_k(layer.k)
 
         return observe
 
-    with own_process_group() as group:
-        observed_passes(model, {name: observer(name, layer, group) for name, layer in layers.items()}, [batch],
-                        loss_fn, layers)
+    observed_passes(model, {name: observer(name, layer) for name, layer in layers.items()}, [batch], loss_fn, layers)
     return {name: positions for name, positions in chosen.items() if name not in repeated}
 
 
 def summed_top_k(model: nn.Module, layers: dict[str, SparseDeltaLinear], batches: Sequence[Batch], loss_fn: LossFn,
-                 score_memory: float) -> dict[str, Tensor]:
-    """Each layer's top-k positions of |sum over batches and ranks of its gradient|, a group of layers at a time."""
+                 score_memory: float, group=None) -> dict[str, Tensor]:
+    """Each layer's top-k positions of |sum over batches and ranks of its gradient|, a group of layers at a time.
+    Each rank holds its rows of the group's sums (`RowShardedSum`), at most `score_memory` x its share of all of them:
+    on N ranks 1/N of one process's bytes, for the same passes."""
+    world = world_size(group)
+    shares = {name: share_bytes(layer.weight_shape, world) for name, layer in layers.items()}
     chosen = {}
-    sizes = {name: 4 * layer.weight_shape.numel() for name, layer in layers.items()}
-    for names in groups_within(sizes, score_memory):
-        scores = summed_weight_gradients(model, {name: layers[name] for name in names}, batches, loss_fn)
+    for names in groups_within(shares, score_memory):
+        sums = {name: RowShardedSum(layers[name].weight_shape, layers[name].delta_values.device, group)
+                for name in names}
+        observed_passes(model, {name: sums[name].add_ for name in names}, batches, loss_fn, layers)
         for name in names:
-            chosen[name] = top_k_positions(all_reduce_sum_(scores.pop(name)).abs_(), layers[name].k)
+            chosen[name] = sums.pop(name).top_k(layers[name].k)
     return chosen
 
 
@@ -114,7 +117,7 @@ def summed_weight_gradients(model: nn.Module, layers: dict[str, SparseDeltaLinea
 
 def observed_passes(model: nn.Module, observers: dict[str, WeightGradObserver], batches: Sequence[Batch],
                     loss_fn: LossFn, layers: dict[str, SparseDeltaLinear]) -> None:
-    """Forward and backward over `batches` in eval mode with each named layer's dense gradient going to its
+    """Forward and backward over `batches` in `scoring_mode` with each named layer's dense gradient going to its
     observer; nothing updated, no `.grad` left behind. Only the observed layers' values require a gradient meanwhile,
     so backward stops at the first of them and forms no other gradient (not under FSDP2: it fixes each parameter's
     gradient handling when it first runs, and a flag flipped meanwhile breaks its mixed-precision reduction)."""
@@ -127,7 +130,7 @@ def observed_passes(model: nn.Module, observers: dict[str, WeightGradObserver], 
         if narrow:
             layers[name].delta_values.requires_grad_(True)
     try:
-        with eval_mode(model):
+        with scoring_mode(model):
             for batch in batches:
                 loss = loss_fn(batch)
                 if loss.requires_grad:  # else no observed layer reaches the loss: its gradient is zero

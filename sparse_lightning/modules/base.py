@@ -230,12 +230,12 @@ class SparseFineTuningModule(LightningModule):
             if self._sharded_load is not None:
                 self._sharded_load.follow_copies(saved_module_copies(model))
         self.model = model  # compute_loss reads self.model, and calibration may run during attach
+        if self.hparams.gradient_checkpointing:  # before attach: S2FT's gradient scores recompute as training does
+            model.gradient_checkpointing_enable()
         if method is not None and fitting:
             self._attach(method)
         if self.hparams.quantize and fitting and trainer is not None:  # a reload gets its shells from the checkpoint
             self._quantize_base(method)
-        if self.hparams.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
         if self.device_mesh is not None:
             dtype = getattr(torch, self.hparams.fsdp_param_dtype) if self.hparams.fsdp_param_dtype else None
             fully_shard_model(model, self.device_mesh, dtype)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from sparse_lightning.score_groups import DEFAULT_SCORE_MEMORY, groups_within
-from sparse_lightning.modes import eval_mode
+from sparse_lightning.modes import eval_mode, scoring_mode
 from sparse_lightning.structure.families import COLUMN_ROLES, KV_ROLES, CoupledGroup, base_linear
 
 Reduce = Callable[[Tensor], Tensor]
@@ -107,7 +107,7 @@ def gradient_scores(model: nn.Module, groups: Sequence[CoupledGroup], roles: Seq
     model.requires_grad_(False)
     handles = []
     try:
-        with eval_mode(model):
+        with scoring_mode(model):
             if len(batches) == 1:
                 for weight in weights.values():
                     weight.requires_grad_(True)
