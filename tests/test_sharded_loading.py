@@ -19,6 +19,7 @@ from sparse_lightning.models import resolve_model_path
 from sparse_lightning.modules import sharded_loading
 from sparse_lightning.modules.lora import LoRASettings, apply_lora
 from sparse_lightning.modules.sharded_loading import build_on_meta, checkpoint_files, load_shards
+from sparse_lightning.registry import names
 
 SCRIPT = Path(__file__).resolve().parent / "distributed_scripts" / "sharded_load_run.py"
 
@@ -149,8 +150,13 @@ def shards_against_full(output: Path) -> list[tuple[dict, dict]]:
             for rank in range(2)]
 
 
+#: One method per layout the loader fills on a meta model: k entries chosen without data, co-permuted dense slices
+#: (S2FT's structured methods), LoRA's adapters.
+LAYOUTS = [names(element_sparse=True, data_driven=False, reselects=False)[0], *names(structured=True), "lora"]
+
+
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("method", ["random_mask", "s2ft", "lora"])
+@pytest.mark.parametrize("method", LAYOUTS)
 @pytest.mark.parametrize("task", ["causal_lm", "classification"])
 def test_two_fsdp2_ranks_loading_by_shards_train_what_the_full_load_trains(
         task: str, method: str, odd_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path, launch_ranks) -> None:

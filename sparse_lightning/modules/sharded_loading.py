@@ -23,7 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
+
+from sparse_lightning.structure.permute import recorded_gathers
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -38,7 +41,6 @@ def checkpoint_files(model_dir: str | Path) -> dict[str, Path] | None:
         weight_map = json.loads((root / INDEX_FILE).read_text())["weight_map"]
         return {key: root / name for key, name in weight_map.items()}
     if (root / SINGLE_FILE).is_file():
-        from safetensors import safe_open
 
         with safe_open(str(root / SINGLE_FILE), framework="pt") as handle:
             return dict.fromkeys(handle.keys(), root / SINGLE_FILE)
@@ -84,7 +86,6 @@ def default_dtype(config: Any, dtype: Any, files: dict[str, Path]) -> torch.dtyp
         configured = getattr(torch, configured, None)
     if isinstance(configured, torch.dtype):
         return configured
-    from safetensors import safe_open
 
     first_key, first_file = next(iter(files.items()))
     with safe_open(str(first_file), framework="pt") as handle:
@@ -126,7 +127,6 @@ def build_on_meta(auto_class: Any, model_dir: str | Path, files: dict[str, Path]
 def _materialize(model: nn.Module, missing: set[str], files: dict[str, Path]) -> None:
     """Give the parameters the checkpoint lacks and every buffer real (CPU) storage; buffers the checkpoint holds
     are read in full (they are small), the rest are left for `initialize_weights`."""
-    from safetensors import safe_open
 
     with ExitStack() as stack:
         handles: dict[Path, Any] = {}
@@ -153,10 +153,6 @@ def load_shards(model: nn.Module, plan: ShardedLoad, device: torch.device) -> No
     checkpoint tensor (FSDP2 shards dim 0 as `torch.chunk` does). A weight S2FT co-permuted on the meta model (its
     order record is all it holds) gets the permuted rows: the rows or columns the record gathers, read from the
     file. Tensors that were real already (deltas, buffers, new heads) are left as they are."""
-    from safetensors import safe_open
-
-    from sparse_lightning.structure.permute import recorded_gathers
-
     gathers = recorded_gathers(model)
     holders = [(f"{module_name}.{name}".lstrip("."), id(param), (id(module), name) in plan.sources)
                for module_name, module in model.named_modules()
@@ -233,7 +229,6 @@ def _copy_rows(path: Path, key: str, local: torch.Tensor, rows: torch.Tensor | N
     """local[i] = checkpoint[key][rows[i]] (with only `columns`, in that order, when given), about READ_BYTES of
     consecutive rows at a time, each read through its own memory map: the file pages a read touches leave the
     process when its map closes, so the file adds at most one block."""
-    from safetensors import safe_open
 
     if local.dim() == 0:
         with safe_open(str(path), framework="pt", device="cpu") as handle:

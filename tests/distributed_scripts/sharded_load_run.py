@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from sparse_lightning.callbacks import RandomMaskCallback, S2FTStructureCallback  # noqa: E402
 from sparse_lightning.models import resolve_model_path  # noqa: E402
 from sparse_lightning.modules import CausalLMModule, SequenceClassificationModule  # noqa: E402
+from sparse_lightning.registry import names  # noqa: E402
 
 STEPS = 3
 
@@ -131,7 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model_dir", required=True)
     parser.add_argument("--task", required=True, choices=["causal_lm", "classification"])
-    parser.add_argument("--method", default="random_mask", choices=["random_mask", "s2ft", "lora"])
+    parser.add_argument("--method", default="random_mask", choices=names())
     parser.add_argument("--output", required=True, type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
