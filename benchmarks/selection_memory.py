@@ -13,7 +13,13 @@ Cases:
 - `sift-dense-sum`: the all-at-once dense sum (`summed_weight_gradients` over every layer, then `select_top_k`),
   what `select_by_gradient` computed before selection memory was bounded;
 - `s2ft-gradient`, `s2ft-activation`: `S2FTStructureCallback(select_by=..., calibration_batches=N).attach(model,
-  calibration)` with its default budgets and projections (o, down), selection, co-permutation and blocks included.
+  calibration)` with its default budgets and projections (o, down), selection, co-permutation and blocks included;
+- `<case>-checkpointed`: the same with the model's gradient checkpointing on (`gradient_checkpointing_enable()`, what
+  the task modules' `gradient_checkpointing=True` calls), which the scoring passes keep (`modes.scoring_mode`); its
+  floor is `forward-backward-checkpointed`.
+
+`forward-backward` runs in `scoring_mode` too (eval mode, dropout off; checkpointed layers recompute): a training step's
+passes on the same batches.
 
 `--label` names the library under test (run once with this checkout first on PYTHONPATH, once with another, e.g. the
 commit before), and rows accumulate in `--json`; the markdown table is rewritten from all of them:
@@ -37,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 CASES = ["forward-backward", "sift", "sift-dense-sum", "s2ft-gradient", "s2ft-activation"]
+CHECKPOINTED = "-checkpointed"
 BATCH_COUNTS = [1, 4]
 MODEL = "SmolLM2-135M-Instruct"
 TOKENS = 64
@@ -50,8 +57,11 @@ checkout (SIFT: one batch's top-k inside backward, several batches summed a grou
 with SIFT's deltas attached: what a training step on the same batches costs, and what any selection from gradients
 must pay at least once; at 1 x 64 tokens SmolLM2's activations and logits are 0.22x its parameter bytes. "Above the
 floor" subtracts it (SIFT rows). Under 2-rank FSDP2 (gloo) every rank scores its own batches, each row is one rank,
-and the floor includes FSDP2's unsharded block weights. CPU seconds are the selection's own, one thread (a shared
-machine: +-10%).
+and the floor includes FSDP2's unsharded block weights. "row-sharded" is the library after SIFT's sums were cut by rows
+over ranks (each rank holds 1/N of every sum, the budget a fraction of that share; `row_sharded_sums.py`): its 2-rank
+rows against the "after" ones, which held whole sums on every rank. `-checkpointed` cases run with the model's
+gradient checkpointing on (which the scoring passes keep), against their own floor, `forward-backward-checkpointed`.
+CPU seconds are the selection's own, one thread (a shared machine: +-10%).
 
     OMP_NUM_THREADS=1 PYTHONPATH=<a checkout of 1165ebd> python benchmarks/selection_memory.py --label before \\
         --cases sift,s2ft-gradient,s2ft-activation --json benchmarks/results/selection_memory.json
@@ -59,6 +69,11 @@ machine: +-10%).
         --json benchmarks/results/selection_memory.json --output benchmarks/results/selection_memory.md
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/selection_memory.py --label after --ranks 2 \\
         --cases forward-backward,sift --json benchmarks/results/selection_memory.json \\
+        --output benchmarks/results/selection_memory.md
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/selection_memory.py --label row-sharded --ranks 2 \\
+        --cases forward-backward,sift --json benchmarks/results/selection_memory.json
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/selection_memory.py --label row-sharded \\
+        --cases forward-backward-checkpointed,sift-checkpointed --json benchmarks/results/selection_memory.json \\
         --output benchmarks/results/selection_memory.md
 """
 
@@ -77,12 +92,16 @@ def measure(case: str, batch_count: int, rank: int = 0, world: int = 1) -> dict[
     import sparse_lightning
     from sparse_lightning.callbacks import GradientTopKCallback, S2FTStructureCallback
     from sparse_lightning.methods import Calibration
+    from sparse_lightning.modes import scoring_mode
     from sparse_lightning.models import resolve_model_path
     from sparse_lightning.sparse.inject import freeze_except
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(MODEL), dtype=torch.float32)
     model.eval()
+    label, case = case, case.removesuffix(CHECKPOINTED)
+    if label != case:
+        model.gradient_checkpointing_enable()
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     generator = torch.Generator().manual_seed(rank)
     ids = torch.randint(0, model.config.vocab_size, (batch_count, 1, TOKENS), generator=generator)
@@ -103,8 +122,9 @@ def measure(case: str, batch_count: int, rank: int = 0, world: int = 1) -> dict[
         if case == "forward-backward":
 
             def select() -> None:
-                for batch in batches:
-                    loss_fn(batch).backward()
+                with scoring_mode(model):
+                    for batch in batches:
+                        loss_fn(batch).backward()
                 model.zero_grad(set_to_none=True)
         elif case == "sift":
             from sparse_lightning.methods.sift import select_by_gradient
@@ -134,7 +154,7 @@ def measure(case: str, batch_count: int, rank: int = 0, world: int = 1) -> dict[
     select()
     cpu = time.process_time() - cpu
     extra = status_bytes("VmHWM") - before
-    return {"case": case, "batches": batch_count, "ranks": world, "rank": rank, "extra_peak_mib": extra / 2**20,
+    return {"case": label, "batches": batch_count, "ranks": world, "rank": rank, "extra_peak_mib": extra / 2**20,
             "ratio": extra / parameter_bytes, "parameter_mib": parameter_bytes / 2**20, "cpu_s": cpu,
             "library": str(Path(sparse_lightning.__file__).resolve().parents[1])}
 
@@ -187,14 +207,18 @@ def key(row: dict[str, Any]) -> tuple:
 def table(rows: list[dict[str, Any]]) -> str:
     """One line per run; for SIFT, "above the floor" subtracts the plain forward+backward of the same batches on the
     same ranks (`forward-backward`, SIFT's deltas attached), which every training step on those batches pays."""
-    floors = {(r["batches"], r.get("ranks", 1), r.get("rank", 0)): r for r in rows if r["case"] == "forward-backward"}
+    def floor_key(r: dict[str, Any]) -> tuple:
+        return r["case"].endswith(CHECKPOINTED), r["batches"], r.get("ranks", 1), r.get("rank", 0)
+
+    floors = {floor_key(r): r for r in rows if r["case"].startswith("forward-backward")}  # the last row measured
+    floors.update({(r["label"], *floor_key(r)): r for r in rows if r["case"].startswith("forward-backward")})
     lines = ["| library | case | ranks | calibration batches | extra peak (MiB) | x parameter bytes "
              "| above the floor (MiB) | x parameter bytes | selection CPU s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["case"] != "forward-backward", r["case"], r.get("ranks", 1),
+    for r in sorted(rows, key=lambda r: (not r["case"].startswith("forward-backward"), r["case"], r.get("ranks", 1),
                                          r["batches"], r["label"] != "before", r.get("rank", 0))):
         ranks = r.get("ranks", 1)
         where = "1" if ranks == 1 else f"{ranks} (FSDP2), rank {r['rank']}"
-        floor = floors.get((r["batches"], ranks, r.get("rank", 0)))
+        floor = floors.get((r["label"], *floor_key(r)), floors.get(floor_key(r)))
         above = ("-", "-") if floor is None or not r["case"].startswith("sift") else (
             f"{r['extra_peak_mib'] - floor['extra_peak_mib']:.0f}", f"{r['ratio'] - floor['ratio']:.3f}")
         lines.append(f"| {r['label']} ({r['commit']}) | {r['case']} | {where} | {r['batches']} "
@@ -207,7 +231,8 @@ def main() -> None:
     parser.add_argument("--child", nargs=3, metavar=("CASE", "BATCHES", "RANKS"), help=argparse.SUPPRESS)
     parser.add_argument("--ranks", type=int, default=1, help="CPU ranks (gloo); above 1 the model is FSDP2-sharded")
     parser.add_argument("--label", default="after", help="name of the library under test in the table")
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, among {CASES}")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, among {CASES}, each also with "
+                                                                 f"{CHECKPOINTED!r} appended")
     parser.add_argument("--batches", default=",".join(map(str, BATCH_COUNTS)), help="calibration batch counts")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/selection_memory.json"))
     parser.add_argument("--output", type=Path, help="write the markdown table here too")
