@@ -11,7 +11,7 @@ which shards parameters, gradients and optimizer state 1/N but not buffers such 
 - gradients and optimizer state of what trains (AdamW: two moments; SM3 for SpIEL-MA: a momentum per entry plus
   one fp32 per row and column of each target weight);
 - method extras: SIFT's scoring (its exact sums a group of weights at a time, within `score_memory` of a full fp32
-  score per target weight, and the dense gradient being added), SpIEL-AG's window statistics (16 bytes per
+  score per target weight, 1/N of it per rank on N ranks, and the dense gradient being added), SpIEL-AG's window statistics (16 bytes per
   candidate) and its weight-sized fp32 gradient copies of the largest target;
 - activations, a rough model of a LLaMA-style decoder without recomputation: per token and layer,
   `a * (10 h + 4 f + 2 kv)` bytes (a = compute dtype bytes; the saved inputs of the norms, q/k/v before and after
@@ -249,12 +249,20 @@ def selection_bytes(shape: ModelShape, plan: Plan) -> int:
     """SIFT's scoring beyond a step's activations: with several calibration batches the exact sums of a group of
     weights at a time (at most `score_memory` of a full fp32 score per target weight, and at least the largest one)
     plus the dense gradient being added; with one batch each weight's top-k is taken as its gradient forms (that
-    gradient, its fp32 copy)."""
+    gradient, its fp32 copy). On N ranks (DDP, FSDP2) each rank holds its 1/N rows of every sum and of a batch's
+    reduce-scattered gradient, and the budget is a fraction of that share, while the dense gradient is whole (with an
+    fp32 copy in a 16-bit dtype, what the reduce-scatter sums)."""
     largest = max(out * inp for out, inp in shape.targets.values())
-    b = DTYPE_BYTES[plan.dtype]
+    b, n = DTYPE_BYTES[plan.dtype], plan.gpus
+    if n == 1:
+        if plan.calibration_batches == 1:
+            return (b + 4) * largest
+        return max(int(plan.score_memory * 4 * shape.target_parameters), 4 * largest) + b * largest
+    shard = 4 * largest // n
+    gradient = b * largest + (4 * largest if b < 4 else 0) + shard
     if plan.calibration_batches == 1:
-        return (b + 4) * largest
-    return max(int(plan.score_memory * 4 * shape.target_parameters), 4 * largest) + b * largest
+        return gradient
+    return max(int(plan.score_memory * 4 * shape.target_parameters) // n, shard) + gradient
 
 
 def held_bytes(shape: ModelShape, plan: Plan, k: int) -> dict[str, int]:
@@ -384,7 +392,8 @@ def estimate_main(argv: list[str]) -> None:
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--calibration_batches", type=int, default=4, help="SIFT's")
     parser.add_argument("--score_memory", type=float, default=DEFAULT_SCORE_MEMORY,
-                        help="SIFT's scoring budget: a fraction of a full fp32 score per target weight, per rank")
+                        help="SIFT's scoring budget: a fraction of a full fp32 score per target weight "
+                             "(each rank holds 1/N of it)")
     parser.add_argument("--full_checkpoint", action="store_true", help="checkpoints also hold the frozen base")
     parser.add_argument("--json", action="store_true", help="every estimate with its components, as JSON")
     args = raise_usage_errors(parser).parse_args(argv)

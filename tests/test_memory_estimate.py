@@ -65,6 +65,20 @@ def test_fsdp_shards_the_base_and_what_trains_but_not_indices(llama8b) -> None:
     assert "fsdp_unsharded" in eight.components and "fsdp_unsharded" not in one.components
 
 
+def test_sift_scoring_sums_are_row_sharded_over_ranks(llama8b) -> None:
+    """On 8 ranks each holds 1/8 of SIFT's sums (the budget is a fraction of its share) beside the whole dense
+    gradient of the weight being scored, its fp32 copy and its reduce-scattered 1/8."""
+    config = load_config("8b")
+    largest = max(out * inp for out, inp in llama8b.targets.values())
+    for batches in (1, 4):
+        one, eight = (estimate(config, Plan("sift", gpus=n, calibration_batches=batches), llama8b) for n in (1, 8))
+        gradient_one = (2 + 4) * largest if batches == 1 else 2 * largest
+        sums_one = one.components["selection"] - gradient_one
+        sums_eight = eight.components["selection"] - (2 + 4) * largest - 4 * largest // 8
+        assert sums_eight == sums_one // 8
+        assert (sums_one > 4 * largest) == (batches > 1)
+
+
 def test_sparse_methods_hold_far_less_than_full_fine_tuning(llama8b) -> None:
     config = load_config("8b")
     full = estimate(config, Plan("full"), llama8b)
