@@ -1,13 +1,19 @@
-"""Host memory at the start of training: one process against each rank of a 2-rank FSDP2 run (CPU, gloo).
+"""Host memory of a fit: one process against each rank of a 2-rank FSDP2 run (CPU, gloo), like with like.
 
 Each run is the library's public path: `CausalLMModule` + `RandomMaskCallback` (no selection pass, so the load is
 all that happens before training) + a Lightning `Trainer`, one training step on 1 x 64 random tokens. Three runs:
 one process; FSDP2 with every rank loading the whole model by `from_pretrained` (the path before loading by shards,
 kept here as the comparison); FSDP2 loading by shards (modules/sharded_loading.py). Every rank records its RSS
 before `configure_model`, its peak (`VmHWM` of `/proc/self/status`, which counts the file pages a checkpoint's
-memory map made resident too) at `on_train_start` and after the first step, and the bytes of the parameters it
-holds. Each run is a fresh launch (Lightning relaunches this script per rank), so no run inherits another's peak;
-`--repeats` launches each run again and the table reports medians.
+memory map made resident too) at `on_train_start`, the same peak once every parameter it holds has been read (one
+process: `from_pretrained` leaves the weights in the file's memory map, and they are resident only once read; a
+rank's shard is its own memory already), after the first step, and the bytes of the parameters it holds.
+
+Each run goes under two allocators: glibc's default, whose dynamic mmap threshold keeps the freed buffers of
+FSDP2's per-block all-gathers (CPU runs only: on a GPU they are device memory) in its heap, so RSS grows through
+the step; and the same with `MALLOC_MMAP_THRESHOLD_` fixed, so freed buffers go back to the system and the peak is
+what the run holds. Each run is a fresh launch (Lightning relaunches this script per rank), so no run inherits
+another's peak; `--repeats` launches each run again and the table reports medians.
 
     OMP_NUM_THREADS=1 python benchmarks/load_memory.py --model SmolLM2-135M-Instruct --repeats 3 \\
         --output benchmarks/results/load_memory.md
@@ -66,15 +72,23 @@ def fit_once(model: str, strategy: str, output: Path) -> None:
             self.record.update(rank=trainer.global_rank, world_size=trainer.world_size,
                                peak_mib=status_mib("VmHWM"), rss_mib=status_mib("VmRSS"),
                                parameter_mib=sum(t.numel() * t.element_size() for t in local) / MIB)
+            with torch.no_grad():  # every page of every parameter read once: the weights resident, as a step reads them
+                for tensor in local:
+                    tensor.sum()
+            self.record["resident_peak_mib"] = status_mib("VmHWM")
 
         def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
             self.record["step_peak_mib"] = status_mib("VmHWM")
             output.mkdir(parents=True, exist_ok=True)
             (output / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.record))
 
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(resolve_model_path(model)).vocab_size
+
     class Tokens(pl.LightningDataModule):
         def train_dataloader(self) -> DataLoader:
-            ids = torch.randint(0, 1000, (8, 64), generator=torch.Generator().manual_seed(0))
+            ids = torch.randint(0, min(1000, vocab), (8, 64), generator=torch.Generator().manual_seed(0))
             rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids]
             return DataLoader(rows, batch_size=1)
 
@@ -99,18 +113,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(model: str, strategy: str, output: Path) -> list[dict]:
+#: Allocator settings: glibc's default, and the mmap threshold fixed (freed large buffers return to the system).
+ALLOCATORS = {"glibc": {}, "fixed-mmap": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
+
+
+def launch(model: str, strategy: str, allocator: str, output: Path) -> list[dict]:
     """A fresh process (group) per run, so each peak is that run's own."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **ALLOCATORS[allocator]}
     command = [sys.executable, __file__, "--worker", strategy, "--model", model, "--scratch", str(output)]
     subprocess.run(command, env=env, check=True)
     return [json.loads(p.read_text()) for p in sorted(output.glob("rank*.json"))]
 
 
-FIELDS = ("before_load_mib", "peak_mib", "parameter_mib", "step_peak_mib")
+FIELDS = ("before_load_mib", "peak_mib", "resident_peak_mib", "parameter_mib", "step_peak_mib")
 RUNS = (("single", "1 process"), ("fsdp2-full", "FSDP2, 2 ranks, whole model on each (before)"),
-        ("fsdp2", "FSDP2, 2 ranks, by shards (after)"))
+        ("fsdp2", "FSDP2, 2 ranks, by shards"))
 
 
 def per_rank(repeats: list[list[dict]]) -> list[dict]:
@@ -118,48 +136,43 @@ def per_rank(repeats: list[list[dict]]) -> list[dict]:
     ranks = []
     for records in zip(*repeats):
         row = {key: statistics.median(r[key] for r in records) for key in FIELDS}
-        row["load_mib"] = statistics.median(r["peak_mib"] - r["before_load_mib"] for r in records)
         row["step_range"] = (min(r["step_peak_mib"] for r in records), max(r["step_peak_mib"] for r in records))
         ranks.append({"rank": records[0]["rank"], **row})
     return ranks
 
 
-def table(model: str, rows: dict[str, list[dict]], repeats: int, command: str) -> str:
-    one = rows["single"][0]
-    lines = [f"# Host memory at the start of training: 1 process vs 2-rank FSDP2 ({model}, CPU)", "",
-             f"Command: `{command}`", "",
+def table(model: str, rows: dict[tuple[str, str], list[dict]], repeats: int, command: str) -> str:
+    lines = [f"## {model}: 1 process vs 2-rank FSDP2 (CPU)", "", f"Command: `{command}`", "",
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, torch on CPU, gloo; random mask (density 0.01), one "
-             f"step of 1 x 64 tokens; medians of {repeats} fresh launches per run. Peak = VmHWM (since the process "
-             "started) at `on_train_start`; load = that peak minus the RSS before `configure_model`.", "",
-             "| run | rank | RSS before load | peak at train start | / one process | load | / one process | "
+             f"step of 1 x 64 tokens; medians of {repeats} fresh launch(es) per run. Peaks are VmHWM since the process "
+             "started: at `on_train_start`; at `on_train_start` once every parameter held has been read (\"weights "
+             "resident\"); after step 1. Each ratio divides by the one-process figure under the same allocator.", "",
+             "| allocator | run | rank | RSS before load | peak at train start | weights resident | / one process | "
              "parameters held | peak after step 1 (min-max) | / one process |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for key, name in RUNS:
-        for r in rows[key]:
-            low, high = r["step_range"]
-            lines.append(f"| {name} | {r['rank']} | {r['before_load_mib']:,.0f} | {r['peak_mib']:,.0f} | "
-                         f"{r['peak_mib'] / one['peak_mib']:.2f}x | {r['load_mib']:,.0f} | "
-                         f"{r['load_mib'] / one['load_mib']:.2f}x | {r['parameter_mib']:,.0f} | "
-                         f"{r['step_peak_mib']:,.0f} ({low:,.0f}-{high:,.0f}) | "
-                         f"{r['step_peak_mib'] / one['step_peak_mib']:.2f}x |")
-    lines += ["", "MiB throughout. \"Parameters held\" counts this rank's local tensors (its FSDP2 shard).", "",
-              f"Reading it: before any model exists a process already holds {one['before_load_mib']:,.0f} MiB "
-              "(torch, Lightning, transformers, the process group), and one process's peak at the start of training "
-              f"is only {one['load_mib']:,.0f} MiB above that: `from_pretrained` leaves the fp32 weights in the "
-              "safetensors file's memory map, and they become resident when the first step reads them (peak after "
-              f"step 1: {one['step_peak_mib']:,.0f} MiB). An FSDP2 rank must own its shard in its own memory, so no "
-              "loader can bring a rank's peak at train start under the one-process figure here; what loading by "
-              "shards changes is the load column: the shard plus one block of rows read (16 MiB) and the deltas, against the "
-              f"{one['parameter_mib']:,.0f} MiB of parameters. The step-1 peak under FSDP2 (all-gathered units, gloo "
-              "buffers) is the step's cost, not the load's, and varies between launches (the range)."]
+    for allocator in ALLOCATORS:
+        one = rows.get((allocator, "single"), [None])[0]
+        for key, name in RUNS:
+            for r in rows.get((allocator, key), []):
+                low, high = r["step_range"]
+                resident = f"{r['resident_peak_mib'] / one['resident_peak_mib']:.2f}x" if one else "-"
+                step = f"{r['step_peak_mib'] / one['step_peak_mib']:.2f}x" if one else "-"
+                lines.append(f"| {allocator} | {name} | {r['rank']} | {r['before_load_mib']:,.0f} | "
+                             f"{r['peak_mib']:,.0f} | {r['resident_peak_mib']:,.0f} | {resident} | "
+                             f"{r['parameter_mib']:,.0f} | {r['step_peak_mib']:,.0f} ({low:,.0f}-{high:,.0f}) | {step} |")
+    lines += ["", "MiB throughout. \"Parameters held\" counts this rank's local tensors (its FSDP2 shard). "
+              "`fixed-mmap`: `MALLOC_MMAP_THRESHOLD_=65536`."]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="an alias or a local model directory")
     parser.add_argument("--repeats", type=int, default=3, help="fresh launches per run (medians are reported)")
+    parser.add_argument("--runs", default=",".join(key for key, _ in RUNS), help="comma-separated runs")
+    parser.add_argument("--allocators", default=",".join(ALLOCATORS), help="comma-separated allocator settings")
     parser.add_argument("--output", type=Path, help="write the table here (and the records beside it, .json)")
+    parser.add_argument("--append", action="store_true", help="add the table to --output instead of replacing it")
     parser.add_argument("--worker", choices=[key for key, _ in RUNS], help=argparse.SUPPRESS)
     parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -168,19 +181,24 @@ def main() -> None:
         return
     import tempfile
 
-    records: dict[str, list[list[dict]]] = {key: [] for key, _ in RUNS}
+    runs = [(allocator, key) for allocator in args.allocators.split(",") for key in args.runs.split(",")]
+    records: dict[tuple[str, str], list[list[dict]]] = {run: [] for run in runs}
     with tempfile.TemporaryDirectory() as scratch:
         for repeat in range(args.repeats):
-            for key, _ in RUNS:
-                records[key].append(launch(args.model, key, Path(scratch) / f"{key}-{repeat}"))
-    rows = {key: per_rank(runs) for key, runs in records.items()}
+            for allocator, key in runs:
+                records[(allocator, key)].append(launch(args.model, key, allocator,
+                                                        Path(scratch) / f"{allocator}-{key}-{repeat}"))
+    rows = {run: per_rank(found) for run, found in records.items()}
     command = "OMP_NUM_THREADS=1 python benchmarks/load_memory.py " + " ".join(sys.argv[1:])
-    text = table(args.model, rows, args.repeats, command)
+    text = table(Path(args.model).name, rows, args.repeats, command)
     print(text)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text)
-        args.output.with_suffix(".json").write_text(json.dumps({"medians": rows, "runs": records}, indent=1))
+        before = args.output.read_text() + "\n" if args.append and args.output.is_file() else ""
+        args.output.write_text(before + text)
+        records_file = args.output.with_name(f"{args.output.stem}-{Path(args.model).name}.json")
+        records_file.write_text(json.dumps({"medians": {"/".join(k): v for k, v in rows.items()},
+                                            "runs": {"/".join(k): v for k, v in records.items()}}, indent=1))
 
 
 if __name__ == "__main__":

@@ -20,14 +20,15 @@ which shards parameters, gradients and optimizer state 1/N but not buffers such 
   logits, `tokens * vocab * (a + 12)` (the logits, their fp32 copy, log-softmax and its gradient). Attention is taken
   to be flash / memory-efficient (nothing quadratic in the sequence). With gradient checkpointing: each layer's
   input plus one layer's activations;
-- FSDP2 (gpus > 1): two transformer blocks unsharded at a time (the current one and the prefetched one) and the root
-  unit (embeddings, final norm, an untied head) unsharded for the whole step, in the compute dtype.
+- FSDP2 (gpus > 1): two transformer blocks unsharded at a time (the current one and the prefetched one), the root
+  unit (final norm, a tied embedding) unsharded for the whole step, and an untied embedding or head (their own
+  units, `modules.fsdp2.end_units`) around its own compute, in the compute dtype.
 
 Phases (what `benchmarks/memory_table.py` measures), on the device: load (base, trainable tensors), selection
 (SIFT's calibration passes: resident + scoring + one batch's activations), step (resident + gradients + optimizer +
 activations + method extras) and save (resident, with the gradients and optimizer state still held). In host memory
-per rank: loading under FSDP2, which builds on the CPU (the rank's shard and one block of rows being read, or the
-whole model for LoRA and S2FT, which load it whole), and what saving adds (what rank 0 gathers under FSDP2, and the
+per rank: loading under FSDP2, which builds on the CPU (the rank's shard and one block of rows being read), and
+what saving adds (what rank 0 gathers under FSDP2, and the
 serialized checkpoint). On a CPU run the two are one memory. Not counted: the runtime itself (Python, torch, CUDA
 context: ~0.5-1 GB per GPU), allocator fragmentation, data loaders.
 """
@@ -42,6 +43,7 @@ import torch
 
 from sparse_lightning import registry
 from sparse_lightning.borders.models import resolve_model_path
+from sparse_lightning.modules.fsdp2 import end_units
 from sparse_lightning.modules.sharded_loading import READ_BYTES
 from sparse_lightning.score_groups import DEFAULT_SCORE_MEMORY, check_score_memory
 from sparse_lightning.sparse.delta import allocate_budget
@@ -90,8 +92,10 @@ class ModelShape:
     targets: dict[str, tuple[int, int]]
     #: parameters of one transformer block (an FSDP2 unit)
     block_parameters: int
-    #: parameters outside the blocks (the root FSDP2 unit: embeddings, final norm, an untied head)
+    #: parameters outside the blocks and the end units (the root FSDP2 unit: final norm, a tied embedding)
     root_parameters: int
+    #: parameters of the larger end unit (an untied embedding or head, sharded on its own), 0 when tied
+    end_parameters: int
     #: the largest single parameter tensor
     largest_tensor: int
     #: parameters counted twice by a state dict (a tied head)
@@ -122,6 +126,7 @@ def model_shape(config) -> ModelShape:
     tied = sum(p.numel() for _, p in every_name) - sum(p.numel() for p in parameters)
     block = sum(p.numel() for p in blocks[0].parameters())
     total = sum(p.numel() for p in parameters)
+    ends = [sum(p.numel() for p in unit.parameters()) for unit in end_units(model)]
     targets = find_linear_targets(model, list(default_targets(model)))
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -129,7 +134,8 @@ def model_shape(config) -> ModelShape:
         parameters=total,
         targets={name: tuple(linear.weight.shape) for name, linear in targets.items()},
         block_parameters=block,
-        root_parameters=total - len(blocks) * block,
+        root_parameters=total - len(blocks) * block - sum(ends),
+        end_parameters=max(ends, default=0),
         largest_tensor=max(p.numel() for p in parameters),
         tied_parameters=tied,
         layers=len(blocks),
@@ -286,23 +292,21 @@ def held_bytes(shape: ModelShape, plan: Plan, k: int) -> dict[str, int]:
     if method == "sift":
         c["selection"] = selection_bytes(shape, plan)
     c["activations"] = activation_bytes(shape, plan)
-    if n > 1:  # two blocks and the root unit gathered in full; full FT also reduces a block's whole gradient
-        units = 2 * shape.block_parameters * b + shape.root_parameters * b * (n - 1) // n
+    if n > 1:  # two blocks, the root unit and one end unit gathered; full FT also reduces a block's whole gradient
+        units = 2 * shape.block_parameters * b + (shape.root_parameters + shape.end_parameters) * b * (n - 1) // n
         c["fsdp_unsharded"] = units + (2 * shape.block_parameters * b if method == "full" else 0)
     return c
 
 
 def host_load_bytes(shape: ModelShape, plan: Plan, resident: int) -> int:
     """Host memory per rank while loading under FSDP2, where Lightning builds and shards the model on the CPU before
-    moving each rank's shard to its device (one process builds it on the device: 0). Every rank reads only its own
-    rows, one block of `READ_BYTES` at a time, beside its shard; LoRA and S2FT load the whole model on every rank
-    (PEFT initialises from, and S2FT permutes, whole weights), and `fully_shard` then swaps it for 1/N block by
-    block, so the whole model and one block's shard are held at the peak."""
+    moving each rank's shard to its device (one process builds it on the device: 0). Every method, LoRA and S2FT's
+    shipped random selection included, builds on the meta device and reads only its own rows, one block of
+    `READ_BYTES` at a time, beside its shard (S2FT selections by weight norm or calibration data load the whole
+    model on every rank first: not the shipped recipe, not estimated here)."""
     b, n = DTYPE_BYTES[plan.dtype], plan.gpus
     if n == 1:
         return 0
-    if plan.method in ("lora", "s2ft"):
-        return resident - shape.parameters * b // n + shape.parameters * b + shape.block_parameters * b // n
     return resident + min(READ_BYTES, shape.largest_tensor * b // n)
 
 

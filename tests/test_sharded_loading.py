@@ -17,6 +17,7 @@ from sparse_lightning.callbacks import S2FTStructureCallback
 from sparse_lightning.methods.s2ft import S2FT
 from sparse_lightning.models import resolve_model_path
 from sparse_lightning.modules import sharded_loading
+from sparse_lightning.modules.fsdp2 import end_units
 from sparse_lightning.modules.lora import LoRASettings, apply_lora
 from sparse_lightning.modules.sharded_loading import build_on_meta, checkpoint_files, load_shards
 from sparse_lightning.registry import names
@@ -35,6 +36,18 @@ def odd_llama_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("odd-llama")
     LlamaForCausalLM(config).save_pretrained(path, max_shard_size="20KB")
     assert (path / "model.safetensors.index.json").is_file()
+    return path
+
+
+@pytest.fixture(scope="module")
+def untied_llama_dir(tmp_path_factory) -> Path:
+    """The odd LLaMA with an untied head: the embedding and the head are FSDP2 units of their own."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=251, hidden_size=32, intermediate_size=67, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("untied-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
     return path
 
 
@@ -174,6 +187,30 @@ def test_two_fsdp2_ranks_loading_by_shards_train_what_the_full_load_trains(
             for name, tensor in full[key].items():
                 assert torch.equal(shards[key][name], tensor), f"{key}: {name}"
         assert shards["local_parameter_dtypes"] == full["local_parameter_dtypes"]
+        assert shards["losses"] == full["losses"] and len(full["losses"]) == 3
+
+
+def test_an_untied_embedding_and_head_are_units_of_their_own(odd_llama_dir: Path, untied_llama_dir: Path,
+                                                             tiny_bert_dir: Path) -> None:
+    """In the root unit they would stay gathered for the whole step; a tied weight stays in the root, and BERT's
+    embedding is inside its `BertEmbeddings` block unit."""
+    untied = AutoModelForCausalLM.from_pretrained(untied_llama_dir)
+    assert end_units(untied) == [untied.model.embed_tokens, untied.lm_head]
+    assert end_units(AutoModelForCausalLM.from_pretrained(odd_llama_dir)) == []
+    assert end_units(AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)) == []
+
+
+@pytest.mark.multiprocess
+def test_two_fsdp2_ranks_with_an_untied_head_load_and_train_by_shards(untied_llama_dir: Path, tmp_path: Path,
+                                                                      launch_ranks) -> None:
+    """The embedding and the head sharded as their own units: loading by shards still equals the full load."""
+    launch_ranks(SCRIPT, ["--model_dir", str(untied_llama_dir), "--task", "causal_lm", "--output", str(tmp_path)],
+                 "the sharded-load runs (untied head)", 300)
+    for shards, full in shards_against_full(tmp_path):
+        assert {"model.embed_tokens", "lm_head"} <= set(shards["fsdp_units"])
+        for key in ("start_parameters", "trained"):
+            for name, tensor in full[key].items():
+                assert torch.equal(shards[key][name], tensor), f"{key}: {name}"
         assert shards["losses"] == full["losses"] and len(full["losses"]) == 3
 
 

@@ -80,6 +80,9 @@ class Record(pl.Callback):
         self.result["start_parameters"] = {name: full(p) for name, p in model.named_parameters()}
         self.result["start_buffers"] = {name: b.detach().cpu().clone() for name, b in model.named_buffers()}
         self.result["local_parameter_dtypes"] = {name: p.dtype for name, p in model.named_parameters()}
+        from torch.distributed.fsdp import FSDPModule
+
+        self.result["fsdp_units"] = sorted(name for name, m in model.named_modules() if isinstance(m, FSDPModule))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
