@@ -75,6 +75,9 @@ CPU seconds are the selection's own, one thread (a shared machine: +-10%).
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/selection_memory.py --label row-sharded \\
         --cases forward-backward-checkpointed,sift-checkpointed --json benchmarks/results/selection_memory.json \\
         --output benchmarks/results/selection_memory.md
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/selection_memory.py --label row-sharded --ranks 2 \\
+        --batches 4 --cases forward-backward-checkpointed,sift-checkpointed \\
+        --json benchmarks/results/selection_memory.json --output benchmarks/results/selection_memory.md
 """
 
 
