@@ -302,8 +302,8 @@ def host_load_bytes(shape: ModelShape, plan: Plan, resident: int) -> int:
     """Host memory per rank while loading under FSDP2, where Lightning builds and shards the model on the CPU before
     moving each rank's shard to its device (one process builds it on the device: 0). Every method, LoRA and S2FT's
     shipped random selection included, builds on the meta device and reads only its own rows, one block of
-    `READ_BYTES` at a time, beside its shard (S2FT selections by weight norm or calibration data load the whole
-    model on every rank first: not the shipped recipe, not estimated here)."""
+    `READ_BYTES` at a time, beside its shard (S2FT selections from calibration data load the whole model on every
+    rank first: not the shipped recipe, not estimated here)."""
     b, n = DTYPE_BYTES[plan.dtype], plan.gpus
     if n == 1:
         return 0

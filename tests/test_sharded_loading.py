@@ -77,11 +77,17 @@ def attach_s2ft(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def attach_s2ft_by_weight(model: torch.nn.Module) -> torch.nn.Module:
+    """Units chosen by weight norm: on the meta model each layer's weights are read from the checkpoint in turn."""
+    S2FT(num_heads=2, num_channels=5, train=["o", "v", "down", "up"], select_by="weight").attach(model)
+    return model
+
+
 def attach_lora(model: torch.nn.Module) -> torch.nn.Module:
     return apply_lora(model, LoRASettings(r=4), ["q_proj", "v_proj", "down_proj"], [])
 
 
-@pytest.mark.parametrize("attach", [attach_s2ft, attach_lora], ids=["s2ft", "lora"])
+@pytest.mark.parametrize("attach", [attach_s2ft, attach_s2ft_by_weight, attach_lora], ids=["s2ft", "s2ft_weight", "lora"])
 def test_a_method_attached_on_the_meta_model_gives_the_full_loads_model(attach, odd_llama_dir: Path,
                                                                         monkeypatch) -> None:
     """S2FT co-permutes the meta model (only its order records hold values) and the loader reads the permuted rows
@@ -102,12 +108,22 @@ def test_a_method_attached_on_the_meta_model_gives_the_full_loads_model(attach, 
 
 
 def test_s2ft_loads_by_shards_only_when_its_selection_reads_no_weight(tmp_path: Path) -> None:
-    """A random or loaded selection needs shapes only; weight norms and calibration passes need the values."""
+    """A random or loaded selection needs shapes only, weight norms read a layer at a time from the checkpoint;
+    calibration passes run the whole model."""
     selection = tmp_path / "selection.json"
     assert S2FTStructureCallback().attaches_from_shapes
-    assert S2FTStructureCallback(select_by="weight", load_selection=str(selection)).attaches_from_shapes
-    for select_by in ("weight", "activation", "weight_activation", "gradient"):
+    assert S2FTStructureCallback(select_by="weight").attaches_from_shapes
+    assert S2FTStructureCallback(select_by="gradient", load_selection=str(selection)).attaches_from_shapes
+    for select_by in ("activation", "weight_activation", "gradient"):
         assert not S2FTStructureCallback(select_by=select_by).attaches_from_shapes
+
+
+def test_weight_norms_on_a_meta_model_without_a_checkpoint_are_refused(odd_llama_dir: Path) -> None:
+    config = AutoModelForCausalLM.from_pretrained(odd_llama_dir).config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(RuntimeError, match="no checkpoint tensor to read its values from"):
+        attach_s2ft_by_weight(model)
 
 
 def test_a_meta_tensor_without_a_checkpoint_key_is_refused(odd_llama_dir: Path) -> None:
@@ -198,6 +214,22 @@ def test_an_untied_embedding_and_head_are_units_of_their_own(odd_llama_dir: Path
     assert end_units(untied) == [untied.model.embed_tokens, untied.lm_head]
     assert end_units(AutoModelForCausalLM.from_pretrained(odd_llama_dir)) == []
     assert end_units(AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)) == []
+
+
+@pytest.mark.multiprocess
+def test_two_fsdp2_ranks_choosing_s2ft_units_by_weight_norm_load_by_shards(odd_llama_dir: Path, tmp_path: Path,
+                                                                           launch_ranks) -> None:
+    """S2FT by weight norm on the meta model reads one layer's weights at a time from the checkpoint: the same units,
+    permutation and training as choosing on the whole loaded model."""
+    launch_ranks(SCRIPT, ["--model_dir", str(odd_llama_dir), "--task", "causal_lm", "--method", "s2ft",
+                          "--select_by", "weight", "--output", str(tmp_path)], "the sharded-load runs (S2FT by weight)", 300)
+    for shards, full in shards_against_full(tmp_path):
+        assert shards["built_on_meta"] and not full["built_on_meta"]
+        for key in ("start_parameters", "start_buffers", "trained"):
+            assert shards[key].keys() == full[key].keys()
+            for name, tensor in full[key].items():
+                assert torch.equal(shards[key][name], tensor), f"{key}: {name}"
+        assert shards["losses"] == full["losses"] and len(full["losses"]) == 3
 
 
 @pytest.mark.multiprocess

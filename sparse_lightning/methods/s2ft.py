@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from sparse_lightning.distributed import all_reduce_sum_, broadcast_from_rank_zero_, is_rank_zero
+from sparse_lightning.meta_weights import whole_weights
 from sparse_lightning.methods.calibration import Calibration, require
 from sparse_lightning.methods.seeding import run_seed
 from sparse_lightning.sparse.block import ColumnBlockLinear, RowBlockLinear, block_delta_layers
@@ -108,10 +109,11 @@ class S2FT:
 
     @property
     def attaches_from_shapes(self) -> bool:
-        """A random or loaded selection reads no weight value: under FSDP2 the base then stays on the meta device
-        while S2FT co-permutes it (only the order is recorded) and each rank reads its permuted rows after sharding.
-        Weight norms and calibration passes need the values, so those selections load the whole base first."""
-        return bool(self.load_selection) or self.select_by == "random"
+        """A random or loaded selection reads no weight value, and weight norms read one layer's weights at a time
+        from the checkpoint: under FSDP2 the base then stays on the meta device while S2FT co-permutes it (only the
+        order is recorded) and each rank reads its permuted rows after sharding. Calibration passes run the whole
+        model, so those selections load it whole first."""
+        return bool(self.load_selection) or self.select_by in ("random", "weight")
 
     def attach(self, model: nn.Module, calibration: Calibration | None = None) -> None:
         """Select, co-permute and add the blocks. Data-driven selections read `calibration` (from the module under
@@ -197,7 +199,7 @@ class S2FT:
         else:
             roles = sorted({r for g in groups for r in self.roles(g)})
             if self.select_by == "weight":
-                scores = weight_scores(model, groups, roles)
+                scores = _weight_scores(model, groups, roles)
             else:
                 calibration = require(calibration, f"S2FT select_by={self.select_by!r}")
                 batches, loss_fn = calibration.batches(self.calibration_batches), calibration.loss_fn
@@ -268,6 +270,18 @@ class S2FT:
                     "select_by": self.select_by, "order": self.order, "gqa": self.gqa, "seed": run_seed(self.seed),
                     "calibration_batches": self.calibration_batches, "load_selection": self.load_selection}
         return {"method": self.method, **{k: v for k, v in settings.items() if v is not None}}
+
+
+def _weight_scores(model: nn.Module, groups: list[CoupledGroup], roles: list[str]) -> dict[str, Tensor]:
+    """`weight_scores`; on a base still on the meta device (loaded by shards under FSDP2), each group's weights are
+    read from the checkpoint in turn, so a rank holds one layer's projections at a time."""
+    if not any(p.is_meta for p in model.parameters()):
+        return weight_scores(model, groups, roles)
+    scores: dict[str, Tensor] = {}
+    for group in groups:
+        with whole_weights(model, [base_linear(model, group.roles[r]) for r in roles if r in group.roles]):
+            scores.update(weight_scores(model, [group], roles))
+    return scores
 
 
 def _all_reduce(tensor: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from sparse_lightning.meta_weights import register_reader
 from sparse_lightning.structure.permute import recorded_gathers
 
 SINGLE_FILE = "model.safetensors"
@@ -65,6 +67,15 @@ class ShardedLoad:
                 key = self.sources.get((id(original), name))
                 if key is not None:
                     self.sources[(id(copy), name)] = key
+
+
+def read_whole(plan: ShardedLoad, module: nn.Module, name: str) -> torch.Tensor | None:
+    """The whole checkpoint tensor of a meta parameter (`meta_weights.whole_weights` reads through this)."""
+    key = plan.sources.get((id(module), name))
+    if key is None:
+        return None
+    with safe_open(str(plan.files[key]), framework="pt", device="cpu") as handle:
+        return handle.get_tensor(key)
 
 
 def checkpoint_key(name: str, model: nn.Module, files: dict[str, Path]) -> str | None:
@@ -121,6 +132,7 @@ def build_on_meta(auto_class: Any, model_dir: str | Path, files: dict[str, Path]
         return None
     _materialize(model, set(missing), files)
     model.initialize_weights()  # the new heads and the non-persistent buffers, as from_pretrained does
+    register_reader(model, partial(read_whole, plan))
     return model, plan
 
 

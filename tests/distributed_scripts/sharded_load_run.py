@@ -1,13 +1,13 @@
 """Loading by shards against the full load, on 2 CPU ranks under FSDP2 (tests/test_sharded_loading.py).
 
 In the same two processes, one model directory is fitted twice from the same seed with one method (the random mask,
-S2FT with a random selection training rows and columns, or LoRA with a dense head and pooler on BERT): `shards`
-(the library's loader: meta-device build, each rank reads its rows) and `full` (every rank runs `from_pretrained`,
-the path before sharded loading). Every rank writes `<loader>/rank<r>.pt`: whether the built model was on the meta
+S2FT with a random or weight-norm selection training rows and columns, or LoRA with a dense head and pooler on
+BERT): `shards` (the library's loader: meta-device build, each rank reads its rows) and `full` (every rank runs
+`from_pretrained`, the path before sharded loading). Every rank writes `<loader>/rank<r>.pt`: whether the built model was on the meta
 device, every parameter (gathered) and buffer at `on_train_start`, the step losses and the trained deltas.
 
-    python sharded_load_run.py --model_dir DIR --task causal_lm|classification --method random_mask|s2ft|lora\
-        --output OUT
+    python sharded_load_run.py --model_dir DIR --task causal_lm|classification --method random_mask|s2ft|lora \
+        [--select_by weight] --output OUT
 """
 
 from __future__ import annotations
@@ -95,20 +95,21 @@ class Record(pl.Callback):
         torch.save(self.result, self.output / f"rank{trainer.global_rank}.pt")
 
 
-def method_settings(method: str, task: str) -> tuple[list[pl.Callback], dict[str, Any]]:
-    """(callbacks, module kwargs) of the method."""
+def method_settings(method: str, task: str, select_by: str = "random") -> tuple[list[pl.Callback], dict[str, Any]]:
+    """(callbacks, module kwargs) of the method (`select_by`: S2FT's)."""
     if method == "random_mask":
         return [RandomMaskCallback(density=0.05)], {}
     if method == "s2ft":  # heads (o columns, v rows) and channels (down columns, up rows: 67 split unevenly)
-        return [S2FTStructureCallback(num_heads=2, num_channels=5, train=["o", "v", "down", "up"], seed=3)], {}
+        return [S2FTStructureCallback(num_heads=2, num_channels=5, train=["o", "v", "down", "up"], seed=3,
+                                      select_by=select_by)], {}
     heads = {"modules_to_save": ["classifier", "pooler"]} if task == "classification" else {}
     return [], {"lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"] if task == "classification"
                          else ["q_proj", "v_proj", "down_proj"], **heads}}
 
 
-def run(model_dir: str, task: str, method: str, loader: str, output: Path) -> None:
+def run(model_dir: str, task: str, method: str, select_by: str, loader: str, output: Path) -> None:
     pl.seed_everything(0, verbose=False)
-    callbacks, settings = method_settings(method, task)
+    callbacks, settings = method_settings(method, task, select_by)
     optimizer = lambda p: torch.optim.AdamW(p, lr=1e-2)  # noqa: E731
     if task == "causal_lm":
         module = module_class(task, loader)(model_dir, optimizer=optimizer, **settings)
@@ -136,11 +137,12 @@ def main() -> None:
     parser.add_argument("--model_dir", required=True)
     parser.add_argument("--task", required=True, choices=["causal_lm", "classification"])
     parser.add_argument("--method", default="random_mask", choices=names())
+    parser.add_argument("--select_by", default="random", help="S2FT's selection")
     parser.add_argument("--output", required=True, type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
     for loader in ("shards", "full"):
-        run(args.model_dir, args.task, args.method, loader, args.output)
+        run(args.model_dir, args.task, args.method, args.select_by, loader, args.output)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
