@@ -14,7 +14,7 @@ Cases:
   what `select_by_gradient` computed before selection memory was bounded;
 - `s2ft-gradient`, `s2ft-activation`: `S2FTStructureCallback(select_by=..., calibration_batches=N).attach(model,
   calibration)` with its default budgets and projections (o, down), selection, co-permutation and blocks included;
-- `<case>-checkpointed`: the same with the model's gradient checkpointing on (`gradient_checkpointing_enable()`, what
+- `<case>-checkpointed`: the same with the model's gradient checkpointing on (`enable_activation_checkpointing`, what
   the task modules' `gradient_checkpointing=True` calls), which the scoring passes keep (`modes.scoring_mode`); its
   floor is `forward-backward-checkpointed`.
 
@@ -95,7 +95,7 @@ def measure(case: str, batch_count: int, rank: int = 0, world: int = 1) -> dict[
     import sparse_lightning
     from sparse_lightning.callbacks import GradientTopKCallback, S2FTStructureCallback
     from sparse_lightning.methods import Calibration
-    from sparse_lightning.modes import scoring_mode
+    from sparse_lightning.modes import enable_activation_checkpointing, scoring_mode
     from sparse_lightning.models import resolve_model_path
     from sparse_lightning.sparse.inject import freeze_except
 
@@ -104,7 +104,7 @@ def measure(case: str, batch_count: int, rank: int = 0, world: int = 1) -> dict[
     model.eval()
     label, case = case, case.removesuffix(CHECKPOINTED)
     if label != case:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     generator = torch.Generator().manual_seed(rank)
     ids = torch.randint(0, model.config.vocab_size, (batch_count, 1, TOKENS), generator=generator)

@@ -432,7 +432,9 @@ def prepare(args: argparse.Namespace, method: str, spec: ModelSpec, batches: lis
 
         quantize_frozen_linears(model, args.quantize, keep=(*heads, "lm_head"))
     if getattr(args, "gradient_checkpointing", False):
-        model.gradient_checkpointing_enable()
+        from sparse_lightning.modes import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
     loss_fn = loss_for(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -930,7 +932,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quantize", default=None, choices=["nf4", "fp4", "int8"],
                         help="store every frozen Linear (heads and LM head kept) quantized, after the method attached")
     parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="model.gradient_checkpointing_enable() after the method attached")
+                        help="enable_activation_checkpointing(model) after the method attached")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--density", type=float, default=0.01, help="SIFT density per target weight")
     parser.add_argument("--sift-lora-rank", type=int, default=None,

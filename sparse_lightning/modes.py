@@ -1,4 +1,5 @@
-"""Switching a model to eval mode for a while without losing any submodule's own train/eval mode."""
+"""Switching a model to eval mode for a while without losing any submodule's own train/eval mode, and turning on
+its activation checkpointing under whichever name the installed transformers gives it."""
 
 from __future__ import annotations
 
@@ -32,3 +33,10 @@ def scoring_mode(model: nn.Module) -> Iterator[nn.Module]:
             if getattr(module, "gradient_checkpointing", False) is True:
                 module.training = True
         yield model
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """transformers >= 5 calls it `activation_checkpointing_enable` (the old `gradient_checkpointing_enable` warns that
+    it goes in v6); older versions (>= 4.45, which we support) have only the old name."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()

@@ -30,6 +30,7 @@ from transformers import (
 from sparse_lightning import row_sharded_sums
 from sparse_lightning.callbacks import GradientTopKCallback
 from sparse_lightning.methods import select_by_gradient, sift
+from sparse_lightning.modes import enable_activation_checkpointing
 from sparse_lightning.row_sharded_sums import share_bytes
 from sparse_lightning.score_groups import groups_within
 from sparse_lightning.sparse import freeze_except, sparse_delta_layers
@@ -151,7 +152,7 @@ def test_scoring_recomputes_checkpointed_layers_and_chooses_the_same(count: int)
     calibration = batches("llama", count)
     reference_model = copy.deepcopy(model)
     reference = dense_sum_selection(reference_model, calibration, lambda batch: reference_model(**batch).loss)
-    model.gradient_checkpointing_enable()
+    enable_activation_checkpointing(model)
     model.train()
     runs = []
     model.model.layers[0].mlp.register_forward_pre_hook(lambda module, args: runs.append(module.training))

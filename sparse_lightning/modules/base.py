@@ -26,6 +26,7 @@ from sparse_lightning.borders.models import resolve_model_path
 from sparse_lightning.callbacks.base import SparseMethodCallback
 from sparse_lightning.delta_checkpoint import base_fingerprint, check_same_base, check_same_method, frozen_base_keys
 from sparse_lightning.methods.calibration import Calibration
+from sparse_lightning.modes import enable_activation_checkpointing
 from sparse_lightning.modules.fsdp2 import fully_shard_model
 from sparse_lightning.modules.lora import LoRASettings, saved_module_copies
 from sparse_lightning.modules.param_groups import parameter_groups
@@ -231,7 +232,7 @@ class SparseFineTuningModule(LightningModule):
                 self._sharded_load.follow_copies(saved_module_copies(model))
         self.model = model  # compute_loss reads self.model, and calibration may run during attach
         if self.hparams.gradient_checkpointing:  # before attach: S2FT's gradient scores recompute as training does
-            model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(model)
         if method is not None and fitting:
             self._attach(method)
         if self.hparams.quantize and fitting and trainer is not None:  # a reload gets its shells from the checkpoint
