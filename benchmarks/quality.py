@@ -336,7 +336,7 @@ def run_one(spec: RunSpec, lock_path: Path, data_dir: Path, driver_command: str,
 #: The MRPC tuning plans ran (all done) with the recipes of their time, written in this script as overrides of an older
 #: base: a rerun could not rebuild them. Their runs stay in runs/ (each with its whole config).
 RETIRED_PLANS = {"mrpc-sweep": "7875a9a", "mrpc-followup": "7875a9a", "mrpc-followup2": "7875a9a"}
-PLANS = ("glue", "glue-lora-matched", "glue-lora-ranks", "cola-long")
+PLANS = ("glue", "glue-lora-matched", "glue-lora-ranks", "cola-long", "mrpc-long")
 
 
 def plan_runs(name: str) -> list[RunSpec]:
@@ -363,6 +363,11 @@ def plan_runs(name: str) -> list[RunSpec]:
         return [spec for seed in (42, 43, 44) for spec in
                 [RunSpec("cola", m, seed, tag="chosen", steps=600) for m in methods]
                 + [RunSpec("cola", "lora", seed, tag="r16", steps=600, overrides=dict(LORA_RANKS["r16"]))]]
+    if name == "mrpc-long":
+        # Issue 28: does 600 steps help on the other tuning task as on CoLA? The methods in question first (LoRA's
+        # default, SIFT, SpIEL-AG), then the rest, seed by seed.
+        methods = ["lora", "sift", "spiel_ag", "s2ft", "spiel_ma", "full"]
+        return [RunSpec("mrpc", m, seed, tag="chosen", steps=600) for seed in (42, 43, 44) for m in methods]
     if name in RETIRED_PLANS:
         raise SystemExit(f"plan {name} is done and retired: it ran with the recipes of commit {RETIRED_PLANS[name]} "
                          f"(git show {RETIRED_PLANS[name]}:benchmarks/quality.py); its runs are in {_rel(RUNS)}")
