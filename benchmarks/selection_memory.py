@@ -63,6 +63,16 @@ rows against the "after" ones, which held whole sums on every rank. `-checkpoint
 gradient checkpointing on (which the scoring passes keep), against their own floor, `forward-backward-checkpointed`.
 CPU seconds are the selection's own, one thread (a shared machine: +-10%).
 
+Why the 2-rank floor is 0.47x, and why it does not carry to the models users train: FSDP2 gathers a unit's weights
+into one all-gather buffer and copies them out into the unsharded parameters, so a unit costs twice its size while it
+is gathered. SmolLM2's largest unit is the root, which holds the tied 49,152 x 576 embedding (108.0 MiB fp32, 21% of
+the model), and a block is 13.5 MiB: 2 x 108.0 + 2 x 13.5 = 243 MiB, the measured floor to the MiB. That is a property
+of FSDP2 with one large tied matrix at 2 ranks, not of the selection (above the floor SIFT adds 0.08x). On LLaMA shapes
+(untied; the embedding and head are units of their own, `fsdp2.end_units`) the largest unit is a small share of the
+model, and the predictor (`sparse-lightning estimate --model 8b --method sift --gpus 2,8 --calibration_batches 4
+--seq_len 64`, bf16) gives a selection of 0.26x (2 GPUs) and 0.20x (8 GPUs) of the parameter bytes above the loaded
+model at 8B, and 0.18x / 0.10x at 70B.
+
     OMP_NUM_THREADS=1 PYTHONPATH=<a checkout of 1165ebd> python benchmarks/selection_memory.py --label before \\
         --cases sift,s2ft-gradient,s2ft-activation --json benchmarks/results/selection_memory.json
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/selection_memory.py --label after \\
