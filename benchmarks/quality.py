@@ -365,8 +365,8 @@ def plan_runs(name: str) -> list[RunSpec]:
                 + [RunSpec("cola", "lora", seed, tag="r16", steps=600, overrides=dict(LORA_RANKS["r16"]))]]
     if name == "mrpc-long":
         # Issue 28: does 600 steps help on the other tuning task as on CoLA? The methods in question first (LoRA's
-        # default, SIFT, SpIEL-AG), then the rest, seed by seed.
-        methods = ["lora", "sift", "spiel_ag", "s2ft", "spiel_ma", "full"]
+        # default, SIFT, SpIEL-AG), then the rest, full FT last, seed by seed.
+        methods = [m for m in METHODS if m not in ("full", "random_mask")] + ["full"]
         return [RunSpec("mrpc", m, seed, tag="chosen", steps=600) for seed in (42, 43, 44) for m in methods]
     if name in RETIRED_PLANS:
         raise SystemExit(f"plan {name} is done and retired: it ran with the recipes of commit {RETIRED_PLANS[name]} "

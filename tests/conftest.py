@@ -3,7 +3,6 @@ fast), the tiny SST-2 datamodule, and the contract matrix's method table and run
 contract_run.py, loaded once here). Test modules share helpers only through these fixtures, never by importing
 each other."""
 
-import importlib.util
 import os
 import signal
 import socket
@@ -27,6 +26,7 @@ from transformers import (
 )
 
 from sparse_lightning.models import resolve_model_path
+from script_loading import load_script
 
 TESTS = Path(__file__).resolve().parent
 SHARED_DATA = TESTS.parents[1] / "shared" / "data"
@@ -118,10 +118,7 @@ def tiny_lm_dir(tiny_llama_dir: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def contract() -> ModuleType:
     """tests/distributed_scripts/contract_run.py: METHODS, build_method, make_datamodule, run, STEPS, ..."""
-    spec = importlib.util.spec_from_file_location("contract_run", CONTRACT_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(CONTRACT_SCRIPT)
 
 
 @pytest.fixture(scope="session")

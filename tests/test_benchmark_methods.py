@@ -4,7 +4,6 @@ layer's backward."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -12,18 +11,16 @@ import pytest
 import torch
 
 from sparse_lightning.registry import METHODS, names
+from script_loading import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_benchmark.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("step_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
+    module = load_script(SCRIPT, register=True)
     yield module
-    sys.modules.pop(spec.name, None)
+    sys.modules.pop(module.__name__, None)
 
 
 def build(bench, method: str, **budget):

@@ -4,16 +4,13 @@ resume checkpoint on a validation step (Lightning would count that validation as
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from script_loading import load_script
 
-_SPEC = importlib.util.spec_from_file_location(
-    "child_run", Path(__file__).resolve().parents[1] / "benchmarks" / "child_run.py")
-child_run = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(child_run)
+child_run = load_script(Path(__file__).resolve().parents[1] / "benchmarks" / "child_run.py")
 
 
 def interrupted_run(tmp_path: Path, commit: str = "abc") -> Path:

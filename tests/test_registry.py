@@ -4,7 +4,6 @@ covers every method, so a method added to the registry but missing from a matrix
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -16,16 +15,10 @@ from sparse_lightning import registry
 from sparse_lightning.callbacks import PruneRegrowCallback, SparseMethodCallback
 from sparse_lightning.model_card import METHOD_NAMES
 from sparse_lightning.registry import METHODS, names
+from script_loading import load_script
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-
-
-def load(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -86,9 +79,9 @@ def test_every_test_matrix_covers_every_method(contract: ModuleType) -> None:
     """The matrices parametrize over the registry and look their settings up here: these tables must hold every
     method (tests/distributed_scripts/contract_run.py, tests/edges_scripts/kill_and_resume.py, test_configs.py)."""
     assert set(contract.SETTINGS) == set(contract.METHODS) == set(names(sparse=True))
-    kill = load(TESTS / "edges_scripts" / "kill_and_resume.py")
+    kill = load_script(TESTS / "edges_scripts" / "kill_and_resume.py")
     assert set(kill.SETTINGS) == set(METHODS)
-    configs = load(TESTS / "test_configs.py")
+    configs = load_script(TESTS / "test_configs.py")
     assert set(configs.LR) == set(configs.METHODS) == set(METHODS)
 
 
@@ -100,6 +93,6 @@ def test_the_cli_help_lists_every_method() -> None:
 def test_at_most_four_hand_kept_method_lists_remain() -> None:
     """Issue 27: the library, its benchmarks, tests and scripts read the registry; what remains are the tables of
     expected values and small settings (scripts/count_method_lists.py prints them)."""
-    counter = load(ROOT / "scripts" / "count_method_lists.py")
+    counter = load_script(ROOT / "scripts" / "count_method_lists.py")
     found = counter.hand_kept_lists(ROOT)
     assert len(found) <= 4, "\n".join(found)

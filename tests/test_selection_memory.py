@@ -11,7 +11,6 @@ gradient scores are checked the same way against summing every trained projectio
 from __future__ import annotations
 
 import copy
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 
@@ -37,6 +36,7 @@ from sparse_lightning.sparse import freeze_except, sparse_delta_layers
 from sparse_lightning.structure import find_groups
 from sparse_lightning.structure.families import base_linear
 from sparse_lightning.structure.scores import gradient_scores, unit_norms_sq
+from script_loading import load_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -267,10 +267,7 @@ def test_s2ft_gradient_scores_equal_the_all_at_once_sum(family: str, roles: list
 @pytest.fixture(scope="module")
 def selection_run() -> ModuleType:
     """tests/distributed_scripts/selection_run.py: its tiny model, each rank's batches and its settings."""
-    spec = importlib.util.spec_from_file_location("selection_run", SELECTION_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SELECTION_SCRIPT)
 
 
 def canonical_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:

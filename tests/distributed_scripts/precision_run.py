@@ -14,15 +14,12 @@ same setups in one process (a one-rank FSDP2 mesh), the reference the ranks are 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 import torch
 
-_spec = importlib.util.spec_from_file_location("contract_run", Path(__file__).with_name("contract_run.py"))
-contract = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(contract)
+import contract_run as contract  # this script's own folder is first on sys.path
 
 #: name -> `contract.run` settings.
 SETUPS: dict[str, dict[str, Any]] = {
