@@ -23,39 +23,21 @@ from datamodules.glue import GLUEDataModule
 from sparse_lightning import cli
 from sparse_lightning.export import DELTA_CONFIG, DELTA_WEIGHTS, apply_delta
 from sparse_lightning.sparse import sparse_delta_layers
+from tiny_sst2_runs import DATA, tiny_sst2_config
 
-DATA = Path(__file__).resolve().parent / "data" / "sst2_tiny"
 
 
 def write_config(tmp_path: Path, model_dir: Path, name: str = "config.yaml", *, callback: dict | None = None,
                  data: dict | None = None) -> Path:
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_steps": 3, "limit_val_batches": 1, "logger": False,
-            "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(tmp_path / "root"),
-            "callbacks": [
-                {"class_path": "sparse_lightning.callbacks.GradientTopKCallback",
-                 "init_args": {"density": 0.05, "calibration_batches": 1, **(callback or {})}},
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(tmp_path / "checkpoints"), "filename": "last"}},
-            ],
-        },
-        "model": {
-            "class_path": "sparse_lightning.modules.SequenceClassificationModule",
-            "init_args": {"model_name_or_path": str(model_dir),
-                          "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}}},
-        },
-        "data": {
-            "class_path": "datamodules.glue.GLUEDataModule",
-            "init_args": {"task": "sst2", "tokenizer_name_or_path": str(model_dir),
-                          "train_file": str(DATA / "train.tsv"), "validation_files": [str(DATA / "dev.tsv")],
-                          "batch_size": 8, "max_length": 32, **(data or {})},
-        },
-    }
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return path
+    callbacks = [{"class_path": "sparse_lightning.callbacks.GradientTopKCallback",
+                  "init_args": {"density": 0.05, "calibration_batches": 1, **(callback or {})}},
+                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": str(tmp_path / "checkpoints"), "filename": "last"}}]
+    return tiny_sst2_config(
+        tmp_path, model_dir, {"max_steps": 3, "limit_val_batches": 1, "logger": False,
+                              "default_root_dir": str(tmp_path / "root"), "callbacks": callbacks},
+        model={"optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}}},
+        data={"tokenizer_name_or_path": str(model_dir), **(data or {})}, name=name)
 
 
 def dev_batch(model_dir: Path) -> dict[str, torch.Tensor]:

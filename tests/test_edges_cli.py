@@ -4,32 +4,19 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from sparse_lightning import cli
+from tiny_sst2_runs import command_line_error, tiny_sst2_config
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parent / "data" / "sst2_tiny"
 
 
 def write_config(tmp_path: Path, model_dir: Path, **trainer) -> Path:
-    config = {
-        "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 1, "limit_val_batches": 1, "val_check_interval": 1,
-                    "enable_progress_bar": False, "enable_model_summary": False, **trainer},
-        "model": {"class_path": "sparse_lightning.modules.SequenceClassificationModule",
-                  "init_args": {"model_name_or_path": str(model_dir)}},
-        "data": {"class_path": "datamodules.glue.GLUEDataModule",
-                 "init_args": {"task": "sst2", "train_file": str(DATA / "train.tsv"),
-                               "validation_files": [str(DATA / "dev.tsv")], "batch_size": 8, "max_length": 32}},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return path
+    return tiny_sst2_config(tmp_path, model_dir, {"max_steps": 1, "limit_val_batches": 1, "val_check_interval": 1,
+                                                  **trainer})
 
 
 # ------------------------------------------------------------------------------------------------- case 5
@@ -70,12 +57,9 @@ def test_two_runs_started_together_in_one_folder_get_their_own_run_folders(tiny_
 
 def run_command_line(monkeypatch, capsys, *args: str) -> str:
     """`sparse-lightning ARGS` as typed: exit status 1 and exactly one line on stderr, returned."""
-    monkeypatch.setattr(sys, "argv", ["sparse-lightning", *args])
-    monkeypatch.delenv("SPARSE_LIGHTNING_TRACEBACK", raising=False)
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 1 and err.startswith("sparse-lightning: error: "), err[-3000:]
+    code, err = command_line_error(monkeypatch, capsys, *args)
+    err = err.strip()
+    assert code == 1 and err.startswith("sparse-lightning: error: "), err[-3000:]
     assert len(err.splitlines()) == 1, err[-3000:]
     return err
 

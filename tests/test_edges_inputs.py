@@ -8,20 +8,18 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from datamodules.glue import GLUEDataModule
 from datamodules.instruction import InstructionDataModule
 from sparse_lightning import cli
 from sparse_lightning.models import builtin_aliases, resolve_model_path
 from sparse_lightning.sparse import allocate_budget
+from tiny_sst2_runs import command_line_error, tiny_sst2_config
 
-DATA = Path(__file__).resolve().parent / "data" / "sst2_tiny"
 
 
 # ------------------------------------------------------------------------------------------------ item 7
@@ -85,36 +83,17 @@ def test_the_datamodule_tokenizer_goes_through_the_same_check() -> None:
 
 
 def write_config(tmp_path: Path, model_dir: Path, trainer: dict | None = None, callback: dict | None = None) -> Path:
-    config = {
-        "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2, "logger": False, "enable_progress_bar": False,
-                    "enable_model_summary": False, "enable_checkpointing": False,
-                    "default_root_dir": str(tmp_path / "root"), **(trainer or {}),
-                    "callbacks": [{"class_path": "sparse_lightning.callbacks.GradientTopKCallback",
-                                   "init_args": {"density": 0.05, **(callback or {})}}]},
-        "model": {"class_path": "sparse_lightning.modules.SequenceClassificationModule",
-                  "init_args": {"model_name_or_path": str(model_dir)}},
-        "data": {"class_path": "datamodules.glue.GLUEDataModule",
-                 "init_args": {"task": "sst2", "train_file": str(DATA / "train.tsv"),
-                               "validation_files": [str(DATA / "dev.tsv")], "batch_size": 8, "max_length": 32}},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def run_command_line(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["sparse-lightning", *args])
-    monkeypatch.delenv("SPARSE_LIGHTNING_TRACEBACK", raising=False)
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    return exit_info.value.code, capsys.readouterr().err
+    sift = {"class_path": "sparse_lightning.callbacks.GradientTopKCallback",
+            "init_args": {"density": 0.05, **(callback or {})}}
+    return tiny_sst2_config(tmp_path, model_dir, {"max_steps": 2, "logger": False, "enable_checkpointing": False,
+                                                  "default_root_dir": str(tmp_path / "root"), **(trainer or {}),
+                                                  "callbacks": [sift]})
 
 
 def test_a_config_error_is_one_line_on_the_command_line(tiny_bert_dir: Path, tmp_path: Path, monkeypatch,
                                                         capsys) -> None:
     config = write_config(tmp_path, tiny_bert_dir, callback={"density": 0})
-    code, err = run_command_line(monkeypatch, capsys, "fit", "--config", str(config))
+    code, err = command_line_error(monkeypatch, capsys, "fit", "--config", str(config))
     assert code == 1
     assert err.strip() == "sparse-lightning: error: density must be in (0, 1], got 0.0"
     assert "Traceback" not in err
@@ -122,7 +101,7 @@ def test_a_config_error_is_one_line_on_the_command_line(tiny_bert_dir: Path, tmp
 
 def test_a_missing_model_is_one_line_on_the_command_line(tmp_path: Path, monkeypatch, capsys) -> None:
     config = write_config(tmp_path, tmp_path / "no-such-model")
-    code, err = run_command_line(monkeypatch, capsys, "fit", "--config", str(config))
+    code, err = command_line_error(monkeypatch, capsys, "fit", "--config", str(config))
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert "no-such-model: no such model directory, and not a built-in alias" in err
 
