@@ -336,7 +336,9 @@ def run_one(spec: RunSpec, lock_path: Path, data_dir: Path, driver_command: str,
 #: The MRPC tuning plans ran (all done) with the recipes of their time, written in this script as overrides of an older
 #: base: a rerun could not rebuild them. Their runs stay in runs/ (each with its whole config).
 RETIRED_PLANS = {"mrpc-sweep": "7875a9a", "mrpc-followup": "7875a9a", "mrpc-followup2": "7875a9a"}
-PLANS = ("glue", "glue-lora-matched", "glue-lora-ranks", "cola-long", "mrpc-long")
+PLANS = ("glue", "glue-lora-matched", "glue-lora-ranks", "cola-long", "mrpc-long", "cola-global")
+#: Issue 28, H5: SIFT's budget given to the largest |gradient| entries of all targets together (tag "global").
+SIFT_GLOBAL = {"trainer.callbacks.0.init_args.allocation": "global"}
 
 
 def plan_runs(name: str) -> list[RunSpec]:
@@ -368,6 +370,11 @@ def plan_runs(name: str) -> list[RunSpec]:
         # default, SIFT, SpIEL-AG), then the rest, full FT last, seed by seed.
         methods = [m for m in METHODS if m not in ("full", "random_mask")] + ["full"]
         return [RunSpec("mrpc", m, seed, tag="chosen", steps=600) for seed in (42, 43, 44) for m in methods]
+    if name == "cola-global":
+        # Issue 28, H5 (the gradient sits in the top layers and FFN out-projections, so a per-weight density spreads
+        # SIFT's budget thin): the SIFT recipe with a global top-k, CoLA at 600 steps as plan cola-long, seed by seed.
+        return [RunSpec("cola", "sift", seed, tag="global", steps=600, overrides=dict(SIFT_GLOBAL))
+                for seed in (42, 43, 44)]
     if name in RETIRED_PLANS:
         raise SystemExit(f"plan {name} is done and retired: it ran with the recipes of commit {RETIRED_PLANS[name]} "
                          f"(git show {RETIRED_PLANS[name]}:benchmarks/quality.py); its runs are in {_rel(RUNS)}")

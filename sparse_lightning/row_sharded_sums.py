@@ -75,10 +75,18 @@ class RowShardedSum:
     def top_k(self, k: int) -> Tensor:
         """The sorted flat positions (in the whole weight) of the k largest |sum|; consumes the sum. On several ranks
         every rank gets the same canonical top-k; on one, `torch.topk`'s."""
-        scores = self.total[:self.own_rows].abs_().view(-1)
         if self.world == 1:
-            return top_k_positions(scores, k)
+            return top_k_positions(self.total[:self.own_rows].abs_().view(-1), k)
+        return self.top_k_scores(k)[1]
+
+    @torch.no_grad()
+    def top_k_scores(self, k: int) -> tuple[Tensor, Tensor]:
+        """The canonical top-k of |sum| over all ranks (ties to the lower position), the same on every rank: (|sum|,
+        flat positions in the whole weight), in position order; consumes the sum."""
+        scores = self.total[:self.own_rows].abs_().view(-1)
         own = canonical_top_k(scores, min(k, scores.numel()))
+        if self.world == 1:
+            return scores[own], own
         values = torch.full((k,), -1.0, device=scores.device)  # padding below every |score|: never chosen
         positions = torch.full((k,), -1, dtype=torch.long, device=scores.device)
         values[:own.numel()] = scores[own]
@@ -88,4 +96,5 @@ class RowShardedSum:
         # among them are ties by position
         real = positions >= 0
         values, positions = values[real], positions[real]
-        return positions[canonical_top_k(values, k)]
+        best = canonical_top_k(values, k)
+        return values[best], positions[best]

@@ -24,8 +24,9 @@ from sparse_lightning.registry import names
 
 SCRIPT = Path(__file__).resolve().parent / "edges_scripts" / "kill_and_resume.py"
 DATA = Path(__file__).resolve().parent / "data" / "sst2_tiny"
-#: Every method of the registry, and SIFT with dropout on (the resumed run continues the random stream).
-METHODS = [*names(), "sift_dropout"]
+#: Every method of the registry, SIFT with dropout on (the resumed run continues the random stream) and SIFT's global
+#: allocation with dropout on (the resumed run also takes the checkpoint's per-weight sizes).
+METHODS = [*names(), "sift_dropout", "sift_global"]
 
 
 def glue(model_dir: Path, seed: int = 7) -> GLUEDataModule:

@@ -34,6 +34,9 @@ class SparseMethodCallback(Callback):
     #: Whether `attach` needs only the weights' shapes (not their values): then, under FSDP2, the base is built on
     #: the meta device and each rank loads only its shard after sharding (modules/sharded_loading.py).
     attaches_from_shapes: bool = False
+    #: Whether `attach` sizes each delta from data (SIFT's global allocation): a resumed run then rebuilds its deltas
+    #: at the sizes its checkpoint recorded, whatever this run's calibration chose.
+    sizes_from_data: bool = False
 
     def __init__(self, dense_modules: list[str] | None = None) -> None:
         self.dense_modules = dense_modules
@@ -73,10 +76,14 @@ class ElementSparseCallback(SparseMethodCallback):
     def attach(self, model: nn.Module, calibration: Calibration | None = None) -> None:
         if sparse_delta_layers(model):
             return
-        patterns = self.target_modules or list(default_targets(model))
-        targets = find_linear_targets(model, patterns, self.exclude_modules)
+        targets = self.target_linears(model)
         shapes = [tuple(linear.weight.shape) for linear in targets.values()]
         self.initialize(attach_sparse_deltas(model, dict(zip(targets, self.allocate(model, shapes)))), model)
+
+    def target_linears(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The Linear modules the method targets, by name, in model order."""
+        patterns = self.target_modules or list(default_targets(model))
+        return find_linear_targets(model, patterns, self.exclude_modules)
 
     def allocate(self, model: nn.Module, shapes: list[tuple[int, int]]) -> list[int]:
         """Slots per target weight; `density` is per tensor here (SIFT), SpIEL reads it model-wide."""

@@ -34,7 +34,7 @@ from sparse_lightning.modules.prepare import prepare_model
 from sparse_lightning.modules.schedules import Schedule, warmup_then_decay
 from sparse_lightning.modules.sharded_loading import ShardedLoad, build_on_meta, checkpoint_files, load_shards
 from sparse_lightning.sparse.frozen_delta import is_delta_parameter
-from sparse_lightning.sparse.inject import attach_deltas_from_state_dict
+from sparse_lightning.sparse.inject import attach_deltas_from_state_dict, resize_deltas_as_recorded
 from sparse_lightning.sparse.quantized import (
     QUANTIZE,
     QuantizedLinear,
@@ -383,6 +383,8 @@ class SparseFineTuningModule(LightningModule):
             return
         if not holds_base:
             self._rebuild_trained_base(state, info)
+        if fitting and getattr(self.sparse_method(), "sizes_from_data", False):  # never this run's calibration's sizes
+            resize_deltas_as_recorded(self.model, state, prefix="model.")
         attach_deltas_from_state_dict(self.model, state, prefix="model.")
         if self.hparams.quantize and holds_base:  # the packed weights come with the checkpoint
             quantized_shells_from_state_dict(self.model, state, self.hparams.quantize, "model.")

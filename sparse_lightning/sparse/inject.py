@@ -119,12 +119,28 @@ def merge_and_unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def recorded_ks(state_dict: dict[str, torch.Tensor], prefix: str = "") -> dict[str, int]:
+    """Each sparse delta layer a checkpoint holds -> its k (from its value shape)."""
+    suffix = ".delta_values"
+    return {key[len(prefix):-len(suffix)]: value.shape[0] for key, value in state_dict.items()
+            if key.startswith(prefix) and key.endswith(suffix)}
+
+
+def resize_deltas_as_recorded(model: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Make the model's sparse delta layers the checkpoint's: a layer of another k is rebuilt at the recorded k, one
+    the checkpoint has none for goes back to its plain Linear (missing ones `attach_deltas_from_state_dict` adds).
+    For deltas sized from data (SIFT's global allocation), before the optimizer exists."""
+    ks = recorded_ks(state_dict, prefix)
+    for name, layer in sparse_delta_layers(model).items():
+        if name not in ks:
+            replace_submodule(model, name, layer.base)
+        elif layer.k != ks[name]:
+            replace_submodule(model, name, SparseDeltaLinear(layer.base, ks[name]))
+
+
 def attach_deltas_from_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str = "") -> None:
     """Recreate the delta layers a checkpoint holds (k from its value shapes; S2FT blocks and co-permutation
     records from their buffers), so it loads into a fresh model."""
-    suffix = ".delta_values"
-    ks = {key[len(prefix):-len(suffix)]: value.shape[0] for key, value in state_dict.items()
-          if key.startswith(prefix) and key.endswith(suffix)}
-    attach_sparse_deltas(model, ks)
+    attach_sparse_deltas(model, recorded_ks(state_dict, prefix))
     attach_blocks_from_state_dict(model, state_dict, prefix)
     attach_orders_from_state_dict(model, state_dict, prefix)

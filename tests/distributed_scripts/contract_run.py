@@ -13,11 +13,14 @@ in those same processes (the process group is created once), each in `OUTPUT/<st
 the runs of the strategies it lists from their mid-epoch checkpoints into `OUTPUT/<strategy>-resumed`:
 
     python contract_run.py --method spiel_ag --model_dir DIR --output OUT --strategies ddp,fsdp2 --resume fsdp2
+
+`--overrides '{"allocation": "global"}'` changes the method's settings (tests/test_sift_global.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -165,14 +168,17 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--resume", default="", help="comma-separated strategies whose run is then resumed from its "
                                                      "mid-epoch checkpoint")
+    parser.add_argument("--overrides", type=json.loads, default={},
+                        help='JSON: the callback settings changed from SETTINGS, e.g. {"allocation": "global"}')
     args = parser.parse_args()
     torch.set_num_threads(1)
     strategies = args.strategies.split(",")
     for strategy in strategies:
-        run(args.model_dir, args.output / strategy, args.method, strategy, args.devices, args.batch_size)
+        run(args.model_dir, args.output / strategy, args.method, strategy, args.devices, args.batch_size,
+            overrides=args.overrides)
     for strategy in filter(None, args.resume.split(",")):
         run(args.model_dir, args.output / f"{strategy}-resumed", args.method, strategy, args.devices, args.batch_size,
-            resume=args.output / strategy / f"step={CHECKPOINT_STEP}.ckpt")
+            resume=args.output / strategy / f"step={CHECKPOINT_STEP}.ckpt", overrides=args.overrides)
     # Tear gloo down before interpreter exit: left to exit-time destructors it can abort ("terminate called").
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -1,6 +1,6 @@
 """Kill -9 tiny runs right after a checkpoint (mid-epoch, and at an epoch boundary), resume them, save final states.
 
-usage: kill_and_resume.py OUT MODEL_DIR METHOD [METHOD ...]   (methods: sparse_lightning.registry's, and sift_dropout)
+usage: kill_and_resume.py OUT MODEL_DIR METHOD [METHOD ...]   (methods: sparse_lightning.registry's, and VARIANTS)
 
 The killed runs are forked children that SIGKILL themselves, forked before this process computes anything (so no
 thread pool is inherited half-used); this process then runs each method uninterrupted and resumed from both
@@ -35,8 +35,11 @@ RESUME_FROM = {"mid": "mid-step=3.ckpt", "boundary": "epoch=0.ckpt"}
 #: Every method of the registry -> its small settings: the contract matrix's (tests/distributed_scripts/contract_run.py)
 #: for the sparse methods, LoRA's here; a missing one fails the test.
 SETTINGS = {**CONTRACT_SETTINGS, "lora": {"r": 2}, "full": {}}
-#: Runs that are a method with something else changed: with dropout on, the resumed run must continue the random stream.
-VARIANTS = {"sift_dropout": ("sift", {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1})}
+#: Runs that are a method with something else changed -> (method, model_kwargs, callback settings): with dropout on, the
+#: resumed run must continue the random stream; with SIFT's global allocation it must also take the checkpoint's sizes
+#: after its own calibration chose again in configure_model.
+DROPOUT = {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
+VARIANTS = {"sift_dropout": ("sift", DROPOUT, {}), "sift_global": ("sift", DROPOUT, {"allocation": "global"})}
 
 
 class KillAt(Callback):
@@ -52,7 +55,7 @@ class KillAt(Callback):
 
 def fit(method: str, model_dir: str, root: Path, ckpt_path: Path | None = None, kill_at: int | None = None):
     pl.seed_everything(0, verbose=False)
-    name, dropout = VARIANTS.get(method, (method, {}))
+    name, dropout, changed = VARIANTS.get(method, (method, {}, {}))
     row = registry_method(name)
     lora = LoRASettings(**SETTINGS[name]) if name == "lora" else None
     module = SequenceClassificationModule(model_dir, lora=lora, optimizer=row.make_optimizer(lr=1e-2),
@@ -62,7 +65,7 @@ def fit(method: str, model_dir: str, root: Path, ckpt_path: Path | None = None, 
         ModelCheckpoint(dirpath=root, filename="{epoch}", every_n_epochs=1, save_top_k=-1),
     ]
     if row.sparse:
-        callbacks.append(row.make_callback(**SETTINGS[name]))
+        callbacks.append(row.make_callback(**{**SETTINGS[name], **changed}))
     if kill_at is not None:
         callbacks.append(KillAt(kill_at))
     datamodule = GLUEDataModule(task="sst2", tokenizer_name_or_path=model_dir, train_file=str(DATA / "train.tsv"),
