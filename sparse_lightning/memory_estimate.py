@@ -303,7 +303,8 @@ def host_load_bytes(shape: ModelShape, plan: Plan, resident: int) -> int:
     moving each rank's shard to its device (one process builds it on the device: 0). Every method, LoRA and S2FT's
     shipped random selection included, builds on the meta device and reads only its own rows, one block of
     `READ_BYTES` at a time, beside its shard (S2FT selections from calibration data load the whole model on every
-    rank first: not the shipped recipe, not estimated here)."""
+    rank first: not the shipped recipe, not estimated here; an `init_delta` adds only its k entries, read whole on
+    every rank and added to each rank's rows, not counted)."""
     b, n = DTYPE_BYTES[plan.dtype], plan.gpus
     if n == 1:
         return 0

@@ -26,20 +26,6 @@ SCRIPT = Path(__file__).resolve().parent / "distributed_scripts" / "sharded_load
 
 
 @pytest.fixture(scope="module")
-def odd_llama_dir(tmp_path_factory) -> Path:
-    """Tied embeddings, rows that 2 ranks split unevenly (251 tokens, 67 FFN channels), saved as an index of
-    several safetensors files."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=251, hidden_size=32, intermediate_size=67, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("odd-llama")
-    LlamaForCausalLM(config).save_pretrained(path, max_shard_size="20KB")
-    assert (path / "model.safetensors.index.json").is_file()
-    return path
-
-
-@pytest.fixture(scope="module")
 def untied_llama_dir(tmp_path_factory) -> Path:
     """The odd LLaMA with an untied head: the embedding and the head are FSDP2 units of their own."""
     torch.manual_seed(0)

@@ -4,18 +4,23 @@ adapter, read into one form of update and checked completely before anything cha
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from sparse_lightning.borders.checks import DeltaFileError, add_rounding_once, values_at
-from sparse_lightning.borders.delta import DELTA_CONFIG, warn_if_quantized_run, checked_delta_updates
-from sparse_lightning.borders.peft import ADAPTER_CONFIG, checked_peft_updates
+from sparse_lightning.borders.delta import DELTA_CONFIG, DELTA_WEIGHTS, warn_if_quantized_run, checked_delta_updates
+from sparse_lightning.borders.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, checked_peft_updates
+
+
+#: `defer(weight, dim, index, delta, file)`: takes an update of a weight still on the meta device.
+Defer = Callable[[Tensor, "int | None", "Tensor | None", Tensor, Path], None]
 
 
 @torch.no_grad()
-def apply_delta(model: nn.Module, delta_dir: str | Path) -> nn.Module:
+def apply_delta(model: nn.Module, delta_dir: str | Path, defer: Defer | None = None) -> nn.Module:
     """Add an exported delta onto a plain base model in place (the model then equals the merged one).
 
     The whole directory is checked first (format and version, every target weight and its shape, index range,
@@ -26,12 +31,23 @@ def apply_delta(model: nn.Module, delta_dir: str | Path) -> nn.Module:
     Super-Tuning adapter directory (`adapter_config.json`) is read the same way
     (`sparse_lightning.borders.peft.apply_peft_adapter`). A delta trained on a quantized base warns: on a
     full-precision base the result differs from the trained model by the quantization error.
+
+    A base built on the meta device to be loaded by shards (`modules/sharded_loading.py`) is checked the same way
+    except base + delta, whose base values are not read yet; each update of a meta weight goes to `defer`, whose
+    owner adds it to each rank's rows as it reads them (and checks base + delta there), and drops what it took if
+    this raises.
     """
     chain = init_chain(Path(delta_dir))
     undo: list[tuple[Tensor, int | None, Tensor | None, Tensor]] = []
     try:
         for directory in chain:
             for weight, dim, index, delta in checked_updates_any(model, directory):
+                if weight.is_meta:
+                    if defer is None:
+                        raise ValueError(f"{directory}: the model's weights are on the meta device (built to be "
+                                         "loaded by shards): pass defer, or load the model first")
+                    defer(weight, dim, index, delta, weights_file(directory))
+                    continue
                 undo.append((weight, dim, index, values_at(weight, dim, index).clone()))
                 _write_update(weight, dim, index, delta)
     except BaseException:
@@ -63,6 +79,12 @@ def init_chain(delta_dir: Path) -> list[Path]:
             raise DeltaFileError(f"{config_path}: init_delta {init} leads back to a delta already in the chain; the "
                                  "model was not changed")
         chain.insert(0, path)
+
+
+
+def weights_file(directory: Path) -> Path:
+    """The tensor file of a delta or PEFT adapter directory (named by errors found while loading by shards)."""
+    return directory / (ADAPTER_WEIGHTS if (directory / ADAPTER_CONFIG).is_file() else DELTA_WEIGHTS)
 
 
 

@@ -146,9 +146,12 @@ def overflowing(weight: Tensor, dim: int | None, index: Tensor | None, delta: Te
 def require_finite_results(model: nn.Module, updates: list[tuple[Tensor, int | None, Tensor | None, Tensor]],
                            fail) -> None:
     """Refuse updates that would leave a weight non-finite in its own dtype (`overflowing`); `fail(problem)` makes the
-    error."""
+    error. A weight on the meta device (to be loaded by shards) has no values to add to yet: the shard loader checks
+    each rank's rows as it adds them (`modules/row_updates.py`)."""
     names = {id(param): name for name, param in model.named_parameters()}
     for weight, dim, index, delta in updates:
+        if weight.is_meta and dim is not None:
+            continue
         bad = overflowing(weight, dim, index, delta)
         if bad:
             raise fail(f"adding it would make {bad} entries of {names.get(id(weight), 'a parameter')} non-finite in "

@@ -48,6 +48,7 @@ from sparse_lightning.borders.checks import (
 )
 from sparse_lightning.borders.delta import delta_tensors
 from sparse_lightning.borders.name_pattern import NamePattern, NamePatternError
+from sparse_lightning.meta_weights import whole_weights
 from sparse_lightning.sparse import delta_layers
 from sparse_lightning.sparse.frozen_delta import is_transposed_linear
 
@@ -400,8 +401,9 @@ def checked_peft_updates(model: nn.Module, adapter_dir: Path) -> list[tuple[Tens
             if saved_indices:
                 flat = file.integers(key, found["supertuning_indices"], shape=[count]).long()
             else:  # save_precomputed_indices=False: PEFT recomputes them from the base weight's magnitudes
-                flat = torch.topk(weight.detach().abs().flatten(), k=count,
-                                  largest=bool(config.get("select_top", True))).indices.cpu()
+                with whole_weights(model, [module]):  # a meta weight (loaded by shards later) is read whole here
+                    flat = torch.topk(module.weight.detach().abs().flatten(), k=count,
+                                      largest=bool(config.get("select_top", True))).indices.cpu()
         updates.append((weight, file.positions(key, flat, out * inp), values))
     for name, value in dense.items():
         owner = name.rpartition(".")[0]

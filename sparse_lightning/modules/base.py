@@ -216,9 +216,9 @@ class SparseFineTuningModule(LightningModule):
             if method is not None and fitting and not self._sparse_attached:
                 self._attach_late(method)
             return
-        # Under FSDP2 a method that attaches from weight shapes (LoRA does too) lets every rank load only its shard;
-        # S2FT selections that read weights or data, and init_delta (merged into the weights), need the whole base.
-        self._load_by_shards = (self.device_mesh is not None and not self.hparams.get("init_delta")
+        # Under FSDP2 a method that attaches from weight shapes (LoRA does too) lets every rank load only its shard
+        # (init_delta then adds its entries to each rank's rows); S2FT selections from data need the whole base.
+        self._load_by_shards = (self.device_mesh is not None
                                 and (method is None or not fitting or method.attaches_from_shapes))
         model = self.build_model()
         self._load_by_shards = False
@@ -249,7 +249,9 @@ class SparseFineTuningModule(LightningModule):
 
     def _merge_init_delta(self, model: nn.Module) -> None:
         """Add `init_delta` onto the freshly built base; `apply_delta` checks all of it first (shapes, names,
-        finite values) and changes nothing on a bad file."""
+        finite values) and changes nothing on a bad file. A base waiting on the meta device to be loaded by shards
+        keeps the updates of its checkpoint weights in the plan: each rank adds those in its rows as it reads them
+        (`load_shards`, before `configure_model` returns)."""
         path = Path(self.hparams.init_delta).expanduser()
         if not path.is_dir():
             raise FileNotFoundError(f"init_delta {path}: no such directory (an exported delta directory or a PEFT "
@@ -259,7 +261,13 @@ class SparseFineTuningModule(LightningModule):
             rank_zero_warn(f"init_delta {path} was trained on {named!r}, this run builds "
                            f"{self.hparams.model_name_or_path!r}: every shape matches, so it is applied; make sure "
                            "they are the same model")
-        apply_delta(model, path)
+        plan = self._sharded_load
+        try:
+            apply_delta(model, path, plan.defer if plan is not None else None)
+        except BaseException:
+            if plan is not None:
+                plan.drop_updates()
+            raise
         self._init_delta_merged = True
         rank_zero_info(f"init_delta: started from {path}")
 

@@ -8,7 +8,8 @@ slices (`safe_open(...).get_slice(key)[start:stop]`, a block of rows per memory 
 ranks' rows is read and at most one block's file pages are resident); S2FT's co-permutation, recorded on the meta
 model, is applied by reading the permuted rows and columns. What the checkpoint does not hold (buffers such as rotary `inv_freq` or
 `position_ids`, and new task heads) is created for real before sharding and initialised by the model's own
-`initialize_weights`, exactly as `from_pretrained` initialises it.
+`initialize_weights`, exactly as `from_pretrained` initialises it. `init_delta`'s updates of checkpoint weights wait in
+the plan (`ShardedLoad.defer`) and each rank adds the entries in its own rows as it reads them (`row_updates.py`).
 
 Only safetensors directories load this way (one `model.safetensors` or an index); anything else (a `.bin`
 checkpoint, a hub id) falls back to `from_pretrained` on every rank, said once in the log.
@@ -28,6 +29,7 @@ from safetensors import safe_open
 from torch import nn
 
 from sparse_lightning.meta_weights import register_reader
+from sparse_lightning.modules.row_updates import RowUpdate, add_to_rows, add_whole, agree_on_overflow, as_entries
 from sparse_lightning.structure.permute import recorded_gathers
 
 SINGLE_FILE = "model.safetensors"
@@ -54,19 +56,40 @@ class ShardedLoad:
     """A model built on the meta device and where each of its parameters' values lives in the checkpoint.
 
     `sources` maps (id of the owning module, parameter name) to the checkpoint key: modules keep their identity
-    through the method's wrapping and FSDP2's sharding, while parameter names and objects do not.
+    through the method's wrapping and FSDP2's sharding, while parameter names and objects do not. `holders` maps each
+    meta parameter as built to its `sources` entry, and `updates` holds, by the same entry, `init_delta`'s updates
+    of that weight in the order `apply_delta` handed them over (`defer`).
     """
 
     files: dict[str, Path]
     sources: dict[tuple[int, str], str] = field(default_factory=dict)
+    holders: dict[int, tuple[int, str]] = field(default_factory=dict)
+    updates: dict[tuple[int, str], list[RowUpdate]] = field(default_factory=dict)
 
     def follow_copies(self, pairs: list[tuple[nn.Module, nn.Module]]) -> None:
-        """Each copy's parameters read what its original's read (LoRA's `modules_to_save` copies of a meta module)."""
+        """Each copy's parameters read what its original's read (LoRA's `modules_to_save` copies of a meta module),
+        `init_delta` included."""
         for original, copy in pairs:
             for name, _ in copy.named_parameters(recurse=False):
                 key = self.sources.get((id(original), name))
                 if key is not None:
                     self.sources[(id(copy), name)] = key
+                if (id(original), name) in self.updates:
+                    self.updates[(id(copy), name)] = self.updates[(id(original), name)]
+
+    def defer(self, weight: torch.Tensor, dim: int | None, index: torch.Tensor | None, delta: torch.Tensor,
+              file: Path) -> None:
+        """Keep `apply_delta`'s checked update of a meta weight (as its entries) for `load_shards` to add to each
+        rank's rows."""
+        holder = self.holders.get(id(weight))
+        if holder is None:
+            raise RuntimeError(f"{file}: an update of a meta-device weight that is not one of the checkpoint's as "
+                               "built: merge init_delta right after build_on_meta")
+        self.updates.setdefault(holder, []).append(as_entries(weight, dim, index, delta, file))
+
+    def drop_updates(self) -> None:
+        """Forget the deferred updates (`apply_delta` refused a later directory of the init_delta chain)."""
+        self.updates.clear()
 
 
 def read_whole(plan: ShardedLoad, module: nn.Module, name: str) -> torch.Tensor | None:
@@ -75,7 +98,9 @@ def read_whole(plan: ShardedLoad, module: nn.Module, name: str) -> torch.Tensor 
     if key is None:
         return None
     with safe_open(str(plan.files[key]), framework="pt", device="cpu") as handle:
-        return handle.get_tensor(key)
+        tensor = handle.get_tensor(key).to(getattr(module, name).dtype)
+    add_whole(tensor, plan.updates.get((id(module), name), []))  # base + init_delta, as a whole load holds it
+    return tensor
 
 
 def checkpoint_key(name: str, model: nn.Module, files: dict[str, Path]) -> str | None:
@@ -127,6 +152,7 @@ def build_on_meta(auto_class: Any, model_dir: str | Path, files: dict[str, Path]
             continue
         param._is_hf_initialized = True  # initialize_weights leaves it alone: its values come from the checkpoint
         plan.sources[(id(owners[id(param)]), name.rpartition(".")[2])] = key
+        plan.holders[id(param)] = (id(owners[id(param)]), name.rpartition(".")[2])
     unexpected = [n for n in missing if not any(n == m or n.startswith(m + ".") for m in new_modules)]
     if unexpected:
         return None
@@ -164,7 +190,9 @@ def load_shards(model: nn.Module, plan: ShardedLoad, device: torch.device) -> No
     """After `fully_shard`: give every meta parameter its local shard on `device` and fill it with its rows of the
     checkpoint tensor (FSDP2 shards dim 0 as `torch.chunk` does). A weight S2FT co-permuted on the meta model (its
     order record is all it holds) gets the permuted rows: the rows or columns the record gathers, read from the
-    file. Tensors that were real already (deltas, buffers, new heads) are left as they are."""
+    file. Tensors that were real already (deltas, buffers, new heads) are left as they are. `init_delta`'s entries
+    in a rank's rows are added to them (`row_updates.add_to_rows`), mapped through the same order; if any rank's
+    base + delta overflows, every rank raises."""
     gathers = recorded_gathers(model)
     holders = [(f"{module_name}.{name}".lstrip("."), id(param), (id(module), name) in plan.sources)
                for module_name, module in model.named_modules()
@@ -181,6 +209,12 @@ def load_shards(model: nn.Module, plan: ShardedLoad, device: torch.device) -> No
     finally:
         torch.__future__.set_swap_module_params_on_conversion(swapping)
     seen: set[int] = set()
+    named: list[tuple[str, RowUpdate]] = []  # every rank's same list: positions in it name an overflow to all ranks
+    first: dict[tuple[int, str], int] = {}
+    for holder, updates in plan.updates.items():
+        first[holder] = len(named)
+        named += [(plan.sources[holder], update) for update in updates]
+    failure = None
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             key = plan.sources.get((id(module), name))
@@ -199,6 +233,12 @@ def load_shards(model: nn.Module, plan: ShardedLoad, device: torch.device) -> No
             elif dim == 1:
                 columns = index
             _copy_rows(path, key, local, rows, columns)
+            updates = plan.updates.get((id(module), name))
+            if updates and failure is None:
+                found = add_to_rows(local, updates, rows, columns, shape)
+                failure = None if found is None else (first[(id(module), name)] + found[0], found[1])
+    if plan.updates:
+        agree_on_overflow(failure, named, device)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"sharded loading left {left[0]} (and {len(left) - 1} more) on the meta device")

@@ -3,16 +3,21 @@
 In the same two processes, one model directory is fitted twice from the same seed with one method (the random mask,
 S2FT with a random or weight-norm selection training rows and columns, or LoRA with a dense head and pooler on
 BERT): `shards` (the library's loader: meta-device build, each rank reads its rows) and `full` (every rank runs
-`from_pretrained`, the path before sharded loading). Every rank writes `<loader>/rank<r>.pt`: whether the built model was on the meta
+`from_pretrained`, the path before sharded loading), optionally from an `init_delta` (the sharded load adds each
+rank's entries to its rows; the full load merges it into the whole model). Every rank writes `<loader>/rank<r>.pt`: whether the built model was on the meta
 device, every parameter (gathered) and buffer at `on_train_start`, the step losses and the trained deltas.
 
     python sharded_load_run.py --model_dir DIR --task causal_lm|classification --method random_mask|s2ft|lora \
-        [--select_by weight] --output OUT
+        [--select_by weight] [--init_delta DELTA_DIR [--dtype float16]] --output OUT
+
+An `init_delta` that is refused (base + delta not finite in `--dtype`) makes every rank write `<loader>/rank<r>.pt`
+holding only the error: a rank that waited on the others would never write it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from sparse_lightning.callbacks import RandomMaskCallback, S2FTStructureCallback  # noqa: E402
+from sparse_lightning.export import DeltaFileError  # noqa: E402
 from sparse_lightning.models import resolve_model_path  # noqa: E402
 from sparse_lightning.modules import CausalLMModule, SequenceClassificationModule  # noqa: E402
 from sparse_lightning.registry import names  # noqa: E402
@@ -77,6 +83,8 @@ class Record(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = pl_module.model
         self.result["built_on_meta"] = pl_module.built_on_meta
+        self.result["init_delta_merged"] = pl_module._init_delta_merged
+        self.result["base_fingerprint"] = pl_module._base_fingerprint  # what a delta checkpoint records
         self.result["start_parameters"] = {name: full(p) for name, p in model.named_parameters()}
         self.result["start_buffers"] = {name: b.detach().cpu().clone() for name, b in model.named_buffers()}
         self.result["local_parameter_dtypes"] = {name: p.dtype for name, p in model.named_parameters()}
@@ -107,9 +115,13 @@ def method_settings(method: str, task: str, select_by: str = "random") -> tuple[
                          else ["q_proj", "v_proj", "down_proj"], **heads}}
 
 
-def run(model_dir: str, task: str, method: str, select_by: str, loader: str, output: Path) -> None:
+def run(model_dir: str, task: str, method: str, select_by: str, init_delta: str | None, dtype: str | None,
+        loader: str, output: Path) -> None:
     pl.seed_everything(0, verbose=False)
     callbacks, settings = method_settings(method, task, select_by)
+    settings["init_delta"] = init_delta
+    if dtype:
+        settings["dtype"] = dtype
     optimizer = lambda p: torch.optim.AdamW(p, lr=1e-2)  # noqa: E731
     if task == "causal_lm":
         module = module_class(task, loader)(model_dir, optimizer=optimizer, **settings)
@@ -138,11 +150,18 @@ def main() -> None:
     parser.add_argument("--task", required=True, choices=["causal_lm", "classification"])
     parser.add_argument("--method", default="random_mask", choices=names())
     parser.add_argument("--select_by", default="random", help="S2FT's selection")
+    parser.add_argument("--init_delta", default=None, help="a delta or PEFT adapter directory to start from")
+    parser.add_argument("--dtype", default=None, help="causal_lm: the base's dtype")
     parser.add_argument("--output", required=True, type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
     for loader in ("shards", "full"):
-        run(args.model_dir, args.task, args.method, args.select_by, loader, args.output)
+        try:
+            run(args.model_dir, args.task, args.method, args.select_by, args.init_delta, args.dtype, loader,
+                args.output)
+        except DeltaFileError as error:
+            (args.output / loader).mkdir(parents=True, exist_ok=True)
+            torch.save({"error": str(error)}, args.output / loader / f"rank{os.environ.get('LOCAL_RANK', 0)}.pt")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
