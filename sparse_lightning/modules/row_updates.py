@@ -71,6 +71,7 @@ def add_to_rows(local: Tensor, updates: list[RowUpdate], rows: Tensor | None, co
     rest unapplied; None when all were added."""
     if local.dim() == 0:  # a scalar parameter: one row of one entry
         local, shape, rows = local.view(1), torch.Size([1]), torch.zeros(1, dtype=torch.long)
+    rows, columns = rows.cpu(), None if columns is None else columns.cpu()  # positions: worked out on the host
     width = int(shape[1:].numel())
     local_row = torch.full((shape[0],), -1, dtype=torch.long)  # original row -> this rank's row (-1: another rank's)
     local_row[rows] = torch.arange(rows.numel())
