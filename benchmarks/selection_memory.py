@@ -58,7 +58,7 @@ with SIFT's deltas attached: what a training step on the same batches costs, and
 must pay at least once; at 1 x 64 tokens SmolLM2's activations and logits are 0.22x its parameter bytes. "Above the
 floor" subtracts it (SIFT rows). Under 2-rank FSDP2 (gloo) every rank scores its own batches, each row is one rank,
 and the floor includes FSDP2's unsharded block weights. "row-sharded" is the library after SIFT's sums were cut by rows
-over ranks (each rank holds 1/N of every sum, the budget a fraction of that share; `row_sharded_sums.py`): its 2-rank
+over ranks (each rank holds 1/N of every sum, the budget a fraction of that share; `scoring/row_sharded_sums.py`): its 2-rank
 rows against the "after" ones, which held whole sums on every rank. `-checkpointed` cases run with the model's
 gradient checkpointing on (which the scoring passes keep), against their own floor, `forward-backward-checkpointed`.
 CPU seconds are the selection's own, one thread (a shared machine: +-10%).

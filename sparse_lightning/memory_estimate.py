@@ -45,7 +45,7 @@ from sparse_lightning import registry
 from sparse_lightning.borders.models import resolve_model_path
 from sparse_lightning.modules.fsdp2 import end_units
 from sparse_lightning.modules.sharded_loading import READ_BYTES
-from sparse_lightning.score_groups import DEFAULT_SCORE_MEMORY, check_score_memory
+from sparse_lightning.scoring.score_groups import DEFAULT_SCORE_MEMORY, check_score_memory
 from sparse_lightning.sparse.delta import allocate_budget
 from sparse_lightning.sparse.inject import default_targets, find_linear_targets
 from sparse_lightning.usage_errors import raise_usage_errors

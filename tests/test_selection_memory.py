@@ -26,12 +26,12 @@ from transformers import (
     Phi3Config,
 )
 
-from sparse_lightning import row_sharded_sums
+from sparse_lightning.scoring import row_sharded_sums
 from sparse_lightning.callbacks import GradientTopKCallback
 from sparse_lightning.methods import select_by_gradient, sift
 from sparse_lightning.modes import enable_activation_checkpointing
-from sparse_lightning.row_sharded_sums import share_bytes
-from sparse_lightning.score_groups import groups_within
+from sparse_lightning.scoring.row_sharded_sums import share_bytes
+from sparse_lightning.scoring.score_groups import groups_within
 from sparse_lightning.sparse import freeze_except, sparse_delta_layers
 from sparse_lightning.structure import find_groups
 from sparse_lightning.structure.families import base_linear

@@ -22,8 +22,8 @@ from sparse_lightning.methods import Calibration
 from sparse_lightning.methods import sift_global
 from sparse_lightning.methods.sift_global import RunningTopK, attach_by_global_gradient
 from sparse_lightning.modules import SequenceClassificationModule
-from sparse_lightning.row_sharded_sums import share_bytes
-from sparse_lightning.score_groups import groups_within
+from sparse_lightning.scoring.row_sharded_sums import share_bytes
+from sparse_lightning.scoring.score_groups import groups_within
 from sparse_lightning.sparse import SparseDeltaLinear, sparse_delta_layers
 
 VOCAB = 96

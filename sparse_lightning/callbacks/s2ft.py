@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from sparse_lightning.callbacks.base import SparseMethodCallback
 from sparse_lightning.methods.s2ft import S2FT, SelectBy
-from sparse_lightning.score_groups import DEFAULT_SCORE_MEMORY
+from sparse_lightning.scoring.score_groups import DEFAULT_SCORE_MEMORY
 from sparse_lightning.structure.select import GQAMode
 
 

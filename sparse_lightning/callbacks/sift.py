@@ -22,7 +22,7 @@ from torch import nn
 from sparse_lightning.callbacks.base import ElementSparseCallback
 from sparse_lightning.methods.calibration import Calibration, require
 from sparse_lightning.methods.sift_global import attach_by_global_gradient
-from sparse_lightning.score_groups import DEFAULT_SCORE_MEMORY, check_score_memory
+from sparse_lightning.scoring.score_groups import DEFAULT_SCORE_MEMORY, check_score_memory
 from sparse_lightning.methods.sift import select_by_gradient, unselected_layers
 from sparse_lightning.sparse import sparse_delta_layers
 

@@ -37,7 +37,7 @@ from sparse_lightning.sparse.block import ColumnBlockLinear, RowBlockLinear, blo
 from sparse_lightning.sparse.submodules import replace_submodule
 from sparse_lightning.structure.families import COLUMN_ROLES, KV_ROLES, CoupledGroup, base_linear, find_groups
 from sparse_lightning.structure.permute import permute_group, role_order
-from sparse_lightning.score_groups import DEFAULT_SCORE_MEMORY, check_score_memory
+from sparse_lightning.scoring.score_groups import DEFAULT_SCORE_MEMORY, check_score_memory
 from sparse_lightning.structure.scores import activation_scores, gradient_scores, weight_scores
 from sparse_lightning.structure.select import GQAMode, allocate_global, choose_units, gqa_count_error, selection_order
 

@@ -3,9 +3,9 @@
 Scores are the dense gradient summed over the calibration batches (and ranks), as the paper computes them, in
 bounded memory: from one batch each layer's top-k is taken inside backward as its dense gradient forms, so about one
 layer's gradient lives at a time; from several, the exact sums are kept for groups of layers within a budget
-(`score_groups.py`), the batches re-run once per group. Either way the chosen sets are those of the all-at-once
+(`scoring/score_groups.py`), the batches re-run once per group. Either way the chosen sets are those of the all-at-once
 dense sum. On several ranks each rank holds only its rows of a sum and every rank picks the same top-k from all
-ranks' candidates (`row_sharded_sums.py`). The passes run with dropout off, update nothing and leave no `.grad`
+ranks' candidates (`scoring/row_sharded_sums.py`). The passes run with dropout off, update nothing and leave no `.grad`
 behind; indices are written only once every layer has chosen. Layers that already chose (a resumed run, a reloaded checkpoint) keep their indices and
 trained values.
 """
@@ -21,8 +21,8 @@ from torch.distributed.tensor import DTensor
 from sparse_lightning.distributed import broadcast_from_rank_zero_, own_process_group, world_size
 from sparse_lightning.methods.calibration import Batch, LossFn
 from sparse_lightning.modes import scoring_mode
-from sparse_lightning.row_sharded_sums import RowShardedSum, share_bytes, top_k_positions
-from sparse_lightning.score_groups import DEFAULT_SCORE_MEMORY, check_score_memory, groups_within
+from sparse_lightning.scoring.row_sharded_sums import RowShardedSum, share_bytes, top_k_positions
+from sparse_lightning.scoring.score_groups import DEFAULT_SCORE_MEMORY, check_score_memory, groups_within
 from sparse_lightning.sparse import SparseDeltaLinear, sparse_delta_layers
 from sparse_lightning.sparse.functional import WeightGradObserver
 
@@ -61,7 +61,7 @@ def select_by_gradient(model: nn.Module, batches: list[Batch], loss_fn: LossFn,
                 chosen.update(summed_top_k(model, again, batches, loss_fn, score_memory, group))
         else:
             chosen = summed_top_k(model, layers, batches, loss_fn, score_memory, group)
-    for name, layer in layers.items():  # the same on every rank by construction (row_sharded_sums.py)
+    for name, layer in layers.items():  # the same on every rank by construction (scoring/row_sharded_sums.py)
         layer.set_indices(chosen[name].to(layer.delta_indices.dtype))
     return layers
 

@@ -3,8 +3,8 @@ together, each weight then training as many of them as it holds (`GradientTopKCa
 
 The scores are SIFT's own (`methods/sift.py`): the dense gradient summed over the calibration batches and ranks, in
 bounded memory (from one batch each weight is ranked inside backward as its gradient forms; from several, groups of
-weights within `score_memory` re-run the batches, `score_groups.py`; on N ranks each holds its rows of a sum,
-`row_sharded_sums.py`). The global top-K of all the scores is the top-K of every weight's own top-min(K, numel)
+weights within `score_memory` re-run the batches, `scoring/score_groups.py`; on N ranks each holds its rows of a sum,
+`scoring/row_sharded_sums.py`). The global top-K of all the scores is the top-K of every weight's own top-min(K, numel)
 together, so a running merge holds at most K candidates plus one weight's, never every score. Ties go to the earlier
 weight in model order, then to the lower position; every rank merges the same gathered numbers, so every rank ends
 with the same sets.
@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from sparse_lightning.distributed import own_process_group, world_size
 from sparse_lightning.methods.calibration import Batch, LossFn
 from sparse_lightning.methods.sift import observed_passes
-from sparse_lightning.row_sharded_sums import RowShardedSum, canonical_top_k, share_bytes
-from sparse_lightning.score_groups import DEFAULT_SCORE_MEMORY, check_score_memory, groups_within
+from sparse_lightning.scoring.row_sharded_sums import RowShardedSum, canonical_top_k, share_bytes
+from sparse_lightning.scoring.score_groups import DEFAULT_SCORE_MEMORY, check_score_memory, groups_within
 from sparse_lightning.sparse import SparseDeltaLinear, attach_sparse_deltas
 from sparse_lightning.sparse.submodules import replace_submodule
 

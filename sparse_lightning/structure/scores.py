@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sparse_lightning.score_groups import DEFAULT_SCORE_MEMORY, groups_within
+from sparse_lightning.scoring.score_groups import DEFAULT_SCORE_MEMORY, groups_within
 from sparse_lightning.modes import eval_mode, scoring_mode
 from sparse_lightning.structure.families import COLUMN_ROLES, KV_ROLES, CoupledGroup, base_linear
 
@@ -87,7 +87,7 @@ def gradient_scores(model: nn.Module, groups: Sequence[CoupledGroup], roles: Seq
     """Loss gradients of the trained projections only (every other parameter frozen meanwhile), summed over batches
     and ranks, reduced to per-unit norms and dropped, in bounded memory: from one batch each weight's gradient is
     reduced as it forms; from several, the sums are kept for groups of weights holding at most `score_memory` x all
-    their gradients at once, the batches re-run once per group (`score_groups.py`). Either way the numbers
+    their gradients at once, the batches re-run once per group (`scoring/score_groups.py`). Either way the numbers
     are those of summing every gradient at once."""
     keys = {(g.owner, r): base_linear(model, g.roles[r]).weight for g in groups for r in roles if r in g.roles}
     weights = {id(w): w for w in keys.values()}  # a fused projection serves several roles

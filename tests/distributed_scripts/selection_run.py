@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 from sparse_lightning.callbacks import GradientTopKCallback  # noqa: E402
 from sparse_lightning.distributed import all_reduce_sum_  # noqa: E402
 from sparse_lightning.methods import select_by_gradient  # noqa: E402
-from sparse_lightning.row_sharded_sums import RowShardedSum  # noqa: E402
+from sparse_lightning.scoring.row_sharded_sums import RowShardedSum  # noqa: E402
 from sparse_lightning.sparse import freeze_except, sparse_delta_layers  # noqa: E402
 from sparse_lightning.structure import find_groups  # noqa: E402
 from sparse_lightning.structure.scores import gradient_scores  # noqa: E402
