@@ -6,10 +6,13 @@ model, permuted rows read) and LoRA."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
@@ -102,6 +105,17 @@ def test_s2ft_loads_by_shards_only_when_its_selection_reads_no_weight(tmp_path: 
     assert S2FTStructureCallback(select_by="gradient", load_selection=str(selection)).attaches_from_shapes
     for select_by in ("activation", "weight_activation", "gradient"):
         assert not S2FTStructureCallback(select_by=select_by).attaches_from_shapes
+
+
+def test_s2ft_scoring_data_under_fsdp2_says_each_rank_loads_whole_and_what_loads_by_shards(tmp_path: Path) -> None:
+    fsdp2 = SimpleNamespace(strategy=ModelParallelStrategy())
+    with pytest.warns(UserWarning, match=r"select_by='activation' .* every rank loads the whole base .* "
+                                         r"\(save_selection\) .* \(load_selection\)"):
+        S2FTStructureCallback(select_by="activation").setup(fsdp2, None, "fit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        S2FTStructureCallback(select_by="activation", load_selection=str(tmp_path / "s.json")).setup(fsdp2, None, "fit")
+        S2FTStructureCallback(select_by="activation").setup(SimpleNamespace(strategy=None), None, "fit")
 
 
 def test_weight_norms_on_a_meta_model_without_a_checkpoint_are_refused(odd_llama_dir: Path) -> None:

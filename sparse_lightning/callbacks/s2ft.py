@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import lightning.pytorch as pl
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
+
 from sparse_lightning.callbacks.base import SparseMethodCallback
 from sparse_lightning.methods.s2ft import S2FT, SelectBy
 from sparse_lightning.scoring.score_groups import DEFAULT_SCORE_MEMORY
@@ -74,3 +78,10 @@ class S2FTStructureCallback(S2FT, SparseMethodCallback):
         S2FT.__init__(self, head_ratio, num_heads, channel_ratio, num_channels, train, allocation, select_by, order,
                       calibration_batches, seed, gqa, load_selection, save_selection, score_memory)
         SparseMethodCallback.__init__(self, dense_modules)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and isinstance(trainer.strategy, ModelParallelStrategy) and not self.attaches_from_shapes:
+            rank_zero_warn(f"S2FT select_by={self.select_by!r} scores calibration data through the whole model, so "
+                           "every rank loads the whole base before FSDP2 shards it (host memory grows with the model "
+                           "per rank); to load by shards, write the selection once in one process (save_selection) "
+                           "and start the FSDP2 run from it (load_selection)")
