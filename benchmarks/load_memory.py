@@ -15,6 +15,10 @@ the step; and the same with `MALLOC_MMAP_THRESHOLD_` fixed, so freed buffers go 
 what the run holds. Each run is a fresh launch (Lightning relaunches this script per rank), so no run inherits
 another's peak; `--repeats` launches each run again and the table reports medians.
 
+`--init_delta_density D` starts every run from an `init_delta`: a random-mask delta of the model at density D with
+N(0, 0.01) values, exported once before the runs (`export_model`), which a process merges into its whole model and a
+rank loading by shards adds to its own rows (modules/row_updates.py).
+
     OMP_NUM_THREADS=1 python benchmarks/load_memory.py --model SmolLM2-135M-Instruct --repeats 3 \\
         --output benchmarks/results/load_memory.md
 """
@@ -41,7 +45,7 @@ def status_mib(key: str) -> float:
     return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024 / MIB
 
 
-def fit_once(model: str, strategy: str, output: Path) -> None:
+def fit_once(model: str, strategy: str, output: Path, init_delta: str | None = None) -> None:
     """One training step; every rank writes `rank<r>.json` with its memory. `fsdp2-full` loads the whole model on
     every rank with `from_pretrained` (the path before loading by shards), for comparison."""
     if str(REPO) not in sys.path:
@@ -102,7 +106,8 @@ def fit_once(model: str, strategy: str, output: Path) -> None:
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=chosen, max_steps=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[RandomMaskCallback(density=0.01), Memory()], default_root_dir=str(output))
-    trainer.fit((FullLoad if strategy == "fsdp2-full" else CausalLMModule)(model), datamodule=Tokens())
+    module = (FullLoad if strategy == "fsdp2-full" else CausalLMModule)(model, init_delta=init_delta)
+    trainer.fit(module, datamodule=Tokens())
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -117,11 +122,34 @@ def free_port() -> int:
 ALLOCATORS = {"glibc": {}, "fixed-mmap": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
 
 
-def launch(model: str, strategy: str, allocator: str, output: Path) -> list[dict]:
+def make_init_delta(model: str, density: float, output: Path) -> int:
+    """Export a random-mask delta of `model` at `density` with N(0, 0.01) values to `output`; its entry count."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sparse_lightning.callbacks import RandomMaskCallback
+    from sparse_lightning.export import export_model
+    from sparse_lightning.models import resolve_model_path
+    from sparse_lightning.sparse import sparse_delta_layers
+
+    torch.manual_seed(0)
+    hf_model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model)).requires_grad_(False)
+    RandomMaskCallback(density=density).attach(hf_model)  # only the deltas train: no dense parameter in the export
+    layers = sparse_delta_layers(hf_model).values()
+    for layer in layers:
+        layer.delta_values.data.normal_(0.0, 0.01)
+    export_model(hf_model, output, base_model=model)
+    return sum(layer.delta_values.numel() for layer in layers)
+
+
+def launch(model: str, strategy: str, allocator: str, output: Path, init_delta: Path | None = None) -> list[dict]:
     """A fresh process (group) per run, so each peak is that run's own."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **ALLOCATORS[allocator]}
     command = [sys.executable, __file__, "--worker", strategy, "--model", model, "--scratch", str(output)]
+    command += ["--init_delta", str(init_delta)] if init_delta else []
     subprocess.run(command, env=env, check=True)
     return [json.loads(p.read_text()) for p in sorted(output.glob("rank*.json"))]
 
@@ -141,8 +169,8 @@ def per_rank(repeats: list[list[dict]]) -> list[dict]:
     return ranks
 
 
-def table(model: str, rows: dict[tuple[str, str], list[dict]], repeats: int, command: str) -> str:
-    lines = [f"## {model}: 1 process vs 2-rank FSDP2 (CPU)", "", f"Command: `{command}`", "",
+def table(model: str, rows: dict[tuple[str, str], list[dict]], repeats: int, command: str, start: str = "") -> str:
+    lines = [f"## {model}{start}: 1 process vs 2-rank FSDP2 (CPU)", "", f"Command: `{command}`", "",
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, torch on CPU, gloo; random mask (density 0.01), one "
              f"step of 1 x 64 tokens; medians of {repeats} fresh launch(es) per run. Peaks are VmHWM since the process "
              "started: at `on_train_start`; at `on_train_start` once every parameter held has been read (\"weights "
@@ -173,30 +201,40 @@ def main() -> None:
     parser.add_argument("--allocators", default=",".join(ALLOCATORS), help="comma-separated allocator settings")
     parser.add_argument("--output", type=Path, help="write the table here (and the records beside it, .json)")
     parser.add_argument("--append", action="store_true", help="add the table to --output instead of replacing it")
+    parser.add_argument("--init_delta_density", type=float, help="start every run from a random-mask init_delta "
+                        "of this density")
+    parser.add_argument("--init_delta", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=[key for key, _ in RUNS], help=argparse.SUPPRESS)
     parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        fit_once(args.model, args.worker, args.scratch)
+        fit_once(args.model, args.worker, args.scratch, args.init_delta)
         return
     import tempfile
 
     runs = [(allocator, key) for allocator in args.allocators.split(",") for key in args.runs.split(",")]
     records: dict[tuple[str, str], list[list[dict]]] = {run: [] for run in runs}
+    start = ""
     with tempfile.TemporaryDirectory() as scratch:
+        init_delta = None
+        if args.init_delta_density:
+            init_delta = Path(scratch) / "init_delta"
+            entries = make_init_delta(args.model, args.init_delta_density, init_delta)
+            start = f", from an init_delta ({entries:,} random-mask entries, density {args.init_delta_density})"
         for repeat in range(args.repeats):
             for allocator, key in runs:
                 records[(allocator, key)].append(launch(args.model, key, allocator,
-                                                        Path(scratch) / f"{allocator}-{key}-{repeat}"))
+                                                        Path(scratch) / f"{allocator}-{key}-{repeat}", init_delta))
     rows = {run: per_rank(found) for run, found in records.items()}
     command = "OMP_NUM_THREADS=1 python benchmarks/load_memory.py " + " ".join(sys.argv[1:])
-    text = table(Path(args.model).name, rows, args.repeats, command)
+    text = table(Path(args.model).name, rows, args.repeats, command, start)
     print(text)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         before = args.output.read_text() + "\n" if args.append and args.output.is_file() else ""
         args.output.write_text(before + text)
-        records_file = args.output.with_name(f"{args.output.stem}-{Path(args.model).name}.json")
+        started = "-init_delta" if args.init_delta_density else ""
+        records_file = args.output.with_name(f"{args.output.stem}-{Path(args.model).name}{started}.json")
         records_file.write_text(json.dumps({"medians": {"/".join(k): v for k, v in rows.items()},
                                             "runs": {"/".join(k): v for k, v in records.items()}}, indent=1))
 

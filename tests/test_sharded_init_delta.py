@@ -40,14 +40,14 @@ def trained_values(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def deltas(odd_llama_dir: Path, tmp_path_factory) -> dict[str, Path]:
-    """`chain`: S2FT blocks (rows and columns) recorded as trained from `entries` (random-mask entries and the final
-    norm dense), so applying it applies both; `shira` and `supertuning`: the entries as PEFT adapters, the latter
-    without saved indices (PEFT then picks the base's largest magnitudes)."""
+    """`chain`: S2FT blocks (rows and columns) recorded as trained from `entries` (random-mask entries, and every
+    parameter outside the targets dense: attaching freezes nothing, so the tied embedding and the norms are replaced
+    whole), so applying it applies both; `shira` and `supertuning`: the entries as PEFT adapters (the dense ones in
+    `modules_to_save`), the latter without saved indices (PEFT then picks the base's largest magnitudes)."""
     root = tmp_path_factory.mktemp("init-deltas")
     torch.manual_seed(0)
     entries = AutoModelForCausalLM.from_pretrained(odd_llama_dir)
     RandomMaskCallback(density=0.1).attach(entries)
-    entries.model.norm.weight.requires_grad_(True)
     trained_values(entries, 1)
     export_model(entries, root / "entries", base_model=str(odd_llama_dir))
     export_peft(entries, root / "shira", format="peft", base_model=str(odd_llama_dir))
