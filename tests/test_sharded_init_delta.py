@@ -2,7 +2,8 @@
 as it reads them, and the model equals `from_pretrained` + `apply_delta` bit for bit: our delta directories (an
 init_delta chain of entries, a dense parameter and S2FT blocks), PEFT SHiRA and Super-Tuning adapters (one without
 saved indices, chosen from the base's magnitudes), on the plain and the S2FT co-permuted meta model, in one process
-and on 2 FSDP2 ranks with uneven rows. A bad delta still fails in one line and leaves nothing deferred."""
+and on 2 FSDP2 ranks with uneven rows, and LoRA's `modules_to_save` copies of a meta module. A bad delta still fails
+in one line and leaves nothing deferred; base + delta past the weight's dtype in one rank's rows stops every rank."""
 
 from __future__ import annotations
 
@@ -201,3 +202,42 @@ def test_an_init_delta_overflowing_one_rank_s_rows_stops_every_rank(deltas, odd_
             error = torch.load(tmp_path / "out" / loader / f"rank{rank}.pt", weights_only=True)["error"]
             assert f"{bad / 'delta.safetensors'}: adding it would make 1 entries of {name}.weight non-finite in " \
                    "float16" in error and "\n" not in error, (loader, rank, error)
+
+
+def test_lora_copies_of_a_meta_module_get_its_init_delta_too(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """BERT with a new classifier and LoRA's `modules_to_save` copy of the pooler: the delta's new-head values are
+    written at once (the head is real), its pooler entries wait for the load, and PEFT's copy of the still-meta
+    pooler gets them too (`ShardedLoad.follow_copies`): every tensor equals LoRA on from_pretrained + apply_delta."""
+    from transformers import AutoModelForSequenceClassification
+
+    from sparse_lightning.modules.lora import LoRASettings, saved_module_copies
+    from sparse_lightning.modules.prepare import prepare_model
+
+    torch.manual_seed(0)
+    trained = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2).requires_grad_(False)
+    RandomMaskCallback(density=0.1, target_modules=["pooler.dense", "query"]).attach(trained)
+    trained.classifier.weight.requires_grad_(True)
+    export_model(trained_values(trained, 1), tmp_path / "delta", base_model=str(tiny_bert_dir))
+    settings = LoRASettings(r=4, target_modules=["query", "value"], modules_to_save=["pooler"])
+
+    torch.manual_seed(3)
+    model, plan = build_on_meta(AutoModelForSequenceClassification, tiny_bert_dir, checkpoint_files(tiny_bert_dir),
+                                ("classifier",), num_labels=2)
+    apply_delta(model, tmp_path / "delta", plan.defer)
+    assert {plan.sources[holder] for holder in plan.updates} >= {"pooler.dense.weight"}
+    torch.manual_seed(5)
+    model = prepare_model(model, settings, heads=("classifier",))
+    plan.follow_copies(saved_module_copies(model))
+    load_shards(model, plan, torch.device("cpu"))
+    torch.manual_seed(3)
+    reference = apply_delta(AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2),
+                            tmp_path / "delta")
+    torch.manual_seed(5)
+    reference = prepare_model(reference, settings, heads=("classifier",))
+    loaded, expected = state(model), state(reference)
+    assert loaded.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(loaded[name], tensor), name
+    copy = next(copy for _, copy in saved_module_copies(model) if isinstance(copy, torch.nn.Linear))
+    assert not torch.equal(copy.weight, AutoModelForSequenceClassification.from_pretrained(
+        tiny_bert_dir, num_labels=2).bert.pooler.dense.weight)
