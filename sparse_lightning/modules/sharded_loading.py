@@ -34,7 +34,7 @@ from sparse_lightning.structure.permute import recorded_gathers
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-READ_BYTES = 16 * 2**20  # rows read per memory map: bounds what the checkpoint file adds to a rank's memory
+READ_BYTES = 4 * 2**20  # rows read per memory map: bounds what the checkpoint file adds to a rank's memory
 
 
 def checkpoint_files(model_dir: str | Path) -> dict[str, Path] | None:
