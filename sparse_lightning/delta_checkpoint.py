@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,6 +36,11 @@ FUNCTION_FIELDS = ("rope_theta", "rope_scaling", "rope_parameters", "partial_rot
 
 class BaseMismatchError(ValueError):
     """A delta checkpoint refused because the base built now is not the one it was trained on."""
+
+
+class CheckpointKeysError(RuntimeError):
+    """A checkpoint refused because its tensors are not the ones this module saves: one it trains is missing, or one
+    is unknown to it."""
 
 
 def frozen_base_keys(module: nn.Module) -> set[str]:
@@ -130,6 +136,21 @@ def check_same_base(recorded: dict[str, Any] | None, current: dict[str, Any] | N
             f"{checkpoint} holds a delta trained on base {recorded.get('model')!r}, but this run built "
             f"{current.get('model')!r} and their {' and '.join(differs)} differ ({recorded[differs[0]]} vs "
             f"{current[differs[0]]}): set model_name_or_path to the checkpoint's base")
+
+
+def check_checkpoint_keys(saved: Iterable[str], needed: set[str], known: set[str], owner: str,
+                          checkpoint: str) -> None:
+    """Refuse a checkpoint that lacks a tensor the module saves (`needed`: what trains, and its indices and records)
+    or holds one the module does not have (`known`: every tensor of the module, frozen base included), before
+    anything is loaded: a missing trained tensor would otherwise keep its fresh value without a word."""
+    saved = set(saved)
+    missing, unexpected = sorted(needed - saved), sorted(saved - known)
+    if not missing and not unexpected:
+        return
+    problems = [f"{len(missing)} trained tensor(s) missing (e.g. {missing[0]})"] if missing else []
+    problems += [f"{len(unexpected)} unknown tensor(s) (e.g. {unexpected[0]})"] if unexpected else []
+    raise CheckpointKeysError(f"{checkpoint} does not fit this {owner}: {'; '.join(problems)}: was it saved with "
+                              "other method settings (targets, budget) or another model?")
 
 
 def check_same_method(recorded: Any, current: str, checkpoint: str) -> None:

@@ -5,7 +5,6 @@ a class the caller names explicitly)."""
 from __future__ import annotations
 
 import importlib
-import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sparse_lightning.borders.checkpoint_file import CheckpointError, read_checkpoint
 from sparse_lightning.delta_checkpoint import BaseMismatchError
 from sparse_lightning.modules import SparseFineTuningModule
 
@@ -20,33 +20,6 @@ from sparse_lightning.modules import SparseFineTuningModule
 #: Module classes a checkpoint may name without the caller vouching for them: this package's own.
 TRUSTED_MODULE_PACKAGE = "sparse_lightning"
 _DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is refused: unreadable, needing code to load, foreign, or holding non-finite deltas."""
-
-
-
-def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
-    """A checkpoint's contents via `torch.load(weights_only=True)`: tensors and plain containers, never code."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        found = re.search(r"GLOBAL ([\w.]+)", str(error))
-        if found:
-            raise CheckpointError(f"{path}: refused: loading it would run code (it asks for {found.group(1)}); "
-                                  "sparse-lightning reads checkpoints with torch.load(weights_only=True) only") from None
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
-    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from None
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path}: expected a checkpoint dictionary, got {type(checkpoint).__name__}")
-    return checkpoint
-
 
 
 def sparse_lightning_info(checkpoint: dict[str, Any], ckpt_path: str | Path) -> dict[str, Any]:

@@ -24,7 +24,14 @@ from sparse_lightning.borders.apply import apply_delta
 from sparse_lightning.borders.delta import delta_base_model
 from sparse_lightning.borders.models import resolve_model_path
 from sparse_lightning.callbacks.base import SparseMethodCallback
-from sparse_lightning.delta_checkpoint import base_fingerprint, check_same_base, check_same_method, frozen_base_keys
+from sparse_lightning.delta_checkpoint import (
+    CheckpointKeysError,
+    base_fingerprint,
+    check_checkpoint_keys,
+    check_same_base,
+    check_same_method,
+    frozen_base_keys,
+)
 from sparse_lightning.methods.calibration import Calibration
 from sparse_lightning.modes import enable_activation_checkpointing
 from sparse_lightning.modules.fsdp2 import fully_shard_model
@@ -32,6 +39,7 @@ from sparse_lightning.modules.lora import LoRASettings, saved_module_copies
 from sparse_lightning.modules.param_groups import parameter_groups
 from sparse_lightning.modules.prepare import prepare_model
 from sparse_lightning.modules.schedules import Schedule, warmup_then_decay
+from sparse_lightning.modules.sharded_checkpoint import check_before_loading, saved_tensor_names
 from sparse_lightning.modules.sharded_loading import ShardedLoad, build_on_meta, checkpoint_files, load_shards
 from sparse_lightning.sparse.frozen_delta import is_delta_parameter
 from sparse_lightning.sparse.inject import attach_deltas_from_state_dict, resize_deltas_as_recorded
@@ -212,6 +220,8 @@ class SparseFineTuningModule(LightningModule):
         method = self.sparse_method()
         trainer = self.attached_trainer
         fitting = trainer is None or trainer.state.fn in (None, TrainerFn.FITTING)  # not validate/test/predict
+        if self.device_mesh is not None and trainer is not None:  # FSDP2: Lightning loads a checkpoint itself
+            check_before_loading(trainer.strategy, self._check_saved_tensors)
         if self.model is not None:
             if method is not None and fitting and not self._sparse_attached:
                 self._attach_late(method)
@@ -241,7 +251,8 @@ class SparseFineTuningModule(LightningModule):
             dtype = getattr(torch, self.hparams.fsdp_param_dtype) if self.hparams.fsdp_param_dtype else None
             fully_shard_model(model, self.device_mesh, dtype)
             # Lightning's FSDP2 loader demands every model tensor from a strict checkpoint, and a delta checkpoint
-            # leaves the (rebuilt) base out; unsharded runs stay strict about what trains (`load_state_dict`).
+            # leaves the (rebuilt) base out; what trains is checked by name first (`_check_saved_tensors`), as
+            # `load_state_dict` checks it in one process.
             self.strict_loading = bool(self.hparams.get("full_checkpoint"))
         if self._sharded_load is not None:
             load_shards(model, self._sharded_load, trainer.strategy.root_device if trainer else torch.device("cpu"))
@@ -345,21 +356,38 @@ class SparseFineTuningModule(LightningModule):
             del state[key]
         return state
 
+    def _checkpoint_keys(self) -> tuple[set[str], set[str]]:
+        """(the keys a checkpoint must hold: every tensor `state_dict()` writes, the keys it may hold: every tensor
+        of this module, frozen base included)."""
+        return set(self.state_dict(keep_vars=True)), set(super().state_dict(keep_vars=True))
+
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Strict about what a checkpoint must hold (every tensor `state_dict()` writes; no key this module lacks),
-        checked before anything changes; the frozen base may be absent (a delta checkpoint: the base was rebuilt)."""
-        needed = set(self.state_dict(keep_vars=True))
+        checked before anything changes; the frozen base may be absent (a delta checkpoint: the base was rebuilt).
+        Under FSDP2 Lightning loads without calling this: `_check_saved_tensors` checks the same first."""
+        needed, known = self._checkpoint_keys()
         if strict:
-            missing = sorted(needed - set(state_dict))
-            unexpected = sorted(set(state_dict) - set(super().state_dict(keep_vars=True)))
-            if missing or unexpected:
-                problems = [f"{len(missing)} trained tensor(s) missing (e.g. {missing[0]})"] if missing else []
-                problems += [f"{len(unexpected)} unknown tensor(s) (e.g. {unexpected[0]})"] if unexpected else []
-                raise RuntimeError(f"the checkpoint does not fit this {type(self).__name__}: {'; '.join(problems)}: "
-                                   "was it saved with other method settings (targets, budget) or another model?")
+            check_checkpoint_keys(state_dict, needed, known, type(self).__name__, self._checkpoint_name())
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         result.missing_keys[:] = [key for key in result.missing_keys if key in needed]
         return result
+
+    def _check_saved_tensors(self, path: Path) -> None:
+        """What `load_state_dict` checks, for the checkpoint Lightning's FSDP2 loader is about to read into the
+        sharded model: from the names of its tensors only (modules/sharded_checkpoint.py)."""
+        saved = saved_tensor_names(path)
+        if saved is None:
+            return
+        needed, known = self._checkpoint_keys()
+        deltas = sorted(key for key in saved - known if is_delta_parameter(key))
+        trainer = self.attached_trainer
+        stage = trainer.state.fn if trainer is not None else None
+        if deltas and stage not in (None, TrainerFn.FITTING):  # a fit without the method: check_same_method's case
+            raise CheckpointKeysError(
+                f"{path} holds sparse deltas (e.g. {deltas[0]}), but {stage.value} under FSDP2 builds the model "
+                "without its method, and delta layers must exist before the model is sharded: run it on one device "
+                "or under DDP, or export the checkpoint (sparse-lightning export) and evaluate the delta")
+        check_checkpoint_keys(saved, needed, known, type(self).__name__, str(path))
 
     def _checkpoint_name(self) -> str:
         trainer = self.attached_trainer
@@ -370,7 +398,8 @@ class SparseFineTuningModule(LightningModule):
         # `load_from_checkpoint` builds the module without a trainer (so without callbacks), and validate/test build
         # it without attaching the method: recreate the checkpoint's delta layers so its state dict fits. A delta
         # checkpoint holds no base: this rebuilt one gets `init_delta`, S2FT's recorded permutation and `quantize`
-        # as training did. (ModelParallelStrategy loads the weights itself and passes no "state_dict".)
+        # as training did. (ModelParallelStrategy loads the weights itself, once `_check_saved_tensors` has checked
+        # their names, and passes no "state_dict".)
         info = checkpoint.get("sparse_lightning", {})
         self._resumed_rng = info.get("rng")
         where = self._checkpoint_name()

@@ -14,13 +14,18 @@ the runs of the strategies it lists from their mid-epoch checkpoints into `OUTPU
 
     python contract_run.py --method spiel_ag --model_dir DIR --output OUT --strategies ddp,fsdp2 --resume fsdp2
 
-`--overrides '{"allocation": "global"}'` changes the method's settings (tests/test_sift_global.py).
+`--overrides '{"allocation": "global"}'` changes the method's settings (tests/test_sift_global.py). `--init_delta DIR`
+starts every run from an exported delta (tests/test_fsdp2_checkpoint_keys.py). `--resume_from NAME,...` resumes from
+those checkpoints in each strategy's folder instead (into `OUTPUT/<strategy>-from-<NAME>`); one refused for its
+tensors (`CheckpointKeysError`) makes every rank write `rank<r>.pt` holding only the error, which a rank left
+waiting on the others would never write.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +40,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 from datamodules.glue import GLUEDataModule  # noqa: E402
 from sparse_lightning.callbacks import PruneRegrowCallback  # noqa: E402
+from sparse_lightning.delta_checkpoint import CheckpointKeysError  # noqa: E402
 from sparse_lightning.modules import SequenceClassificationModule  # noqa: E402
 from sparse_lightning.registry import method as registry_method  # noqa: E402
 from sparse_lightning.registry import names  # noqa: E402
@@ -87,12 +93,23 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 class SaveResults(pl.Callback):
     """At the end of training every rank writes its buffers (indices, permutations, block positions), gathered
     trainable tensors, the dtypes of its parameters and optimizer state, its per-step losses, the dataset positions
-    it read per epoch, and SpIEL's reselections."""
+    it read per epoch, SpIEL's reselections, and how the base was built (on the meta device: loaded by shards)."""
 
     def __init__(self, output: Path) -> None:
         self.output = output
         self.orders: dict[int, list[int]] = {}
         self.losses: list[float] = []
+        self.built_on_meta: bool | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        build = pl_module.build_model  # called once by configure_model, right after this hook
+
+        def recorded_build() -> torch.nn.Module:
+            model = build()
+            self.built_on_meta = any(p.is_meta for p in model.parameters())
+            return model
+
+        pl_module.build_model = recorded_build
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.orders[trainer.current_epoch] = [int(i) for i in trainer.train_dataloader.sampler]
@@ -122,6 +139,8 @@ class SaveResults(pl.Callback):
             "orders": self.orders,
             "reselections": [(r["step"], sum(r["replaced"].values())) for cb in trainer.callbacks
                              if isinstance(cb, PruneRegrowCallback) for r in cb.history],
+            "init_delta_merged": pl_module._init_delta_merged,
+            "built_on_meta": self.built_on_meta,
         }
         self.output.mkdir(parents=True, exist_ok=True)
         torch.save(result, self.output / f"rank{trainer.global_rank}.pt")
@@ -140,12 +159,13 @@ def make_strategy(name: str, devices: int):
 
 def run(model_dir: str | Path, output: Path, method: str = "sift", strategy: str = "auto", devices: int = 1,
         batch_size: int = 16, train_file: str | Path = DATA / "train.tsv", resume: Path | None = None,
-        overrides: dict[str, Any] | None = None, precision: str = "32-true",
-        fsdp_param_dtype: str | None = None) -> tuple[SequenceClassificationModule, pl.Trainer]:
+        overrides: dict[str, Any] | None = None, precision: str = "32-true", fsdp_param_dtype: str | None = None,
+        init_delta: str | None = None) -> tuple[SequenceClassificationModule, pl.Trainer]:
     """A fresh module, callback, datamodule and trainer, as a new process would build them; `STEPS` steps."""
     pl.seed_everything(0, verbose=False)
     callback, optimizer = build_method(method, **(overrides or {}))
-    module = SequenceClassificationModule(str(model_dir), optimizer=optimizer, fsdp_param_dtype=fsdp_param_dtype)
+    module = SequenceClassificationModule(str(model_dir), optimizer=optimizer, fsdp_param_dtype=fsdp_param_dtype,
+                                          init_delta=init_delta)
     middle = ModelCheckpoint(dirpath=output, filename="{step}", every_n_train_steps=CHECKPOINT_STEP, save_top_k=-1)
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, strategy=make_strategy(strategy, devices), precision=precision,
@@ -170,15 +190,27 @@ def main() -> None:
                                                      "mid-epoch checkpoint")
     parser.add_argument("--overrides", type=json.loads, default={},
                         help='JSON: the callback settings changed from SETTINGS, e.g. {"allocation": "global"}')
+    parser.add_argument("--init_delta", default=None, help="an exported delta directory every run starts from")
+    parser.add_argument("--resume_from", default="",
+                        help="comma-separated checkpoint names in each --resume strategy's folder to resume from "
+                             f"instead of step={CHECKPOINT_STEP}.ckpt")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    strategies = args.strategies.split(",")
-    for strategy in strategies:
-        run(args.model_dir, args.output / strategy, args.method, strategy, args.devices, args.batch_size,
-            overrides=args.overrides)
+    settings = {"overrides": args.overrides, "init_delta": args.init_delta}
+    for strategy in filter(None, args.strategies.split(",")):
+        run(args.model_dir, args.output / strategy, args.method, strategy, args.devices, args.batch_size, **settings)
     for strategy in filter(None, args.resume.split(",")):
-        run(args.model_dir, args.output / f"{strategy}-resumed", args.method, strategy, args.devices, args.batch_size,
-            resume=args.output / strategy / f"step={CHECKPOINT_STEP}.ckpt", overrides=args.overrides)
+        if not args.resume_from:
+            run(args.model_dir, args.output / f"{strategy}-resumed", args.method, strategy, args.devices,
+                args.batch_size, resume=args.output / strategy / f"step={CHECKPOINT_STEP}.ckpt", **settings)
+        for name in filter(None, args.resume_from.split(",")):
+            output = args.output / f"{strategy}-from-{name}"
+            try:
+                run(args.model_dir, output, args.method, strategy, args.devices, args.batch_size,
+                    resume=args.output / strategy / name, **settings)
+            except CheckpointKeysError as error:
+                output.mkdir(parents=True, exist_ok=True)
+                torch.save({"error": str(error)}, output / f"rank{os.environ.get('LOCAL_RANK', 0)}.pt")
     # Tear gloo down before interpreter exit: left to exit-time destructors it can abort ("terminate called").
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
