@@ -17,7 +17,7 @@ from typing import Any
 
 from lightning.pytorch.strategies import Strategy
 
-from sparse_lightning.borders.checkpoint_file import read_checkpoint
+from sparse_lightning.borders.checkpoint_file import read_checkpoint, read_distributed_metadata
 
 #: Prefix of the model's tensors among a distributed checkpoint's keys (Lightning saves {"state_dict": ...,
 #: "optimizer_0": ...}, which DCP flattens).
@@ -29,12 +29,9 @@ def saved_tensor_names(path: Path) -> set[str] | None:
     (from its metadata) or one file's (its pickle read memory-mapped). None for a path that is neither (Lightning
     then says so itself)."""
     if path.is_dir():
-        from torch.distributed.checkpoint import FileSystemReader
-
-        try:
-            keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        except FileNotFoundError:
+        if not (path / ".metadata").is_file():
             return None
+        keys = read_distributed_metadata(path).state_dict_metadata  # refuses what would run code when DCP loads it
         return {key[len(MODEL_PREFIX):] for key in keys if key.startswith(MODEL_PREFIX)}
     if path.is_file():
         state = read_checkpoint(path, mmap=True).get("state_dict")
