@@ -131,3 +131,14 @@ def test_a_run_records_the_library_it_trains(tmp_path: Path, monkeypatch) -> Non
     assert changed.startswith(library + "+")
     (tmp_path / "sparse_lightning" / "a.py").write_text("x = 3\n")
     assert quality.worktree_code() not in (library, changed)
+
+
+def test_the_per_task_schedule_table_takes_each_tasks_own_length() -> None:
+    short, long_ = result("sift", "cola", 42, 0.10), result("sift", "cola", 42, 0.20)
+    long_["max_steps"] = 600
+    mrpc, mrpc_long = result("sift", "mrpc", 42, 0.80), result("sift", "mrpc", 42, 0.70)
+    mrpc_long["max_steps"] = 600
+    assert quality.glue_results([short, long_, mrpc, mrpc_long], {"cola": 600}) == [long_, mrpc]
+    table = quality.glue_summary([long_, mrpc], "table", {"cola": 600})
+    assert "300 steps of 32 (cola 600 steps: a per-task schedule, the same for every method; issue 28)" in table
+    assert "python benchmarks/quality.py run --plan cola-long" in table
