@@ -175,9 +175,26 @@ class ConfigError(ValueError):
     """A command line or config the parser refuses (an unknown key, a value of the wrong type)."""
 
 
+def nested_value_problem(message: str) -> str | None:
+    """A bad value inside a class's arguments (a callback's, the model's): jsonargparse nests its reason under every
+    key it passed through and lists the other union members' failures beside it; the innermost key, its class and
+    its reason are what the user has to change."""
+    keys = list(re.finditer(r'Parser key "([^"]+)":[ \t]*\n\s*(\S.*)', message))
+    if len(keys) < 2:
+        return None
+    inner = keys[-1]
+    classes = re.findall(r"class_path '([^']+)'", message[:inner.start()])
+    owner = f"{classes[-1].rpartition('.')[2]}'s " if classes else ""
+    return f"{keys[0].group(1)}: {owner}{inner.group(1)}: {inner.group(2).strip()}"
+
+
 def config_error_message(error: argparse.ArgumentError, parsers: list) -> str:
-    """jsonargparse's error in one line (its first), with the closest key the command takes for an unknown one."""
+    """jsonargparse's error in one line (its first, or the innermost reason of a nested value), with the closest key
+    the command takes for an unknown one."""
     message = str(error).strip()
+    nested = nested_value_problem(message)
+    if nested:
+        return nested
     first = message.splitlines()[0] if message else type(error).__name__
     found = re.search(r"option '([^']+)'|Key '([^']+)'|NestedArg\(key='([^']+)'", message)
     if not found:

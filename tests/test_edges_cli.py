@@ -229,3 +229,20 @@ def test_a_hub_id_typo_fails_at_once_without_a_network(monkeypatch):
             models.resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruc")
     finally:
         models.hub_reachable.cache_clear()
+
+
+@pytest.mark.parametrize("where", ["config", "flag"])
+def test_a_bad_callback_value_names_the_callback_its_argument_and_why(where: str, tmp_path: Path, monkeypatch, capsys):
+    """jsonargparse nests the reason under the callbacks list and beside the other union members' failures; the one
+    line is the innermost reason (it used to read 'Parser key "trainer.callbacks":' or 'unknown key')."""
+    method = ROOT / "configs" / "method" / "minilm" / "sift.yaml"
+    if where == "config":
+        text = method.read_text().replace("calibration_batches: 8", "calibration_batches: 8\n        allocation: globl")
+        (tmp_path / "sift.yaml").write_text(text)
+        extra = ["--config", str(tmp_path / "sift.yaml")]
+    else:
+        extra = ["--config", str(method), "--trainer.callbacks.init_args.allocation", "globl"]
+    err = run_command_line(monkeypatch, capsys, "fit", "--config", str(ROOT / "configs" / "model" / "minilm.yaml"),
+                           "--config", str(ROOT / "configs" / "task" / "sst2.yaml"), *extra)
+    assert err == ("sparse-lightning: error: trainer.callbacks: GradientTopKCallback's allocation: Expected a "
+                   "typing.Literal['per_weight', 'global']. Got value: globl")
