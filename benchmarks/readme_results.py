@@ -1,4 +1,4 @@
-"""Copy the quality tables (benchmarks/results/quality/glue.md, math.md) into docs/results.md, and GLUE's headline
+"""Copy the quality tables (benchmarks/results/quality/glue.md, glue_per_task_schedule.md, math.md) into docs/results.md, and GLUE's headline
 columns into the README, between their `<!-- NAME: ... -->` and `<!-- end NAME -->` markers, so both show exactly
 what the drivers measured.
 
@@ -68,7 +68,8 @@ def write_spliced(path: Path, bodies: dict[str, str]) -> None:
 
 
 def main() -> None:
-    sources = {name: (TABLES / name).read_text() if (TABLES / name).exists() else "" for name in ("glue.md", "math.md")}
+    sources = {name: (TABLES / name).read_text() if (TABLES / name).exists() else ""
+               for name in ("glue.md", "glue_per_task_schedule.md", "math.md")}
     write_spliced(RESULTS_PAGE, {name: tables_of(text) for name, text in sources.items()})
     write_spliced(README, {"glue-headline": headline_of(sources["glue.md"])})
 
