@@ -25,20 +25,25 @@ def read_checkpoint(ckpt_path: str | Path, mmap: bool = False) -> dict[str, Any]
     path = Path(ckpt_path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as error:
-        found = re.search(r"GLOBAL ([\w.]+)", str(error))
-        if found:
-            raise CheckpointError(f"{path}: refused: loading it would run code (it asks for {found.group(1)}); "
-                                  "sparse-lightning reads checkpoints with torch.load(weights_only=True) only") from None
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
-    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from None
+    checkpoint = load_weights_only(path, str(path), mmap=mmap)
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: expected a checkpoint dictionary, got {type(checkpoint).__name__}")
     return checkpoint
+
+
+def load_weights_only(source: Path | io.BytesIO, where: str, mmap: bool = False) -> Any:
+    """`torch.load(source, weights_only=True)`, each way it fails as one `CheckpointError` line starting with `where`."""
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if found:
+            raise CheckpointError(f"{where}: refused: loading it would run code (it asks for {found.group(1)}); "
+                                  "sparse-lightning reads checkpoints with torch.load(weights_only=True) only") from None
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{where}: not a readable PyTorch checkpoint ({reason})") from None
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as error:
+        raise CheckpointError(f"{where}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from None
 
 
 #: What a distributed checkpoint's `.metadata` pickle may name besides DCP's own records (any class of
@@ -95,12 +100,4 @@ def _check_byte_item(directory: Path, key: str, storage: Any) -> None:
     with shard.open("rb") as file:
         file.seek(int(storage.offset))
         data = file.read(int(storage.length))
-    try:
-        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        found = re.search(r"GLOBAL ([\w.]+)", str(error))
-        asks = f" (it asks for {found.group(1)})" if found else ""
-        raise CheckpointError(f"{where}: refused: loading it would run code{asks}; sparse-lightning reads "
-                              "checkpoints with torch.load(weights_only=True) only") from None
-    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as error:
-        raise CheckpointError(f"{where}: not readable ({type(error).__name__}: {error})") from None
+    load_weights_only(io.BytesIO(data), where)
