@@ -77,8 +77,15 @@ class GradientTopKCallback(ElementSparseCallback):
         self.calibration_batches = calibration_batches
         self.score_memory = check_score_memory(score_memory)
         self.allocation = allocation
-        self.attaches_from_shapes = allocation == "per_weight"
-        self.sizes_from_data = allocation == "global"
+
+    @property
+    def attaches_from_shapes(self) -> bool:
+        """Per-weight k comes from the shapes; a global budget is split by the calibration's gradients."""
+        return self.allocation == "per_weight"
+
+    @property
+    def sizes_from_data(self) -> bool:
+        return not self.attaches_from_shapes
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.allocation != "global" or stage != "fit":
