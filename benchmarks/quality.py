@@ -354,8 +354,9 @@ def plan_runs(name: str) -> list[RunSpec]:
         return [RunSpec(task, "lora", seed, tag="matched", overrides=dict(LORA_MATCHED))
                 for seed in (42, 43, 44) for task in ["sst2", "stsb", "rte", "cola", "mrpc"]]
     if name == "glue-lora-ranks":
-        # LoRA r=8 and r=16 (tags r8, r16), the chosen lr and alpha/r, pooler trained; CoLA and MRPC first.
-        return [RunSpec(task, "lora", seed, tag=tag, overrides=dict(extra))
+        # LoRA r=8 and r=16 (tags r8, r16), the chosen lr and alpha/r, pooler trained, on the per-task schedule
+        # (TASK_STEPS); seed by seed, CoLA and MRPC first.
+        return [RunSpec(task, "lora", seed, steps=TASK_STEPS.get(task), tag=tag, overrides=dict(extra))
                 for seed in (42, 43, 44) for task in ["cola", "mrpc", "sst2", "stsb", "rte"]
                 for tag, extra in LORA_RANKS.items()]
     if name == "cola-long":
