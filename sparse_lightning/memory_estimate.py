@@ -25,7 +25,7 @@ which shards parameters, gradients and optimizer state 1/N but not buffers such 
   units, `modules.fsdp2.end_units`) around its own compute, in the compute dtype.
 
 Phases (what `benchmarks/memory_table.py` measures), on the device: load (base, trainable tensors), selection
-(SIFT's calibration passes: resident + scoring + one batch's activations), step (resident + gradients + optimizer +
+(SIFT's calibration passes: resident + scoring + one batch's checkpointed activations, which scoring always is), step (resident + gradients + optimizer +
 activations + method extras) and save (resident, with the gradients and optimizer state still held). In host memory
 per rank: loading under FSDP2, which builds on the CPU (the rank's shard and one block of rows being read), and
 what saving adds (what rank 0 gathers under FSDP2, and the
@@ -35,7 +35,7 @@ context: ~0.5-1 GB per GPU), allocator fragmentation, data loaders.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -289,8 +289,9 @@ def held_bytes(shape: ModelShape, plan: Plan, k: int) -> dict[str, int]:
         c["optimizer"] = 2 * trained // n
     if method == "spiel_ag":  # window statistics (replicated) + the observed gradient, its fp32 copy, its |.|
         c["method_state"] = 16 * k + (b + 8) * max(out * inp for out, inp in targets)
-    if method == "sift":
+    if method == "sift":  # scoring passes always recompute activations (`modes.scoring_mode`)
         c["selection"] = selection_bytes(shape, plan)
+        c["scoring_activations"] = activation_bytes(shape, replace(plan, gradient_checkpointing=True))
     c["activations"] = activation_bytes(shape, plan)
     if n > 1:  # two blocks, the root unit and one end unit gathered; full FT also reduces a block's whole gradient
         units = 2 * shape.block_parameters * b + (shape.root_parameters + shape.end_parameters) * b * (n - 1) // n
@@ -354,7 +355,7 @@ def estimate(model: str | Any, plan: Plan, shape: ModelShape | None = None, name
     gathered = sharded if n > 1 else 0
     phases = {
         "load": resident,
-        "selection": resident + (c["selection"] + c["activations"] + unsharded if "selection" in c else 0),
+        "selection": resident + (c["selection"] + c["scoring_activations"] + unsharded if "selection" in c else 0),
         "step": resident + c["gradients"] + c["optimizer"] + c.get("method_state", 0) + c["activations"] + unsharded,
         "save": resident + c["gradients"] + c["optimizer"],
     }

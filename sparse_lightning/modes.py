@@ -1,12 +1,15 @@
-"""Switching a model to eval mode for a while without losing any submodule's own train/eval mode, and turning on
-its activation checkpointing under whichever name the installed transformers gives it."""
+"""Switching a model to eval mode for a while without losing any submodule's own train/eval mode (and checkpointing
+its activations meanwhile for scoring passes), and turning on its activation checkpointing under whichever name the
+installed transformers gives it."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @contextmanager
@@ -24,15 +27,41 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 @contextmanager
 def scoring_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """`eval_mode` for passes that score from gradients, keeping the model's gradient checkpointing: transformers
+    """`eval_mode` for passes that score from gradients, with activation checkpointing on meanwhile wherever the
+    model supports it: a scoring pass is a sparse run's one-shot peak (it forms dense weight gradients beside the
+    activations), and recomputing each layer in backward costs one more forward per scoring batch. transformers
     recomputes a checkpointed layer only while that layer is training, so such layers (their own flag, none of their
-    submodules': dropout stays off) are left training meanwhile, and a scoring pass holds what a checkpointed
-    training step holds."""
-    with eval_mode(model):
+    submodules': dropout stays off) are left training meanwhile."""
+    with eval_mode(model), checkpointed_layers(model):
         for module in model.modules():
             if getattr(module, "gradient_checkpointing", False) is True:
                 module.training = True
         yield model
+
+
+@contextmanager
+def checkpointed_layers(model: nn.Module) -> Iterator[None]:
+    """Every module with transformers' `gradient_checkpointing` flag checkpoints inside the block (as
+    `_set_gradient_checkpointing` sets them), with the model's own checkpointing function if it has one, else the
+    non-reentrant one (it needs no input that requires a gradient); afterwards each flag and function is as it was."""
+    saved = [(module, {name: module.__dict__[name] for name in _CHECKPOINTING_ATTRIBUTES if name in module.__dict__})
+             for module in model.modules() if isinstance(getattr(module, "gradient_checkpointing", None), bool)]
+    for module, _ in saved:
+        if getattr(module, "_gradient_checkpointing_func", None) is None:
+            module._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+        module.gradient_checkpointing = True
+    try:
+        yield
+    finally:
+        for module, attributes in saved:
+            for name in _CHECKPOINTING_ATTRIBUTES:
+                if name in attributes:
+                    setattr(module, name, attributes[name])
+                else:
+                    module.__dict__.pop(name, None)
+
+
+_CHECKPOINTING_ATTRIBUTES = ("gradient_checkpointing", "_gradient_checkpointing_func")
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

@@ -77,6 +77,17 @@ def test_sift_scoring_sums_are_row_sharded_over_ranks(llama8b) -> None:
         assert (sums_one > 4 * largest) == (batches > 1)
 
 
+def test_sift_scoring_recomputes_activations_whether_or_not_training_does(llama8b) -> None:
+    """Scoring passes always checkpoint (`modes.scoring_mode`): the selection phase is the same with or without the
+    run's gradient checkpointing, and holds less than a step's activations without it."""
+    config = load_config("8b")
+    plain, checkpointed = (estimate(config, Plan("sift", seq_len=1024, gradient_checkpointing=flag), llama8b)
+                           for flag in (False, True))
+    assert plain.phases["selection"] == checkpointed.phases["selection"]
+    assert plain.components["scoring_activations"] == checkpointed.components["activations"]
+    assert plain.components["scoring_activations"] < plain.components["activations"] / 3
+
+
 def test_sparse_methods_hold_far_less_than_full_fine_tuning(llama8b) -> None:
     config = load_config("8b")
     full = estimate(config, Plan("full"), llama8b)

@@ -145,22 +145,33 @@ def test_one_batch_chooses_inside_backward_without_summing(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("count", [1, 3])
-def test_scoring_recomputes_checkpointed_layers_and_chooses_the_same(count: int) -> None:
-    """With the model's gradient checkpointing on, the scoring passes recompute each block in backward (a training
-    step's memory, not eval mode's, where transformers would skip it), with dropout still off, and choose the same."""
+def test_scoring_recomputes_every_layer_and_chooses_the_same(count: int) -> None:
+    """Scoring passes checkpoint activations whether or not the model does (each block recomputed in backward, in
+    eval mode: dropout off) and choose the same; afterwards the model trains without recomputation, as before."""
     model = with_deltas("llama")
     calibration = batches("llama", count)
     reference_model = copy.deepcopy(model)
     reference = dense_sum_selection(reference_model, calibration, lambda batch: reference_model(**batch).loss)
-    enable_activation_checkpointing(model)
     model.train()
     runs = []
-    model.model.layers[0].mlp.register_forward_pre_hook(lambda module, args: runs.append(module.training))
+    layer = model.model.layers[0]
+    layer.mlp.register_forward_pre_hook(lambda module, args: runs.append(module.training))
     select_by_gradient(model, calibration, lambda batch: model(**batch).loss, score_memory=1.0)
     assert runs == [False, False] * count  # forward, then its recomputation in backward; in eval mode
     assert all(torch.equal(chosen(model)[name], reference[name]) for name in reference)
-    assert model.model.layers[0].training and not any(m.training for m in model.model.layers[0].modules()
-                                                     if isinstance(m, nn.Dropout))
+    assert layer.training and not layer.gradient_checkpointing and "_gradient_checkpointing_func" not in vars(layer)
+    runs.clear()
+    model(**calibration[0]).loss.backward()
+    assert runs == [True]
+
+
+def test_scoring_keeps_the_models_own_checkpointing() -> None:
+    model = with_deltas("llama")
+    enable_activation_checkpointing(model)
+    layer = model.model.layers[0]
+    function = layer._gradient_checkpointing_func
+    select_by_gradient(model, batches("llama", 2), lambda batch: model(**batch).loss)
+    assert layer.gradient_checkpointing and layer._gradient_checkpointing_func is function
 
 
 class Twice(nn.Module):
