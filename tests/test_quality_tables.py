@@ -61,6 +61,20 @@ def test_lora_ranks_plan_gives_rows_r8_and_r16() -> None:
     assert "| lora_r16 | 1000 | - | 50.0 | - | - | - |" in table.replace("1,000", "1000")
 
 
+def test_sparse_rows_are_measured_against_loras_best_rank_task_by_task() -> None:
+    """Issue 28's bar: the LoRA row with the highest mean (here r=16) is a reference column, and a second table gives
+    every other row's gap to it per task."""
+    values = {"lora": (0.80, 0.20), "lora_r16": (0.82, 0.30), "sift": (0.81, 0.24)}
+    results = [result(m, t, 42, v) if not m.startswith("lora_") else result("lora", t, 42, v, tag=m[5:])
+               for m, pair in values.items() for t, v in zip(("mrpc", "cola"), pair)]
+    table = quality.glue_summary(results, "table", {"cola": 600})
+    assert "| vs LoRA | vs LoRA's best (lora_r16) |" in table
+    assert "| sift | 1,000 | 81.0 | 24.0 | 52.5 | +2.5 | -3.5 |" in table
+    gaps = table.split("Per task, points from LoRA's best row (lora_r16;")[1]
+    assert "| sift | -1.0 | -6.0 | -3.5 |" in gaps and "| lora | -2.0 | -10.0 | -6.0 |" in gaps
+    assert [spec.max_steps for spec in quality.plan_runs("glue-lora-ranks")[:3]] == [600, 600, 300]
+
+
 def test_matched_plan_trains_rank_one_lora_with_the_pooler() -> None:
     specs = quality.plan_runs("glue-lora-matched")
     assert len(specs) == 15 and {s.method for s in specs} == {"lora"} and {s.tag for s in specs} == {"matched"}
