@@ -15,11 +15,11 @@ Cases:
 - `s2ft-gradient`, `s2ft-activation`: `S2FTStructureCallback(select_by=..., calibration_batches=N).attach(model,
   calibration)` with its default budgets and projections (o, down), selection, co-permutation and blocks included;
 - `<case>-checkpointed`: the same with the model's gradient checkpointing on (`enable_activation_checkpointing`, what
-  the task modules' `gradient_checkpointing=True` calls), which the scoring passes keep (`modes.scoring_mode`); its
-  floor is `forward-backward-checkpointed`.
+  the task modules' `gradient_checkpointing=True` calls); its floor is `forward-backward-checkpointed`. Since a83317a
+  the scoring passes checkpoint either way, so these equal the plain cases.
 
-`forward-backward` runs in `scoring_mode` too (eval mode, dropout off; checkpointed layers recompute): a training step's
-passes on the same batches.
+`forward-backward` runs in `scoring_mode` too (eval mode, dropout off; since a83317a every layer recomputes, as in
+every scoring pass): a checkpointed training step's passes on the same batches.
 
 `--label` names the library under test (run once with this checkout first on PYTHONPATH, once with another, e.g. the
 commit before), and rows accumulate in `--json`; the markdown table is rewritten from all of them:
@@ -28,6 +28,11 @@ commit before), and rows accumulate in `--json`; the markdown table is rewritten
         --cases sift,s2ft-gradient,s2ft-activation --json benchmarks/results/selection_memory.json
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/selection_memory.py --label after \\
         --json benchmarks/results/selection_memory.json --output benchmarks/results/selection_memory.md
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/selection_memory.py --label scoring-checkpointed \
+        --cases forward-backward,sift,s2ft-gradient --batches 1,4 --json benchmarks/results/selection_memory.json
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/selection_memory.py --label scoring-checkpointed --ranks 2 \
+        --batches 4 --cases forward-backward,sift --json benchmarks/results/selection_memory.json \
+        --output benchmarks/results/selection_memory.md
 """
 
 from __future__ import annotations
@@ -60,8 +65,9 @@ floor" subtracts it (SIFT rows). Under 2-rank FSDP2 (gloo) every rank scores its
 and the floor includes FSDP2's unsharded block weights. "row-sharded" is the library after SIFT's sums were cut by rows
 over ranks (each rank holds 1/N of every sum, the budget a fraction of that share; `scoring/row_sharded_sums.py`): its 2-rank
 rows against the "after" ones, which held whole sums on every rank. `-checkpointed` cases run with the model's
-gradient checkpointing on (which the scoring passes keep), against their own floor, `forward-backward-checkpointed`.
-CPU seconds are the selection's own, one thread (a shared machine: +-10%).
+gradient checkpointing on, against their own floor, `forward-backward-checkpointed`. "scoring-checkpointed" is the
+library after scoring passes checkpoint activations whether or not the model does (`modes.scoring_mode`): its plain
+cases are the earlier labels' `-checkpointed` ones, now the default. CPU seconds are the selection's own, one thread (a shared machine: +-10%).
 
 Why the 2-rank floor is 0.47x, and why it does not carry to the models users train: FSDP2 gathers a unit's weights
 into one all-gather buffer and copies them out into the unsharded parameters, so a unit costs twice its size while it
@@ -88,6 +94,11 @@ model at 8B, and 0.18x / 0.10x at 70B.
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/selection_memory.py --label row-sharded --ranks 2 \\
         --batches 4 --cases forward-backward-checkpointed,sift-checkpointed \\
         --json benchmarks/results/selection_memory.json --output benchmarks/results/selection_memory.md
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/selection_memory.py --label scoring-checkpointed \
+        --cases forward-backward,sift,s2ft-gradient --batches 1,4 --json benchmarks/results/selection_memory.json
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/selection_memory.py --label scoring-checkpointed --ranks 2 \
+        --batches 4 --cases forward-backward,sift --json benchmarks/results/selection_memory.json \
+        --output benchmarks/results/selection_memory.md
 """
 
 
