@@ -648,6 +648,11 @@ def glue_summary(results: list[dict[str, Any]], table_command: str, task_steps: 
         lines.append(f"| {m} | {f'{max(trainable[m]):,}' if trainable[m] else '-'} | "
                      + " | ".join(_mean_std(cell.get((m, t, TASKS[t].main), [])) for t in tasks)
                      + f" | {'-' if mean is None else f'{100 * mean:.1f}'} | " + " | ".join(gaps) + " |")
+    counts = {(m, t): len(cell.get((m, t, TASKS[t].main), [])) for m in methods for t in tasks}
+    fewer = [f"{m} ({', '.join(f'{t} {counts[(m, t)]}' for t in tasks if 0 < counts[(m, t)] < len(seeds))})"
+             for m in methods if any(0 < counts[(m, t)] < len(seeds) for t in tasks)]
+    if fewer:
+        lines += ["", f"Cells on fewer than {len(seeds)} seeds (task, seeds): " + "; ".join(fewer) + "."]
     if best_lora:
         lines += ["", f"Per task, points from LoRA's best row ({best_lora}; issue 28 asks for within 3 on every task "
                   "and within 1 on the mean):", "", "| method | " + " | ".join(complete) + " | mean |",

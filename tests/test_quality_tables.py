@@ -73,6 +73,9 @@ def test_sparse_rows_are_measured_against_loras_best_rank_task_by_task() -> None
     gaps = table.split("Per task, points from LoRA's best row (lora_r16;")[1]
     assert "| sift | -1.0 | -6.0 | -3.5 |" in gaps and "| lora | -2.0 | -10.0 | -6.0 |" in gaps
     assert [spec.max_steps for spec in quality.plan_runs("glue-lora-ranks")[:3]] == [600, 600, 300]
+    table = quality.glue_summary(results + [result("sift", "cola", 43, 0.26)], "table", {"cola": 600})
+    assert "Cells on fewer than 2 seeds (task, seeds): lora (mrpc 1, cola 1); lora_r16 (mrpc 1, cola 1); sift (mrpc 1)." \
+        in table
 
 
 def test_matched_plan_trains_rank_one_lora_with_the_pooler() -> None:
