@@ -2,8 +2,9 @@
 
 Lightning advertises its cloud products on every fit (litlogger / litmodels tips), explains on every run that it
 falls back to CSVLogger without tensorboard (the fallback is what this library documents), and calls a torch pytree
-API that torch deprecated (Lightning's code, not the user's). None of them asks the user to change anything, and
-a newcomer reads them as problems. Everything else, warnings about the user's run included, stays.
+API that torch deprecated (Lightning's code, not the user's); PEFT reads transformers' deprecated
+`is_gradient_checkpointing` on every LoRA model it wraps (PEFT's code). None of them asks the user to change
+anything, and a newcomer reads them as problems. Everything else, warnings about the user's run included, stays.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ _RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric
 _WARNINGS = (
     r"Starting from v1\.9\.0, `tensorboardX` has been removed as a dependency",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"`is_gradient_checkpointing` is deprecated and will be removed",
 )
 
 

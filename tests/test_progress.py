@@ -87,6 +87,7 @@ def test_third_party_tips_and_notices_are_silenced_and_nothing_else(caplog) -> N
         silence_third_party_notices()  # catch_warnings reset the filters
         warnings.warn("Starting from v1.9.0, `tensorboardX` has been removed as a dependency of the ...")
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6. Use ...", FutureWarning)
         warnings.warn("max_steps=2 ends before the first validation")
     assert [str(w.message) for w in caught] == ["max_steps=2 ends before the first validation"]
 
