@@ -107,6 +107,28 @@ LORA_MATCHED = {"model.init_args.lora.r": 1, "model.init_args.lora.alpha": 2}
 LORA_RANKS = {f"r{r}": {"model.init_args.lora.r": r, "model.init_args.lora.alpha": 2 * r} for r in (8, 16)}
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A recipe under test for a method's default (issue 28): its shipped fragment with these overrides."""
+    method: str
+    lr: float
+    tag: str
+    overrides: dict[str, Any]
+
+
+#: The GLUE table's rows for candidate recipes, by name (a run belongs to one by method, rate and tag).
+CANDIDATES = {
+    # S2FT's budget as the paper splits it, heads and channels: 2 heads (o_proj columns) and 23 FFN channels per
+    # layer, 200,448 entries as the shipped 87 channels (MRPC +2.9, seed 42).
+    "s2ft_heads": Candidate("s2ft", 0.005, "heads", {"trainer.callbacks.0.init_args.train": ["o", "down"],
+                                                     "trainer.callbacks.0.init_args.num_heads": 2,
+                                                     "trainer.callbacks.0.init_args.num_channels": 23}),
+    # SIFT at LoRA r=5's count (207,360 encoder entries) at half the rate (CoLA 600 steps, seed 42: 26.2 vs 22.7).
+    "sift_lcount": Candidate("sift", 0.001, "lcount", {"trainer.callbacks.0.init_args.density": None,
+                                                      "trainer.callbacks.0.init_args.num_params": 207360}),
+}
+
+
 def fragment(method: str) -> dict[str, Any]:
     """The shipped recipe of `method` for MiniLM (configs/method/minilm/<method>.yaml), as parsed YAML."""
     return yaml.safe_load(registry.method(method).fragment(FRAGMENTS).read_text(encoding="utf-8"))
@@ -336,7 +358,7 @@ def run_one(spec: RunSpec, lock_path: Path, data_dir: Path, driver_command: str,
 #: The MRPC tuning plans ran (all done) with the recipes of their time, written in this script as overrides of an older
 #: base: a rerun could not rebuild them. Their runs stay in runs/ (each with its whole config).
 RETIRED_PLANS = {"mrpc-sweep": "7875a9a", "mrpc-followup": "7875a9a", "mrpc-followup2": "7875a9a"}
-PLANS = ("glue", "glue-lora-matched", "glue-lora-ranks", "cola-long", "mrpc-long", "cola-global")
+PLANS = ("glue", "glue-lora-matched", "glue-lora-ranks", "cola-long", "mrpc-long", "cola-global", "glue-candidates")
 #: Issue 28, H5: SIFT's budget given to the largest |gradient| entries of all targets together (tag "global").
 SIFT_GLOBAL = {"trainer.callbacks.0.init_args.allocation": "global"}
 
@@ -376,6 +398,13 @@ def plan_runs(name: str) -> list[RunSpec]:
         # SIFT's budget thin): the SIFT recipe with a global top-k, CoLA at 600 steps as plan cola-long, seed by seed.
         return [RunSpec("cola", "sift", seed, tag="global", steps=600, overrides=dict(SIFT_GLOBAL))
                 for seed in (42, 43, 44)]
+    if name == "glue-candidates":
+        # Issue 28, stop 33: the recipes that gained on the tuning tasks (CANDIDATES), on every task, the per-task
+        # schedule, seed by seed.
+        return [RunSpec(task, c.method, seed, lr=c.lr, steps=TASK_STEPS.get(task), tag=c.tag,
+                        overrides=dict(c.overrides))
+                for seed in (42, 43, 44) for task in ["cola", "mrpc", "sst2", "stsb", "rte"]
+                for c in CANDIDATES.values()]
     if name in RETIRED_PLANS:
         raise SystemExit(f"plan {name} is done and retired: it ran with the recipes of commit {RETIRED_PLANS[name]} "
                          f"(git show {RETIRED_PLANS[name]}:benchmarks/quality.py); its runs are in {_rel(RUNS)}")
@@ -562,18 +591,26 @@ def glue_results(results: list[dict[str, Any]], task_steps: dict[str, int] | Non
     """The runs of the GLUE table: the chosen defaults and matched LoRA on the table's schedule (`task_steps` gives
     some tasks another length; issue 28's 600-step runs are tagged "chosen" too)."""
     steps = task_steps or {}
-    return [r for r in results if r.get("tag") in ("chosen", "matched", *LORA_RANKS)
+    return [r for r in results if (r.get("tag") in ("chosen", "matched", *LORA_RANKS) or candidate_of(r))
             and r.get("max_steps", SCHEDULE["max_steps"]) == steps.get(r["task"], SCHEDULE["max_steps"])]
+
+
+def candidate_of(result: dict[str, Any]) -> str | None:
+    """The CANDIDATES row a run belongs to, if any."""
+    return next((name for name, c in CANDIDATES.items() if (result["method"], result.get("tag"), result.get("lr"))
+                 == (c.method, c.tag, c.lr)), None)
 
 
 def glue_row(result: dict[str, Any]) -> str:
     """The GLUE table's row of a run: its method, or 'lora_matched' for LoRA at the sparse count."""
     tag = result.get("tag")
-    return "lora_matched" if tag == "matched" else f"lora_{tag}" if tag in LORA_RANKS else result["method"]
+    if tag == "matched":
+        return "lora_matched"
+    return f"lora_{tag}" if tag in LORA_RANKS else candidate_of(result) or result["method"]
 
 
 GLUE_ROWS = (*registry.names(sparse=False)[::-1], *(f"lora_{tag}" for tag in LORA_RANKS), "lora_matched",
-             *registry.names(sparse=True))
+             *registry.names(sparse=True), *CANDIDATES)
 GLUE_REFERENCES = {"lora": "LoRA", "lora_matched": "LoRA r=1", "full": "full"}
 LORA_ROWS = ("lora", *(f"lora_{tag}" for tag in LORA_RANKS))
 

@@ -78,6 +78,21 @@ def test_sparse_rows_are_measured_against_loras_best_rank_task_by_task() -> None
         in table
 
 
+def test_candidate_recipes_are_rows_of_their_own() -> None:
+    """A run of a candidate recipe (its method, rate and tag) is that candidate's row, not its method's; the same tag
+    at another rate (an earlier variant) is in neither table."""
+    candidate = result("sift", "mrpc", 42, 0.8, tag="lcount") | {"lr": 0.001}
+    earlier = result("sift", "mrpc", 43, 0.7, tag="lcount") | {"lr": 0.002}
+    assert quality.glue_results([candidate, earlier]) == [candidate]
+    assert quality.glue_row(candidate) == "sift_lcount"
+    specs = quality.plan_runs("glue-candidates")
+    assert len(specs) == 30 and {quality.glue_row(s.__dict__ | {"lr": s.learning_rate}) for s in specs} == set(
+        quality.CANDIDATES)
+    heads = next(s for s in specs if s.tag == "heads" and s.task == "cola")
+    s2ft = quality.build_config(heads)["trainer"]["callbacks"][0]["init_args"]
+    assert (s2ft["train"], s2ft["num_heads"], s2ft["num_channels"], heads.max_steps) == (["o", "down"], 2, 23, 600)
+
+
 def test_matched_plan_trains_rank_one_lora_with_the_pooler() -> None:
     specs = quality.plan_runs("glue-lora-matched")
     assert len(specs) == 15 and {s.method for s in specs} == {"lora"} and {s.tag for s in specs} == {"matched"}
