@@ -43,16 +43,23 @@ def scoring_mode(model: nn.Module) -> Iterator[nn.Module]:
 def checkpointed_layers(model: nn.Module) -> Iterator[None]:
     """Every module with transformers' `gradient_checkpointing` flag checkpoints inside the block (as
     `_set_gradient_checkpointing` sets them), with the model's own checkpointing function if it has one, else the
-    non-reentrant one (it needs no input that requires a gradient); afterwards each flag and function is as it was."""
+    non-reentrant one (it needs no input that requires a gradient), and the configs' `use_cache` is off (a scoring pass
+    caches nothing; left on, transformers warns that checkpointing turns it off); afterwards all is as it was."""
     saved = [(module, {name: module.__dict__[name] for name in _CHECKPOINTING_ATTRIBUTES if name in module.__dict__})
              for module in model.modules() if isinstance(getattr(module, "gradient_checkpointing", None), bool)]
+    caching = {id(config): config for module in model.modules()
+               if getattr(config := getattr(module, "config", None), "use_cache", False) is True}
     for module, _ in saved:
         if getattr(module, "_gradient_checkpointing_func", None) is None:
             module._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
         module.gradient_checkpointing = True
+    for config in caching.values():
+        config.use_cache = False
     try:
         yield
     finally:
+        for config in caching.values():
+            config.use_cache = True
         for module, attributes in saved:
             for name in _CHECKPOINTING_ATTRIBUTES:
                 if name in attributes:

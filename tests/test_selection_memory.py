@@ -153,13 +153,16 @@ def test_scoring_recomputes_every_layer_and_chooses_the_same(count: int) -> None
     reference_model = copy.deepcopy(model)
     reference = dense_sum_selection(reference_model, calibration, lambda batch: reference_model(**batch).loss)
     model.train()
-    runs = []
+    runs, caching = [], []
     layer = model.model.layers[0]
     layer.mlp.register_forward_pre_hook(lambda module, args: runs.append(module.training))
+    layer.register_forward_pre_hook(lambda module, args: caching.append(model.config.use_cache))
     select_by_gradient(model, calibration, lambda batch: model(**batch).loss, score_memory=1.0)
     assert runs == [False, False] * count  # forward, then its recomputation in backward; in eval mode
+    assert caching == [False] * count  # no cache to give up, so transformers has nothing to warn about
     assert all(torch.equal(chosen(model)[name], reference[name]) for name in reference)
     assert layer.training and not layer.gradient_checkpointing and "_gradient_checkpointing_func" not in vars(layer)
+    assert model.config.use_cache
     runs.clear()
     model(**calibration[0]).loss.backward()
     assert runs == [True]
