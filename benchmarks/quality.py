@@ -602,7 +602,8 @@ def candidate_of(result: dict[str, Any]) -> str | None:
 
 
 def glue_row(result: dict[str, Any]) -> str:
-    """The GLUE table's row of a run: its method, or 'lora_matched' for LoRA at the sparse count."""
+    """The GLUE table's row of a run: 'lora_matched' (LoRA at the sparse count), 'lora_r8' / 'lora_r16', a
+    candidate's name (CANDIDATES), or else its method."""
     tag = result.get("tag")
     if tag == "matched":
         return "lora_matched"

@@ -1,6 +1,6 @@
-"""Copy the quality tables (benchmarks/results/quality/glue.md, glue_per_task_schedule.md, math.md) into docs/results.md, and GLUE's headline
-columns into the README, between their `<!-- NAME: ... -->` and `<!-- end NAME -->` markers, so both show exactly
-what the drivers measured.
+"""Copy the quality tables (benchmarks/results/quality/glue.md, glue_per_task_schedule.md, math.md) into
+docs/results.md, and GLUE's headline columns into the README, between their `<!-- NAME: ... -->` and
+`<!-- end NAME -->` markers, so both show exactly what the drivers measured.
 
 Usage: .venv/bin/python benchmarks/readme_results.py      (run by benchmarks/quality_commit.sh)
 """

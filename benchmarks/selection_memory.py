@@ -28,11 +28,6 @@ commit before), and rows accumulate in `--json`; the markdown table is rewritten
         --cases sift,s2ft-gradient,s2ft-activation --json benchmarks/results/selection_memory.json
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/selection_memory.py --label after \\
         --json benchmarks/results/selection_memory.json --output benchmarks/results/selection_memory.md
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/selection_memory.py --label scoring-checkpointed \
-        --cases forward-backward,sift,s2ft-gradient --batches 1,4 --json benchmarks/results/selection_memory.json
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/selection_memory.py --label scoring-checkpointed --ranks 2 \
-        --batches 4 --cases forward-backward,sift --json benchmarks/results/selection_memory.json \
-        --output benchmarks/results/selection_memory.md
 """
 
 from __future__ import annotations
@@ -67,7 +62,8 @@ over ranks (each rank holds 1/N of every sum, the budget a fraction of that shar
 rows against the "after" ones, which held whole sums on every rank. `-checkpointed` cases run with the model's
 gradient checkpointing on, against their own floor, `forward-backward-checkpointed`. "scoring-checkpointed" is the
 library after scoring passes checkpoint activations whether or not the model does (`modes.scoring_mode`): its plain
-cases are the earlier labels' `-checkpointed` ones, now the default. CPU seconds are the selection's own, one thread (a shared machine: +-10%).
+cases are the earlier labels' `-checkpointed` ones, now the default. CPU seconds are the selection's own, one thread
+(a shared machine: +-10%).
 
 Why the 2-rank floor is 0.47x, and why it does not carry to the models users train: FSDP2 gathers a unit's weights
 into one all-gather buffer and copies them out into the unsharded parameters, so a unit costs twice its size while it
@@ -94,10 +90,10 @@ model at 8B, and 0.18x / 0.10x at 70B.
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/selection_memory.py --label row-sharded --ranks 2 \\
         --batches 4 --cases forward-backward-checkpointed,sift-checkpointed \\
         --json benchmarks/results/selection_memory.json --output benchmarks/results/selection_memory.md
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/selection_memory.py --label scoring-checkpointed \
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/selection_memory.py --label scoring-checkpointed \\
         --cases forward-backward,sift,s2ft-gradient --batches 1,4 --json benchmarks/results/selection_memory.json
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/selection_memory.py --label scoring-checkpointed --ranks 2 \
-        --batches 4 --cases forward-backward,sift --json benchmarks/results/selection_memory.json \
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/selection_memory.py --label scoring-checkpointed --ranks 2 \\
+        --batches 4 --cases forward-backward,sift --json benchmarks/results/selection_memory.json \\
         --output benchmarks/results/selection_memory.md
 """
 

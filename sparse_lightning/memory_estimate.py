@@ -25,10 +25,10 @@ which shards parameters, gradients and optimizer state 1/N but not buffers such 
   units, `modules.fsdp2.end_units`) around its own compute, in the compute dtype.
 
 Phases (what `benchmarks/memory_table.py` measures), on the device: load (base, trainable tensors), selection
-(SIFT's calibration passes: resident + scoring + one batch's checkpointed activations, which scoring always is), step (resident + gradients + optimizer +
-activations + method extras) and save (resident, with the gradients and optimizer state still held). In host memory
-per rank: loading under FSDP2, which builds on the CPU (the rank's shard and one block of rows being read), and
-what saving adds (what rank 0 gathers under FSDP2, and the
+(SIFT's calibration passes: resident + scoring + one batch's activations, checkpointed as scoring always is), step
+(resident + gradients + optimizer + activations + method extras) and save (resident, with the gradients and
+optimizer state still held). In host memory per rank: loading under FSDP2, which builds on the CPU (the rank's shard
+and one block of rows being read), and what saving adds (what rank 0 gathers under FSDP2, and the
 serialized checkpoint). On a CPU run the two are one memory. Not counted: the runtime itself (Python, torch, CUDA
 context: ~0.5-1 GB per GPU), allocator fragmentation, data loaders.
 """

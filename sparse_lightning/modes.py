@@ -32,23 +32,26 @@ def scoring_mode(model: nn.Module) -> Iterator[nn.Module]:
     activations), and recomputing each layer in backward costs one more forward per scoring batch. transformers
     recomputes a checkpointed layer only while that layer is training, so such layers (their own flag, none of their
     submodules': dropout stays off) are left training meanwhile."""
-    with eval_mode(model), checkpointed_layers(model):
-        for module in model.modules():
-            if getattr(module, "gradient_checkpointing", False) is True:
-                module.training = True
+    with eval_mode(model), checkpointed_layers(model) as layers:
+        for module in layers:
+            module.training = True
         yield model
 
 
 @contextmanager
-def checkpointed_layers(model: nn.Module) -> Iterator[None]:
+def checkpointed_layers(model: nn.Module) -> Iterator[list[nn.Module]]:
     """Every module with transformers' `gradient_checkpointing` flag checkpoints inside the block (as
     `_set_gradient_checkpointing` sets them), with the model's own checkpointing function if it has one, else the
     non-reentrant one (it needs no input that requires a gradient), and the configs' `use_cache` is off (a scoring pass
-    caches nothing; left on, transformers warns that checkpointing turns it off); afterwards all is as it was."""
-    saved = [(module, {name: module.__dict__[name] for name in _CHECKPOINTING_ATTRIBUTES if name in module.__dict__})
-             for module in model.modules() if isinstance(getattr(module, "gradient_checkpointing", None), bool)]
-    caching = {id(config): config for module in model.modules()
-               if getattr(config := getattr(module, "config", None), "use_cache", False) is True}
+    caches nothing; left on, transformers warns that checkpointing turns it off); yields those modules; afterwards
+    all is as it was."""
+    saved, caching = [], {}
+    for module in model.modules():
+        if isinstance(getattr(module, "gradient_checkpointing", None), bool):
+            saved.append((module, {name: module.__dict__[name] for name in _CHECKPOINTING_ATTRIBUTES
+                                   if name in module.__dict__}))
+        if getattr(config := getattr(module, "config", None), "use_cache", False) is True:
+            caching[id(config)] = config
     for module, _ in saved:
         if getattr(module, "_gradient_checkpointing_func", None) is None:
             module._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
@@ -56,7 +59,7 @@ def checkpointed_layers(model: nn.Module) -> Iterator[None]:
     for config in caching.values():
         config.use_cache = False
     try:
-        yield
+        yield [module for module, _ in saved]
     finally:
         for config in caching.values():
             config.use_cache = True

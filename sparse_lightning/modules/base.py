@@ -241,7 +241,7 @@ class SparseFineTuningModule(LightningModule):
             if self._sharded_load is not None:
                 self._sharded_load.follow_copies(saved_module_copies(model))
         self.model = model  # compute_loss reads self.model, and calibration may run during attach
-        if self.hparams.gradient_checkpointing:  # before attach: S2FT's gradient scores recompute as training does
+        if self.hparams.gradient_checkpointing:  # before attach: scoring passes then use the model's own function
             enable_activation_checkpointing(model)
         if method is not None and fitting:
             self._attach(method)
