@@ -28,7 +28,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
+import importlib
 import inspect
 import json
 import os
@@ -105,25 +107,6 @@ METHODS = (*registry.names(sparse=False)[::-1], *registry.names(sparse=True))
 # setting), alpha = 2r as chosen, pooler trained as in the fragment: overrides of the LoRA fragment, named by tag.
 LORA_MATCHED = {"model.init_args.lora.r": 1, "model.init_args.lora.alpha": 2}
 LORA_RANKS = {f"r{r}": {"model.init_args.lora.r": r, "model.init_args.lora.alpha": 2 * r} for r in (8, 16)}
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A recipe under test for a method's default (issue 28): its shipped fragment with these overrides."""
-    method: str
-    lr: float
-    tag: str
-    overrides: dict[str, Any]
-
-
-#: The GLUE table's rows for candidate recipes, by name (a run belongs to one by method, rate and tag).
-CANDIDATES = {
-    # SIFT at LoRA r=5's count (207,360 encoder entries) at half the rate (CoLA 600 steps, seed 42: 26.2 vs 22.7).
-    "sift_lcount": Candidate("sift", 0.001, "lcount", {"trainer.callbacks.0.init_args.density": None,
-                                                      "trainer.callbacks.0.init_args.num_params": 207360}),
-    # SpIEL-AG the same way (CoLA 600 steps, seeds 42 / 43: 26.9 / 27.4 vs 20.7 / 24.9).
-    "spiel_ag_lcount": Candidate("spiel_ag", 0.001, "lcount", {"trainer.callbacks.0.init_args.num_params": 207360}),
-}
 
 
 def fragment(method: str) -> dict[str, Any]:
@@ -354,8 +337,9 @@ def run_one(spec: RunSpec, lock_path: Path, data_dir: Path, driver_command: str,
 
 #: The MRPC tuning plans ran (all done) with the recipes of their time, written in this script as overrides of an older
 #: base: a rerun could not rebuild them. Their runs stay in runs/ (each with its whole config).
-RETIRED_PLANS = {"mrpc-sweep": "7875a9a", "mrpc-followup": "7875a9a", "mrpc-followup2": "7875a9a"}
-PLANS = ("glue", "glue-lora-matched", "glue-lora-ranks", "cola-long", "mrpc-long", "cola-global", "glue-candidates")
+RETIRED_PLANS = {"mrpc-sweep": "7875a9a", "mrpc-followup": "7875a9a", "mrpc-followup2": "7875a9a",
+                 "glue-candidates": "3aebd3e"}  # issue 28: its SIFT and SpIEL-AG recipes are the defaults now
+PLANS = ("glue", "glue-lora-matched", "glue-lora-ranks", "cola-long", "mrpc-long", "cola-global")
 #: Issue 28, H5: SIFT's budget given to the largest |gradient| entries of all targets together (tag "global").
 SIFT_GLOBAL = {"trainer.callbacks.0.init_args.allocation": "global"}
 
@@ -395,13 +379,6 @@ def plan_runs(name: str) -> list[RunSpec]:
         # SIFT's budget thin): the SIFT recipe with a global top-k, CoLA at 600 steps as plan cola-long, seed by seed.
         return [RunSpec("cola", "sift", seed, tag="global", steps=600, overrides=dict(SIFT_GLOBAL))
                 for seed in (42, 43, 44)]
-    if name == "glue-candidates":
-        # Issue 28, stop 33: the recipes that gained on the tuning tasks (CANDIDATES), on every task, the per-task
-        # schedule, seed by seed.
-        return [RunSpec(task, c.method, seed, lr=c.lr, steps=TASK_STEPS.get(task), tag=c.tag,
-                        overrides=dict(c.overrides))
-                for seed in (42, 43, 44) for task in ["cola", "mrpc", "sst2", "stsb", "rte"]
-                for c in CANDIDATES.values()]
     if name in RETIRED_PLANS:
         raise SystemExit(f"plan {name} is done and retired: it ran with the recipes of commit {RETIRED_PLANS[name]} "
                          f"(git show {RETIRED_PLANS[name]}:benchmarks/quality.py); its runs are in {_rel(RUNS)}")
@@ -461,8 +438,41 @@ def _fmt(values: list[float]) -> str:
     return f"{mean:.4f} ± {statistics.stdev(values):.4f}"
 
 
+def method_recipe(config: dict[str, Any]) -> dict[str, Any]:
+    """What a run's config says about its method: the module's arguments (optimizer and rate, LoRA) and the library's
+    method callbacks with every argument resolved (an argument left out and one set to its default are the same
+    recipe), without their seed; the benchmark's schedule, logger and checkpointing are not part of it."""
+    callbacks = []
+    for c in config["trainer"].get("callbacks", []):
+        if c["class_path"].startswith("sparse_lightning."):
+            module, _, name = c["class_path"].rpartition(".")
+            parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters.values()
+            arguments = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+            arguments.update(c.get("init_args", {}))
+            arguments.pop("seed", None)
+            callbacks.append({"class_path": c["class_path"], "init_args": arguments})
+    return {"model": config["model"]["init_args"], "callbacks": callbacks}
+
+
 def load_results() -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(RUNS.glob("*/result.json"))]
+    """Every finished run's result.json, with the method recipe its stored config trained ("recipe")."""
+    results = []
+    for path in sorted(RUNS.glob("*/result.json")):
+        config = yaml.safe_load((path.parent / "quality_config.yaml").read_text(encoding="utf-8"))
+        results.append({**json.loads(path.read_text()), "recipe": method_recipe(config)})
+    return results
+
+
+def at_default(result: dict[str, Any]) -> bool:
+    """Whether a run trained its method's shipped recipe as it is now (the config plan `glue` would write today),
+    whatever its tag: a recipe tried under a tag and then made the default is the default's run, and a run tagged
+    "chosen" under an older default is not."""
+    return result["recipe"] == default_recipe(result["task"], result["method"], result.get("max_steps"))
+
+
+@functools.cache
+def default_recipe(task: str, method: str, steps: int | None) -> dict[str, Any]:
+    return method_recipe(build_config(RunSpec(task, method, 0, steps=steps)))
 
 
 def make_tables(table_command: str) -> list[Path]:
@@ -585,30 +595,31 @@ TASK_STEPS = {"cola": 600}
 
 
 def glue_results(results: list[dict[str, Any]], task_steps: dict[str, int] | None = None) -> list[dict[str, Any]]:
-    """The runs of the GLUE table: the chosen defaults and matched LoRA on the table's schedule (`task_steps` gives
-    some tasks another length; issue 28's 600-step runs are tagged "chosen" too)."""
+    """The runs of the GLUE table on its schedule (`task_steps` gives some tasks another length): every method at its
+    default now, its default before issue 28 changed it (tag "chosen", an older recipe), LoRA at the sparse count and
+    at larger ranks. One run per row, task and seed: a recipe run twice under two names counts once."""
     steps = task_steps or {}
-    return [r for r in results if (r.get("tag") in ("chosen", "matched", *LORA_RANKS) or candidate_of(r))
-            and r.get("max_steps", SCHEDULE["max_steps"]) == steps.get(r["task"], SCHEDULE["max_steps"])]
-
-
-def candidate_of(result: dict[str, Any]) -> str | None:
-    """The CANDIDATES row a run belongs to, if any."""
-    return next((name for name, c in CANDIDATES.items() if (result["method"], result.get("tag"), result.get("lr"))
-                 == (c.method, c.tag, c.lr)), None)
+    rows: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for r in sorted(results, key=lambda r: r.get("tag") != "chosen"):  # the plan's own run first, then a retagged one
+        if (r.get("tag") in ("chosen", "matched", *LORA_RANKS) or at_default(r)) and \
+                r.get("max_steps", SCHEDULE["max_steps"]) == steps.get(r["task"], SCHEDULE["max_steps"]):
+            rows.setdefault((glue_row(r), r["task"], r["seed"]), r)
+    return list(rows.values())
 
 
 def glue_row(result: dict[str, Any]) -> str:
-    """The GLUE table's row of a run: 'lora_matched' (LoRA at the sparse count), 'lora_r8' / 'lora_r16', a
-    candidate's name (CANDIDATES), or else its method."""
+    """The GLUE table's row of a run: 'lora_matched' (LoRA at the sparse count), 'lora_r8' / 'lora_r16', its method
+    (at its default now), or '<method>_before' (tagged "chosen" under an older default)."""
     tag = result.get("tag")
     if tag == "matched":
         return "lora_matched"
-    return f"lora_{tag}" if tag in LORA_RANKS else candidate_of(result) or result["method"]
+    if tag in LORA_RANKS:
+        return f"lora_{tag}"
+    return result["method"] if at_default(result) else f"{result['method']}_before"
 
 
 GLUE_ROWS = (*registry.names(sparse=False)[::-1], *(f"lora_{tag}" for tag in LORA_RANKS), "lora_matched",
-             *registry.names(sparse=True), *CANDIDATES)
+             *(row for m in registry.names(sparse=True) for row in (m, f"{m}_before")))
 GLUE_REFERENCES = {"lora": "LoRA", "lora_matched": "LoRA r=1", "full": "full"}
 LORA_ROWS = ("lora", *(f"lora_{tag}" for tag in LORA_RANKS))
 
@@ -651,6 +662,7 @@ def glue_summary(results: list[dict[str, Any]], table_command: str, task_steps: 
     cpu = sum(r["cpu_seconds"] for r in results)
     seeds = sorted({r["seed"] for r in results})
     longer = ", ".join(f"{task} {steps}" for task, steps in (task_steps or {}).items())
+    retagged = sorted({(r["method"], r["tag"]) for r in results if r.get("tag") not in ("chosen", "matched", *LORA_RANKS)})
     schedule = f"{SCHEDULE['max_steps']} steps of {SCHEDULE['batch_size']}" + (
         f" ({longer} steps: a per-task schedule, the same for every method; issue 28)" if longer else "")
     lines = [
@@ -659,17 +671,21 @@ def glue_summary(results: list[dict[str, Any]], table_command: str, task_steps: 
         f"`configs/method/minilm/<method>.yaml`), {schedule}, final dev metric x 100: "
         + ", ".join(f"{t} {TASKS[t].main}" for t in tasks)
         + f". Seeds so far: {', '.join(map(str, seeds))}; mean ± std over seeds where a cell has more than one. "
-        f"{len(results)} runs, {cpu / 3600:.2f} core-hours (one thread each). Tuned on MRPC only (SST-2 and STS-B "
-        "check the choice; RTE and CoLA were never looked at before these runs). Trainable: with a 2-label "
-        "classifier (STS-B's single output trains 385 fewer). `lora` is the chosen LoRA (r=5, pooler trained: "
-        "1.76x the sparse count); `lora_matched` is LoRA at the sparse methods' count and split (r=1, alpha 2, "
-        "pooler trained; plan `glue-lora-matched`).", "",
+        f"{len(results)} runs, {cpu / 3600:.2f} core-hours (one thread each). Tuned on MRPC (issue 14) and MRPC "
+        "and CoLA (issue 28); SST-2, STS-B and RTE check the choice. Trainable: with a 2-label classifier (STS-B's "
+        "single output trains 385 fewer). `lora` is the chosen LoRA (r=5, pooler trained); `lora_matched` is LoRA "
+        "at the sparse methods' count and split before issue 28 (r=1, alpha 2, pooler trained; plan "
+        "`glue-lora-matched`)" + ("; `<method>_before` is a method's default before issue 28 changed it (its runs "
+                                  "tagged chosen, an older recipe)" if any(m.endswith("_before") for m in methods)
+                                  else "") + ".", "",
         "```bash", "python benchmarks/quality.py run --plan glue",
         *(["python benchmarks/quality.py run --plan cola-long"] if longer else []),
         *(["python benchmarks/quality.py run --plan glue-lora-matched"] if "lora_matched" in methods else []),
         *(["python benchmarks/quality.py run --plan glue-lora-ranks"] if any(m.startswith("lora_r") for m in methods)
           else []),
         table_command, "```", "",
+        *(["Runs of today's defaults made under a tag by an earlier plan (the same configs plan `glue` writes now): "
+           + ", ".join(f"{m} ({t})" for m, t in retagged) + ".", ""] if retagged else []),
         f"Seeds: {', '.join(map(str, seeds))} ({len(results)} run{'s' if len(results) != 1 else ''}, "
         f"{time_spent(results)}).", "",
         "| method | trainable | " + " | ".join(tasks) + f" | mean ({', '.join(complete) or '-'}) | "

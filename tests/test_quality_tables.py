@@ -16,12 +16,16 @@ from sparse_lightning import registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 quality = pytest.importorskip("quality")
+CALIBRATION = "trainer.callbacks.0.init_args.calibration_batches"
 
 
-def result(method: str, task: str, seed: int, value: float, tag: str = "chosen", trainable: int = 1000) -> dict:
-    main = quality.TASKS[task].main
-    return {"method": method, "task": task, "seed": seed, "tag": tag, "final": {main: value},
-            "trainable_params": trainable, "cpu_seconds": 60.0, "wall_seconds": 90.0}
+def result(method: str, task: str, seed: int, value: float, tag: str = "chosen", trainable: int = 1000,
+           lr: float | None = None, overrides: dict | None = None) -> dict:
+    """A finished run's record as load_results gives it, with the recipe its config trained."""
+    spec = quality.RunSpec(task, method, seed, lr=lr, tag=tag, overrides=overrides or {})
+    return {"method": method, "task": task, "seed": seed, "tag": tag, "lr": spec.learning_rate,
+            "final": {quality.TASKS[task].main: value}, "trainable_params": trainable, "cpu_seconds": 60.0,
+            "wall_seconds": 90.0, "recipe": quality.method_recipe(quality.build_config(spec))}
 
 
 def test_matched_lora_is_a_row_and_a_reference() -> None:
@@ -42,7 +46,7 @@ def test_matched_lora_is_a_row_and_a_reference() -> None:
 
 def test_glue_table_takes_only_the_tables_schedule() -> None:
     plain, longer = result("sift", "cola", 44, 0.05), result("sift", "cola", 44, 0.2)
-    tuned = result("sift", "cola", 44, 0.1, tag="lcount")
+    tuned = result("sift", "cola", 44, 0.1, tag="calib4", overrides={CALIBRATION: 4})
     longer["max_steps"] = 600
     assert quality.glue_results([plain, longer, tuned]) == [plain]
 
@@ -52,7 +56,8 @@ def test_lora_ranks_plan_gives_rows_r8_and_r16() -> None:
     assert len(specs) == 30 and {s.tag for s in specs} == {"r8", "r16"} and specs[0].task == "cola"
     lora = quality.build_config(specs[1])["model"]["init_args"]["lora"]
     assert (lora["r"], lora["alpha"], lora["modules_to_save"]) == (16, 32, ["classifier", "pooler"])
-    rows = quality.glue_results([result("lora", "cola", 42, 0.3, tag="r16"), result("lora", "cola", 42, 0.1, tag="x")])
+    rows = quality.glue_results([result("lora", "cola", 42, 0.3, tag="r16", overrides=quality.LORA_RANKS["r16"]),
+                                 result("lora", "cola", 42, 0.1, tag="x", overrides={"model.init_args.lora.r": 2})])
     assert [quality.glue_row(r) for r in rows] == ["lora_r16"]
     # a rank under way (CoLA only) is a row without a mean; it does not shrink the others' mean to CoLA
     results = [result(m, t, 42, v) for m, v in (("full", 0.9), ("lora", 0.8)) for t in ("mrpc", "cola")]
@@ -78,19 +83,27 @@ def test_sparse_rows_are_measured_against_loras_best_rank_task_by_task() -> None
         in table
 
 
-def test_candidate_recipes_are_rows_of_their_own() -> None:
-    """A run of a candidate recipe (its method, rate and tag) is that candidate's row, not its method's; the same tag
-    at another rate (an earlier variant) is in neither table."""
-    candidate = result("sift", "mrpc", 42, 0.8, tag="lcount") | {"lr": 0.001}
-    earlier = result("sift", "mrpc", 43, 0.7, tag="lcount") | {"lr": 0.002}
-    assert quality.glue_results([candidate, earlier]) == [candidate]
-    assert quality.glue_row(candidate) == "sift_lcount"
-    specs = quality.plan_runs("glue-candidates")
-    assert len(specs) == 30 and {quality.glue_row(s.__dict__ | {"lr": s.learning_rate}) for s in specs} == set(
-        quality.CANDIDATES)
-    heads = next(s for s in specs if s.tag == "heads" and s.task == "cola")
-    s2ft = quality.build_config(heads)["trainer"]["callbacks"][0]["init_args"]
-    assert (s2ft["train"], s2ft["num_heads"], s2ft["num_channels"], heads.max_steps) == (["o", "down"], 2, 23, 600)
+def test_rows_follow_the_recipe_a_run_trained_not_its_tag() -> None:
+    """A recipe tried under a tag and then made the default is its method's row; a run tagged "chosen" under an older
+    default is '<method>_before'; one recipe run under two names counts once, the plan's own run first."""
+    shipped = quality.fragment("sift")["trainer"]["callbacks"][0]["init_args"]
+    tried = result("sift", "mrpc", 42, 0.8, tag="lcount", overrides={CALIBRATION: shipped["calibration_batches"]})
+    older = result("sift", "mrpc", 42, 0.7, lr=2 * quality.fragment_lr("sift"))
+    again = result("sift", "mrpc", 42, 0.9)
+    other = result("sift", "mrpc", 43, 0.6, tag="calib4", overrides={CALIBRATION: 4})
+    assert [quality.glue_row(r) for r in (tried, older, again)] == ["sift", "sift_before", "sift"]
+    assert quality.glue_results([tried, older, other, again]) == [older, again]
+    assert quality.glue_results([tried, older, other]) == [older, tried]
+    table = quality.glue_summary([tried, older, result("lora", "mrpc", 42, 0.8)], "table")
+    assert "| sift_before | 1,000 | 70.0 | 70.0 | -10.0 |" in table and "`<method>_before` is a method's default" in table
+    assert "made under a tag by an earlier plan (the same configs plan `glue` writes now): sift (lcount)." in table
+
+
+def test_an_argument_left_out_is_the_same_recipe_as_its_default() -> None:
+    spelt = result("sift", "rte", 42, 0.5, tag="spelt", overrides={"trainer.callbacks.0.init_args.allocation": "per_weight"})
+    assert spelt["recipe"] == result("sift", "rte", 42, 0.5)["recipe"] and quality.at_default(spelt)
+    with pytest.raises(SystemExit, match="plan glue-candidates is done and retired"):
+        quality.plan_runs("glue-candidates")
 
 
 def test_matched_plan_trains_rank_one_lora_with_the_pooler() -> None:
