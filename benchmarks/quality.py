@@ -725,6 +725,18 @@ def glue_summary(results: list[dict[str, Any]], table_command: str, task_steps: 
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def done_under_another_name(specs: list[RunSpec]) -> dict[str, str]:
+    """Plan runs of a default recipe already trained under another name (e.g. tried under a tag, then made the
+    default): spec name -> that run's name. The table counts that run; training it again would repeat it."""
+    wanted = {(s.task, s.method, s.seed, s.max_steps): s.name for s in specs
+              if not s.overrides and s.lr is None and not s.diagnose}
+    if not wanted:
+        return {}
+    return {wanted[key]: r["name"] for r in load_results()
+            if (key := (r["task"], r["method"], r["seed"], r["max_steps"])) in wanted and at_default(r)
+            and r["name"] != wanted[key]}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["run", "list", "table", "config"])
@@ -755,12 +767,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"wrote {path.relative_to(REPO)}")
         return
     specs = specs_from_args(args)
+    same = done_under_another_name(specs)
     if args.mode == "list":
         for spec in specs:
-            state = ("done" if (spec.run_dir / "result.json").exists() else
+            state = ("done" if (spec.run_dir / "result.json").exists() or spec.name in same else
                      "failed" if (spec.run_dir / "error.json").exists() else
                      "started" if (spec.run_dir / "train.log").exists() else "queued")
-            print(f"{state:7s} {spec.name}")
+            print(f"{state:7s} {spec.name}" + (f" (as {same[spec.name]})" if spec.name in same else ""))
         return
     if args.mode == "config":
         for spec in specs:
@@ -768,7 +781,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     OUT.mkdir(parents=True, exist_ok=True)
     args.lock.parent.mkdir(parents=True, exist_ok=True)
-    todo = [s for s in specs if not (s.run_dir / "result.json").exists()]
+    todo = [s for s in specs if not (s.run_dir / "result.json").exists() and s.name not in same]
     print(f"[quality] {len(specs)} runs in the plan, {len(specs) - len(todo)} done, {len(todo)} to run", flush=True)
     for spec in todo:
         run_one(spec, args.lock, args.data_dir, command, args.code)

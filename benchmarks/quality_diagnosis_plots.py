@@ -37,6 +37,8 @@ VARIANTS = {
     "LoRA r=5 600 steps": "cola-lora-lr0.001-steps600-chosen-s*",
     "SIFT head_lr 2e-4": "cola-sift-lr0.002-headlr2e-4-s*",
     "SIFT at LoRA's count": "cola-sift-lr0.002-lcount-s*",
+    "SIFT default since issue 28 (LoRA's count, lr 1e-3), 600 steps": "cola-sift-lr0.001-steps600-lcount-s*",
+    "SpIEL-AG default since issue 28, 600 steps": "cola-spiel_ag-lr0.001-steps600-lcount-s*",
 }
 
 
@@ -49,7 +51,7 @@ def validations(run: Path) -> list[tuple[int, float, float]]:
 
 def plot_variants() -> Path:
     fig, (loss_ax, mcc_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2]  # one per variant (up to 20)
     for colour, (label, pattern) in zip(colours, VARIANTS.items()):
         runs = [Path(p) for p in sorted(glob.glob(str(RUNS / pattern))) if (Path(p) / "result.json").exists()]
         if not runs:

@@ -187,3 +187,14 @@ def test_the_per_task_schedule_table_takes_each_tasks_own_length() -> None:
     table = quality.glue_summary([long_, mrpc], "table", {"cola": 600})
     assert "300 steps of 32 (cola 600 steps: a per-task schedule, the same for every method; issue 28)" in table
     assert "python benchmarks/quality.py run --plan cola-long" in table
+
+
+def test_a_plan_does_not_retrain_a_default_done_under_another_name(monkeypatch) -> None:
+    shipped = quality.fragment("sift")["trainer"]["callbacks"][0]["init_args"]
+    tried = result("sift", "mrpc", 42, 0.8, tag="lcount", overrides={CALIBRATION: shipped["calibration_batches"]})
+    other = result("sift", "mrpc", 43, 0.6, tag="calib4", overrides={CALIBRATION: 4})
+    monkeypatch.setattr(quality, "load_results", lambda: [{**r, "name": n, "max_steps": 300}
+                                                          for r, n in ((tried, "mrpc-sift-tried-s42"),
+                                                                       (other, "mrpc-sift-calib4-s43"))])
+    specs = [s for s in quality.plan_runs("glue") if s.task == "mrpc" and s.method == "sift"]
+    assert quality.done_under_another_name(specs) == {specs[0].name: "mrpc-sift-tried-s42"}
