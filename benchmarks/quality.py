@@ -10,8 +10,8 @@ seed and learning rate, then the run's overrides (named by its tag; "chosen" = n
 as a child process with this tree's library first on PYTHONPATH (`--code COMMIT` trains a commit instead; log in
 `train.log`, CSVLogger metrics in `metrics.csv`), and writes `result.json`: the metrics at every validation, the
 final ones, the trainable count the module printed, the child's CPU time (user + sys, every attempt), the wall time
-and the code's id. A run whose `result.json` exists is skipped, so the driver can be killed at any moment and
-started again; an interrupted run resumes from its last checkpoint (every ~40 steps) with the same code
+and the code's id. A run whose `result.json` exists is skipped (so is a default recipe already trained under another
+name), so the driver can be killed at any moment and started again; an interrupted run resumes from its last checkpoint (every ~40 steps) with the same code
 (benchmarks/child_run.py). Only one training job runs at a time per lock file (`--lock`, default
 `benchmarks/results/quality/.lock`); the lock is inherited by the child, so it stays held even if the driver is
 killed while the child runs.
