@@ -142,7 +142,9 @@ def test_budget_larger_than_targets_is_rejected():
 
 
 def test_two_budgets_at_once_is_rejected():
-    with pytest.raises(ValueError, match="exactly one"):
+    """A user's config stacked on a shipped recipe that sets another budget is told to null the recipe's."""
+    with pytest.raises(ValueError, match=r"exactly one of .* \(got \['density', 'num_params'\]; a config that changes "
+                                         r"a shipped recipe's budget sets the recipe's own to null\)"):
         validate_budget(0.1, 10, None)
 
 
