@@ -767,17 +767,17 @@ def main(argv: list[str] | None = None) -> None:
             print(f"wrote {path.relative_to(REPO)}")
         return
     specs = specs_from_args(args)
-    same = done_under_another_name(specs)
+    if args.mode == "config":
+        for spec in specs:
+            print(f"# {spec.name}\n" + yaml.safe_dump(build_config(spec, args.data_dir), sort_keys=False))
+        return
+    same = done_under_another_name(specs)  # reads every finished run: only list and run need it
     if args.mode == "list":
         for spec in specs:
             state = ("done" if (spec.run_dir / "result.json").exists() or spec.name in same else
                      "failed" if (spec.run_dir / "error.json").exists() else
                      "started" if (spec.run_dir / "train.log").exists() else "queued")
             print(f"{state:7s} {spec.name}" + (f" (as {same[spec.name]})" if spec.name in same else ""))
-        return
-    if args.mode == "config":
-        for spec in specs:
-            print(f"# {spec.name}\n" + yaml.safe_dump(build_config(spec, args.data_dir), sort_keys=False))
         return
     OUT.mkdir(parents=True, exist_ok=True)
     args.lock.parent.mkdir(parents=True, exist_ok=True)
