@@ -79,7 +79,7 @@ def test_sparse_rows_are_measured_against_loras_best_rank_task_by_task() -> None
     assert "| sift | -1.0 | -6.0 | -3.5 |" in gaps and "| lora | -2.0 | -10.0 | -6.0 |" in gaps
     assert [spec.max_steps for spec in quality.plan_runs("glue-lora-ranks")[:3]] == [600, 600, 300]
     table = quality.glue_summary(results + [result("sift", "cola", 43, 0.26)], "table", {"cola": 600})
-    assert "Cells on fewer than 2 seeds (task, seeds): lora (mrpc 1, cola 1); lora_r16 (mrpc 1, cola 1); sift (mrpc 1)." \
+    assert "Cells on other than 2 seeds (task, seeds): lora (mrpc 1, cola 1); lora_r16 (mrpc 1, cola 1); sift (mrpc 1)." \
         in table
 
 
@@ -198,3 +198,12 @@ def test_a_plan_does_not_retrain_a_default_done_under_another_name(monkeypatch) 
                                                                        (other, "mrpc-sift-calib4-s43"))])
     specs = [s for s in quality.plan_runs("glue") if s.task == "mrpc" and s.method == "sift"]
     assert quality.done_under_another_name(specs) == {specs[0].name: "mrpc-sift-tried-s42"}
+
+
+def test_a_cell_with_extra_seeds_says_so() -> None:
+    """RTE's extra seeds (issue 28) are named, as a cell with fewer is: the usual count is the plans' seeds."""
+    results = [result(m, t, s, 0.5) for m in ("lora", "sift") for t in ("mrpc", "rte") for s in quality.PLAN_SEEDS]
+    results += [result(m, "rte", 45, 0.6) for m in ("lora", "sift")]
+    table = quality.glue_summary(results, "table")
+    assert "Cells on other than 3 seeds (task, seeds): lora (rte 4); sift (rte 4)." in table
+    assert "| sift | 1,000 | 50.0 ± 0.0 | 52.5 ± 5.0 | 51.2 |" in table
