@@ -46,7 +46,7 @@ LR = {
     "sift": {"minilm": 1e-3, "smollm2": 1e-3},
     "spiel_ag": {"minilm": 1e-3, "smollm2": 1e-3},
     "spiel_ma": {"minilm": 1e-2, "smollm2": 5e-3},
-    "s2ft": {"minilm": 5e-3, "smollm2": 1e-3},
+    "s2ft": {"minilm": 2e-3, "smollm2": 1e-3},
     "random_mask": {"minilm": 2e-3, "smollm2": 1e-3},
 }
 METHODS = list(REGISTRY)
@@ -149,7 +149,7 @@ def check_model_and_method(config: dict[str, Any], model: str, method: str) -> N
     if model == "minilm" and callbacks:  # the chosen budgets (benchmarks/results/quality/mrpc.md, cola_diagnosis.md)
         args = callbacks[0]["init_args"]
         if method == "s2ft":
-            assert (args["num_channels"], args["dense_modules"]) == (87, ["classifier"])
+            assert (args["num_channels"], args["dense_modules"]) == (87, ["classifier", "pooler"])
         else:
             assert args["dense_modules"] == ["classifier", "pooler"]
             # SIFT and SpIEL-AG at LoRA r=5's count in the encoder (issue 28); SpIEL-MA and the random mask at 0.5%
