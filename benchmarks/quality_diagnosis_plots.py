@@ -32,7 +32,7 @@ VARIANTS = {
     "full FT (chosen)": "cola-full-lr0.0001-chosen-s*",
     "SIFT (issue 14 default)": "cola-sift-lr0.002-chosen-s*",
     "SpIEL-AG (issue 14 default)": "cola-spiel_ag-lr0.002-chosen-s*",
-    "S2FT (chosen)": "cola-s2ft-lr0.005-chosen-s*",
+    "S2FT (issue 14 default)": "cola-s2ft-lr0.005-chosen-s*",
     "SIFT (issue 14 default) 600 steps": "cola-sift-lr0.002-steps600-chosen-s*",
     "LoRA r=5 600 steps": "cola-lora-lr0.001-steps600-chosen-s*",
     "SIFT head_lr 2e-4": "cola-sift-lr0.002-headlr2e-4-s*",

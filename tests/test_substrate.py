@@ -146,6 +146,8 @@ def test_two_budgets_at_once_is_rejected():
     with pytest.raises(ValueError, match=r"exactly one of .* \(got \['density', 'num_params'\]; a config that changes "
                                          r"a shipped recipe's budget sets the recipe's own to null\)"):
         validate_budget(0.1, 10, None)
+    with pytest.raises(ValueError, match=r"exactly one of density, num_params, lora_rank \(got none\)$"):
+        validate_budget(None, None, None)  # no budget at all: nothing was stacked, so no hint about one
 
 
 @pytest.mark.parametrize("numel, k", [(10, 10), (10, 3), (100_000, 1_000), (100_000, 24_999)])

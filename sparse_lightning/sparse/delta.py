@@ -20,8 +20,8 @@ def validate_budget(density: float | None, num_params: int | None, lora_rank: in
     given = [name for name, value in (("density", density), ("num_params", num_params), ("lora_rank", lora_rank))
              if value is not None]
     if len(given) != 1:
-        raise ValueError(f"give exactly one of density, num_params, lora_rank (got {given or 'none'}; a config "
-                         "that changes a shipped recipe's budget sets the recipe's own to null)")
+        stacked = "; a config that changes a shipped recipe's budget sets the recipe's own to null" if given else ""
+        raise ValueError(f"give exactly one of density, num_params, lora_rank (got {given or 'none'}{stacked})")
     if density is not None and not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     if num_params is not None and num_params < 1:
