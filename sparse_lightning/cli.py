@@ -205,6 +205,10 @@ def config_error_message(error: argparse.ArgumentError, parsers: list) -> str:
         key, sorted({name.rpartition(".")[2] for name in keys}), n=1, cutoff=0.6)
     if "NestedArg" in found.group(0):
         first = f"unknown key {key!r} in the config or command line"
+    index, _, rest = key.partition(".")
+    if index.isdigit() and rest:  # a flag cannot pick a list item (`--trainer.callbacks.0.init_args.density`)
+        return (f"{first}: a flag cannot pick a list item by its index; --trainer.callbacks.{rest}=... sets the last "
+                "callback's (the method's), or change the item in a --config YAML")
     for row in METHODS.values():  # an argument a method's callback renamed
         if row.callback is not None and key in getattr(row.callback, "renamed", {}) and row.callback.__name__ in message:
             return f"{first}: {row.callback.__name__}'s {key} is now {row.callback.renamed[key]}"

@@ -246,3 +246,14 @@ def test_a_bad_callback_value_names_the_callback_its_argument_and_why(where: str
                            "--config", str(ROOT / "configs" / "task" / "sst2.yaml"), *extra)
     assert err == ("sparse-lightning: error: trainer.callbacks: GradientTopKCallback's allocation: Expected a "
                    "typing.Literal['per_weight', 'global']. Got value: globl")
+
+
+def test_a_flag_indexing_the_callbacks_list_says_how_to_set_it(monkeypatch, capsys):
+    """jsonargparse has no `.0.` for list items; the one line says which flag does what the user meant."""
+    err = run_command_line(monkeypatch, capsys, "fit", "--config", str(ROOT / "configs" / "model" / "minilm.yaml"),
+                           "--config", str(ROOT / "configs" / "task" / "sst2.yaml"),
+                           "--config", str(ROOT / "configs" / "method" / "minilm" / "sift.yaml"),
+                           "--trainer.callbacks.0.init_args.density=0.01")
+    assert err == ("sparse-lightning: error: unknown key '0.init_args.density' in the config or command line: a flag "
+                   "cannot pick a list item by its index; --trainer.callbacks.init_args.density=... sets the last "
+                   "callback's (the method's), or change the item in a --config YAML")
