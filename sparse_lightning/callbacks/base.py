@@ -43,7 +43,8 @@ class SparseMethodCallback(Callback):
 
     def attach(self, model: nn.Module, calibration: Calibration | None = None) -> None:
         """Add the method's trainable deltas to `model` (safe to call twice); data-driven choices read
-        `calibration`."""
+        `calibration`. It freezes nothing: the module's `configure_model` freezes the base, and on a bare model
+        `sparse_lightning.modules.prepare.prepare_model` attaches and freezes in one call."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
