@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from sparse_lightning.cli import SparseLightningCLI
 from sparse_lightning.plots.from_config import build_from_config, training_calibration
 from sparse_lightning.plots.quasi_sparsity import gradient_magnitudes
 
@@ -37,7 +38,7 @@ def scores_for(config: Path) -> tuple[dict[str, torch.Tensor], int]:
     """|summed calibration gradient| per target weight for one run config, and its seed."""
     text = yaml.safe_load(config.read_text())
     callback = text["trainer"]["callbacks"][0]["init_args"]
-    module, datamodule, _ = build_from_config(["--config", str(config)])
+    module, datamodule, _ = build_from_config(["--config", str(config)], SparseLightningCLI)
     calibration = training_calibration(module, datamodule)
     magnitudes = gradient_magnitudes(module.model, calibration.batches(callback.get("calibration_batches", 1)),
                                      calibration.loss_fn, callback["target_modules"])
