@@ -77,13 +77,23 @@ def overlap(sets: list[dict[str, set[int]]]) -> dict[str, float]:
     return result
 
 
+def pooled_overlap(sets: list[dict[str, set[int]]], names: list[str]) -> float:
+    """Mean over seed pairs of |A & B| / mean(|A|, |B|) over the entries of `names` taken together: the global top-k
+    gives some weights no entry, and an empty weight has no overlap of its own to average."""
+    pairs = []
+    for a, b in itertools.combinations(sets, 2):
+        size = sum(len(a[n]) + len(b[n]) for n in names) / 2
+        pairs.append(sum(len(a[n] & b[n]) for n in names) / size if size else float("nan"))
+    return statistics.fmean(pairs)
+
+
 def report(all_scores: list[dict[str, torch.Tensor]], seeds: list[int], density: float) -> tuple[str, dict]:
     names = list(all_scores[0])
     numel = {n: all_scores[0][n].numel() for n in names}
     k = {n: int(density * numel[n]) + 1 for n in names}
     own = [per_weight(s, density) for s in all_scores]
     glob = [global_topk(s, density) for s in all_scores]
-    own_overlap, glob_overlap = overlap(own), overlap(glob)
+    own_overlap = overlap(own)
     total_k = sum(k.values())
     share_uniform = by_group({n: k[n] / total_k for n in names}, "type")
     share_global = by_group({n: statistics.fmean(len(g[n]) for g in glob) / total_k for n in names}, "type")
@@ -91,14 +101,16 @@ def report(all_scores: list[dict[str, torch.Tensor]], seeds: list[int], density:
                                          for s in all_scores) for n in names}, "type")
     count = by_group({n: 1.0 for n in names}, "type")
     chance = by_group({n: k[n] / numel[n] for n in names}, "type")
-    own_t, glob_t = by_group(own_overlap, "type"), by_group(glob_overlap, "type")
+    own_t = by_group(own_overlap, "type")
+    of_type = {t: [n for n in names if f"type:{t}" in groups_of(n)] for t in count}
+    glob_t = {t: pooled_overlap(glob, of_type[t]) for t in count}
     lines = [f"density {density} ({total_k:,} entries), seeds {', '.join(map(str, seeds))}", "",
              "| module type | budget share, per weight | budget share, global top-k | gradient mass share | "
              "overlap between seeds, per weight | overlap, global top-k | chance overlap |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for t in share_uniform:
         lines.append(f"| {t} | {share_uniform[t]:.3f} | {share_global.get(t, 0):.3f} | {mass[t]:.3f} | "
-                     f"{own_t[t] / count[t]:.3f} | {glob_t[t] / count[t]:.3f} | {chance[t] / count[t]:.4f} |")
+                     f"{own_t[t] / count[t]:.3f} | {glob_t[t]:.3f} | {chance[t] / count[t]:.4f} |")
     layers_uniform = by_group({n: k[n] / total_k for n in names}, "layer")
     layers_global = by_group({n: statistics.fmean(len(g[n]) for g in glob) / total_k for n in names}, "layer")
     layer_mass = by_group({n: statistics.fmean(float(s[n].sum()) / sum(float(t.sum()) for t in s.values())
@@ -111,7 +123,7 @@ def report(all_scores: list[dict[str, torch.Tensor]], seeds: list[int], density:
         lines.append(f"| {layer} | {layers_uniform[layer]:.3f} | {layers_global[layer]:.3f} | "
                      f"{layer_mass[layer]:.3f} | {layer_overlap[layer] / layer_count[layer]:.3f} |")
     mean_own = statistics.fmean(own_overlap.values())
-    mean_glob = statistics.fmean(glob_overlap.values())
+    mean_glob = pooled_overlap(glob, names)
     lines += ["", f"mean overlap between seeds: per weight {mean_own:.3f}, global top-k {mean_glob:.3f} "
               f"(chance {statistics.fmean(k[n] / numel[n] for n in names):.4f})"]
     numbers = {"density": density, "seeds": seeds, "share_per_weight": share_uniform, "share_global": share_global,
