@@ -67,16 +67,6 @@ def by_group(values: dict[str, float], kind: str) -> dict[str, float]:
     return out
 
 
-def overlap(sets: list[dict[str, set[int]]]) -> dict[str, float]:
-    """Mean over seed pairs of |A & B| / mean(|A|, |B|), per weight."""
-    result = {}
-    for name in sets[0]:
-        pairs = [len(a[name] & b[name]) / max(1.0, (len(a[name]) + len(b[name])) / 2)
-                 for a, b in itertools.combinations(sets, 2)]
-        result[name] = statistics.fmean(pairs)
-    return result
-
-
 def pooled_overlap(sets: list[dict[str, set[int]]], names: list[str]) -> float:
     """Mean over seed pairs of |A & B| / mean(|A|, |B|) over the entries of `names` taken together: the global top-k
     gives some weights no entry, and an empty weight has no overlap of its own to average."""
@@ -85,6 +75,11 @@ def pooled_overlap(sets: list[dict[str, set[int]]], names: list[str]) -> float:
         size = sum(len(a[n]) + len(b[n]) for n in names) / 2
         pairs.append(sum(len(a[n] & b[n]) for n in names) / size if size else float("nan"))
     return statistics.fmean(pairs)
+
+
+def overlap(sets: list[dict[str, set[int]]]) -> dict[str, float]:
+    """`pooled_overlap` of each weight on its own (the per-weight rule gives every weight at least one entry)."""
+    return {name: pooled_overlap(sets, [name]) for name in sets[0]}
 
 
 def report(all_scores: list[dict[str, torch.Tensor]], seeds: list[int], density: float) -> tuple[str, dict]:
